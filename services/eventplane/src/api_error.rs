@@ -1,0 +1,161 @@
+//! The one HTTP error type: every handler returns it, it maps each case to a
+//! status code and a JSON body `{"error": {"code", "message", ...}}`, and it
+//! never shows database text to a client.
+
+use axum::Json;
+use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde_json::{Value, json};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{message}")]
+    BadRequest { code: &'static str, message: String },
+    #[error("{message}")]
+    Unprocessable { code: &'static str, message: String },
+    #[error("{message}")]
+    NotFound { code: &'static str, message: String },
+    #[error("expected version {expected}, stream is at {actual}")]
+    VersionConflict { expected: String, actual: i64 },
+    #[error("{message}")]
+    Conflict { code: &'static str, message: String },
+    #[error("request body is larger than the configured limit (--max-body-bytes)")]
+    PayloadTooLarge,
+    #[error("{message}")]
+    Timeout { code: &'static str, message: String },
+    #[error("{message}")]
+    Unavailable { code: &'static str, message: String },
+    #[error("internal error")]
+    Internal(#[source] anyhow::Error),
+}
+
+pub type ApiResult<T> = Result<T, ApiError>;
+
+impl ApiError {
+    pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
+        Self::BadRequest { code, message: message.into() }
+    }
+    pub fn unprocessable(code: &'static str, message: impl Into<String>) -> Self {
+        Self::Unprocessable { code, message: message.into() }
+    }
+    pub fn not_found(code: &'static str, message: impl Into<String>) -> Self {
+        Self::NotFound { code, message: message.into() }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::BadRequest { .. } => StatusCode::BAD_REQUEST,
+            Self::Unprocessable { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            Self::NotFound { .. } => StatusCode::NOT_FOUND,
+            Self::VersionConflict { .. } | Self::Conflict { .. } => StatusCode::CONFLICT,
+            Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            Self::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    fn code(&self) -> &'static str {
+        match self {
+            Self::BadRequest { code, .. }
+            | Self::Unprocessable { code, .. }
+            | Self::NotFound { code, .. }
+            | Self::Conflict { code, .. }
+            | Self::Timeout { code, .. }
+            | Self::Unavailable { code, .. } => code,
+            Self::VersionConflict { .. } => "version_conflict",
+            Self::PayloadTooLarge => "payload_too_large",
+            Self::Internal(_) => "internal",
+        }
+    }
+
+    /// The JSON body, also stored for async jobs that fail.
+    pub fn body(&self) -> Value {
+        let mut error = json!({ "code": self.code(), "message": self.to_string() });
+        if let Self::VersionConflict { expected, actual } = self {
+            error["expectedVersion"] = json!(expected);
+            error["actualVersion"] = json!(actual);
+        }
+        json!({ "error": error })
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        if let Self::Internal(err) = &self {
+            tracing::error!(error = ?err, "request failed");
+        }
+        (self.status(), Json(self.body())).into_response()
+    }
+}
+
+impl From<sqlx::Error> for ApiError {
+    fn from(err: sqlx::Error) -> Self {
+        match err {
+            sqlx::Error::PoolTimedOut => Self::Unavailable {
+                code: "database_busy",
+                message: "no database connection became free in time".into(),
+            },
+            other => Self::Internal(other.into()),
+        }
+    }
+}
+
+impl From<JsonRejection> for ApiError {
+    fn from(rejection: JsonRejection) -> Self {
+        match rejection {
+            JsonRejection::JsonDataError(e) => Self::unprocessable("invalid_body", e.body_text()),
+            JsonRejection::JsonSyntaxError(e) => Self::bad_request("malformed_json", e.body_text()),
+            JsonRejection::MissingJsonContentType(_) => Self::Unprocessable {
+                code: "unsupported_media_type",
+                message: "expected a body with Content-Type: application/json".into(),
+            },
+            JsonRejection::BytesRejection(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+                Self::PayloadTooLarge
+            }
+            other => Self::bad_request("invalid_body", other.body_text()),
+        }
+    }
+}
+
+impl From<PathRejection> for ApiError {
+    fn from(rejection: PathRejection) -> Self {
+        Self::bad_request("invalid_path", rejection.body_text())
+    }
+}
+
+impl From<QueryRejection> for ApiError {
+    fn from(rejection: QueryRejection) -> Self {
+        Self::bad_request("invalid_query", rejection.body_text())
+    }
+}
+
+impl From<crate::store::AppendError> for ApiError {
+    fn from(err: crate::store::AppendError) -> Self {
+        use crate::store::AppendError;
+        match err {
+            AppendError::Conflict { expected, actual } => Self::VersionConflict { expected, actual },
+            AppendError::IdempotencyMismatch(_) => Self::Unprocessable {
+                code: "idempotency_key_reused",
+                message: err.to_string(),
+            },
+        }
+    }
+}
+
+impl From<crate::store::group_commit::SubmitError> for ApiError {
+    fn from(err: crate::store::group_commit::SubmitError) -> Self {
+        use crate::store::group_commit::SubmitError;
+        match err {
+            SubmitError::Overloaded => Self::Unavailable { code: "overloaded", message: err.to_string() },
+            SubmitError::Database(_) => Self::Internal(err.into()),
+        }
+    }
+}
+
+impl From<crate::store::model::InvalidInput> for ApiError {
+    fn from(err: crate::store::model::InvalidInput) -> Self {
+        Self::Unprocessable { code: err.code, message: err.message }
+    }
+}

@@ -1,0 +1,208 @@
+//! Command-line and environment configuration: one `Args` struct per role,
+//! every flag also readable from the environment.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::projector::ProjectorConfig;
+use crate::query::QueryConfig;
+use crate::store::GroupCommitConfig;
+
+#[derive(Parser, Debug)]
+#[command(name = "eventplane", version, about = "Kubernetes-native CQRS / event-sourcing runtime")]
+pub struct Cli {
+    /// Log as JSON lines instead of text.
+    #[arg(long, env = "EVENTPLANE_LOG_JSON", global = true)]
+    pub log_json: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Apply database migrations and create this and next month's event partitions.
+    Migrate(DbArgs),
+    /// Run the command service (appends, stream reads, async jobs).
+    Command(CommandRole),
+    /// Run the projector (events to read-model tables).
+    Projector(ProjectorRole),
+    /// Run the query service (cached projection reads).
+    Query(QueryRole),
+    /// Run every role in one process against local Postgres and Redis.
+    Dev(DevRole),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct DbArgs {
+    /// Postgres URL of the primary (writes, projector).
+    #[arg(long, env = "DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:5432/postgres")]
+    pub database_url: String,
+    /// Connections in the primary pool.
+    #[arg(long, env = "EVENTPLANE_DB_MAX_CONNECTIONS", default_value_t = 16)]
+    pub db_max_connections: u32,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct RedisArgs {
+    /// Redis URL for L2 and invalidations; without it the query service
+    /// answers from Postgres only.
+    #[arg(long, env = "REDIS_URL")]
+    pub redis_url: Option<String>,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ProjectionArgs {
+    /// A Projection manifest file, or a directory of them (*.yaml).
+    #[arg(long, env = "EVENTPLANE_PROJECTIONS")]
+    pub projections: PathBuf,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ListenArgs {
+    /// Address the HTTP server listens on.
+    #[arg(long, env = "EVENTPLANE_LISTEN", default_value = "0.0.0.0:8080")]
+    pub listen: SocketAddr,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct CommandArgs {
+    /// Largest accepted request body, in bytes (413 beyond).
+    #[arg(long, env = "EVENTPLANE_MAX_BODY_BYTES", default_value_t = 1 << 20)]
+    pub max_body_bytes: usize,
+    /// Group-commit transactions in flight at once.
+    #[arg(long, env = "EVENTPLANE_APPEND_WRITERS", default_value_t = 4)]
+    pub append_writers: usize,
+    /// Most appends per group-commit transaction.
+    #[arg(long, env = "EVENTPLANE_APPEND_MAX_BATCH", default_value_t = 256)]
+    pub append_max_batch: usize,
+    /// Microseconds a committer waits for more appends before committing a
+    /// small batch (0: commit at once).
+    #[arg(long, env = "EVENTPLANE_APPEND_MAX_WAIT_US", default_value_t = 0)]
+    pub append_max_wait_us: u64,
+    /// Async command workers.
+    #[arg(long, env = "EVENTPLANE_JOB_WORKERS", default_value_t = 2)]
+    pub job_workers: usize,
+}
+
+impl CommandArgs {
+    pub fn group_commit(&self) -> GroupCommitConfig {
+        GroupCommitConfig {
+            writers: self.append_writers,
+            max_batch: self.append_max_batch,
+            max_wait: Duration::from_micros(self.append_max_wait_us),
+            ..GroupCommitConfig::default()
+        }
+    }
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ProjectorArgs {
+    /// Most events per projector batch.
+    #[arg(long, env = "EVENTPLANE_BATCH_SIZE", default_value_t = 1000)]
+    pub batch_size: i64,
+    /// Poll interval in milliseconds when no notification arrives.
+    #[arg(long, env = "EVENTPLANE_POLL_INTERVAL_MS", default_value_t = 500)]
+    pub poll_interval_ms: u64,
+}
+
+impl ProjectorArgs {
+    pub fn config(&self) -> ProjectorConfig {
+        ProjectorConfig { batch_size: self.batch_size.max(1), poll_interval: Duration::from_millis(self.poll_interval_ms.max(1)) }
+    }
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct QueryArgs {
+    /// Postgres URL reads go to (a replica is fine); defaults to --database-url.
+    #[arg(long, env = "READ_DATABASE_URL")]
+    pub read_database_url: Option<String>,
+    /// Connections in the read pool.
+    #[arg(long, env = "EVENTPLANE_READ_MAX_CONNECTIONS", default_value_t = 16)]
+    pub read_max_connections: u32,
+    /// L1 (in-process) cache capacity per projection, in bytes.
+    #[arg(long, env = "EVENTPLANE_L1_CAPACITY_BYTES", default_value_t = 64 << 20)]
+    pub l1_capacity_bytes: u64,
+    /// Longest a read with `?token=` waits for the projection, in milliseconds (504 beyond).
+    #[arg(long, env = "EVENTPLANE_CONSISTENCY_TIMEOUT_MS", default_value_t = 5000)]
+    pub consistency_timeout_ms: u64,
+}
+
+impl QueryArgs {
+    pub fn config(&self) -> QueryConfig {
+        QueryConfig {
+            l1_capacity_bytes: self.l1_capacity_bytes,
+            consistency_timeout: Duration::from_millis(self.consistency_timeout_ms),
+        }
+    }
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct CommandRole {
+    #[command(flatten)]
+    pub db: DbArgs,
+    #[command(flatten)]
+    pub listen: ListenArgs,
+    #[command(flatten)]
+    pub command: CommandArgs,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ProjectorRole {
+    #[command(flatten)]
+    pub db: DbArgs,
+    #[command(flatten)]
+    pub redis: RedisArgs,
+    #[command(flatten)]
+    pub projections: ProjectionArgs,
+    #[command(flatten)]
+    pub listen: ListenArgs,
+    #[command(flatten)]
+    pub projector: ProjectorArgs,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct QueryRole {
+    #[command(flatten)]
+    pub db: DbArgs,
+    #[command(flatten)]
+    pub redis: RedisArgs,
+    #[command(flatten)]
+    pub projections: ProjectionArgs,
+    #[command(flatten)]
+    pub listen: ListenArgs,
+    #[command(flatten)]
+    pub query: QueryArgs,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct DevRole {
+    #[command(flatten)]
+    pub db: DbArgs,
+    /// Redis URL for L2 and invalidations.
+    #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
+    pub redis_url: String,
+    /// Projection manifests; defaults to the bundled `orders` sample.
+    #[arg(long, env = "EVENTPLANE_PROJECTIONS")]
+    pub projections: Option<PathBuf>,
+    /// Address the HTTP server listens on.
+    #[arg(long, env = "EVENTPLANE_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    /// Orders the start-up demo places (0: no demo).
+    #[arg(long, env = "EVENTPLANE_DEMO_ORDERS", default_value_t = 2000)]
+    pub demo_orders: usize,
+    /// Concurrent clients of the demo.
+    #[arg(long, env = "EVENTPLANE_DEMO_CLIENTS", default_value_t = 32)]
+    pub demo_clients: usize,
+    /// Stop after the demo instead of serving.
+    #[arg(long)]
+    pub exit_after_demo: bool,
+    #[command(flatten)]
+    pub command: CommandArgs,
+    #[command(flatten)]
+    pub projector: ProjectorArgs,
+    #[command(flatten)]
+    pub query: QueryArgs,
+}

@@ -1,0 +1,140 @@
+//! The command service's HTTP API: appends (sync or async), stream reads and
+//! job status.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::Json;
+use axum::Router;
+use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde::Deserialize;
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use crate::api_error::{ApiError, ApiResult};
+use crate::metrics::Metrics;
+use crate::store::jobs::{self, Priority};
+use crate::store::model::{AppendBody, validate_stream_id};
+use crate::store::read::read_stream;
+use crate::store::{AppendRequest, Appender};
+
+#[derive(Clone)]
+pub struct CommandState {
+    pub pool: PgPool,
+    pub appender: Appender,
+    pub metrics: Arc<Metrics>,
+}
+
+pub fn router(state: CommandState, max_body_bytes: usize) -> Router {
+    Router::new()
+        .route("/v1/streams/{stream}/events", post(append))
+        .route("/v1/streams/{stream}", get(read))
+        .route("/v1/jobs/{id}", get(job))
+        .layer(DefaultBodyLimit::max(max_body_bytes))
+        .with_state(state)
+}
+
+fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> ApiResult<Option<&'a str>> {
+    headers
+        .get(name)
+        .map(|v| v.to_str().map_err(|_| ApiError::bad_request("invalid_header", format!("{name} must be visible ASCII"))))
+        .transpose()
+}
+
+fn wants_async(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::HeaderName::from_static("prefer"))
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|p| p.trim().eq_ignore_ascii_case("respond-async"))
+}
+
+async fn append(
+    State(state): State<CommandState>,
+    path: Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
+    body: Result<Json<AppendBody>, JsonRejection>,
+) -> ApiResult<Response> {
+    let started = Instant::now();
+    let Path(stream_id) = path?;
+    validate_stream_id(&stream_id).map_err(|e| ApiError::bad_request(e.code, e.message))?;
+    let Json(body) = body?;
+    let request = AppendRequest {
+        stream_id,
+        expected_version: body.expected_version,
+        events: body.events,
+        idempotency_key: header_str(&headers, "idempotency-key")?.map(str::to_string),
+    };
+    request.validate()?;
+
+    if wants_async(&headers) {
+        let priority = match header_str(&headers, "eventplane-priority")? {
+            None => Priority::Normal,
+            Some(p) => Priority::parse(p).ok_or_else(|| {
+                ApiError::bad_request("invalid_priority", format!("Eventplane-Priority must be high, normal or low, got {p:?}"))
+            })?,
+        };
+        let id = jobs::enqueue(&state.pool, &request, priority).await?;
+        state.metrics.observe_command("append_async", started.elapsed().as_secs_f64());
+        let location = HeaderValue::from_str(&format!("/v1/jobs/{id}")).expect("a uuid path is a valid header");
+        return Ok((
+            StatusCode::ACCEPTED,
+            [(header::LOCATION, location), (header::HeaderName::from_static("preference-applied"), HeaderValue::from_static("respond-async"))],
+            Json(serde_json::json!({ "jobId": id, "status": "pending" })),
+        )
+            .into_response());
+    }
+
+    let outcome = state.appender.append(request).await?;
+    state.metrics.observe_command("append", started.elapsed().as_secs_f64());
+    let result = outcome?;
+    Ok((StatusCode::CREATED, Json(result)).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReadParams {
+    from: Option<i64>,
+    limit: Option<i64>,
+}
+
+/// Most events one stream page returns.
+const MAX_STREAM_PAGE: i64 = 1000;
+
+async fn read(
+    State(state): State<CommandState>,
+    path: Result<Path<String>, PathRejection>,
+    params: Result<Query<ReadParams>, QueryRejection>,
+) -> ApiResult<Response> {
+    let started = Instant::now();
+    let Path(stream_id) = path?;
+    validate_stream_id(&stream_id).map_err(|e| ApiError::bad_request(e.code, e.message))?;
+    let Query(params) = params?;
+    let from = params.from.unwrap_or(1);
+    let limit = params.limit.unwrap_or(100);
+    if from < 1 {
+        return Err(ApiError::bad_request("invalid_from", "from must be >= 1"));
+    }
+    if !(1..=MAX_STREAM_PAGE).contains(&limit) {
+        return Err(ApiError::bad_request("invalid_limit", format!("limit must be between 1 and {MAX_STREAM_PAGE}")));
+    }
+    let page = read_stream(&state.pool, &stream_id, from, limit)
+        .await?
+        .ok_or_else(|| ApiError::not_found("stream_not_found", format!("stream {stream_id:?} has no events")))?;
+    state.metrics.observe_command("read_stream", started.elapsed().as_secs_f64());
+    Ok(Json(page).into_response())
+}
+
+async fn job(State(state): State<CommandState>, path: Result<Path<String>, PathRejection>) -> ApiResult<Response> {
+    let Path(id) = path?;
+    let id = Uuid::parse_str(&id).map_err(|_| ApiError::bad_request("invalid_job_id", format!("{id:?} is not a job id")))?;
+    let view = jobs::get(&state.pool, id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("job_not_found", format!("no job {id}")))?;
+    Ok(Json(view).into_response())
+}

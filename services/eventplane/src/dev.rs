@@ -1,0 +1,168 @@
+//! `eventplane dev`: every role in one process against local Postgres and
+//! Redis, the bundled `orders` projection, and a short demo load whose
+//! summary shows what the stack does.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use serde_json::{Value, json};
+use tokio::sync::Mutex;
+
+use crate::cli::DevRole;
+use crate::projections::{self, Projection};
+use crate::server::{Roles, Stack, StackConfig};
+
+/// The bundled sample projection, also shipped as `crds/examples`.
+pub const ORDERS_MANIFEST: &str = include_str!("../../spec/examples/orders.yaml");
+
+pub fn sample_projections() -> anyhow::Result<Vec<Arc<Projection>>> {
+    let manifests = eventplane_spec::load_manifests(ORDERS_MANIFEST)?;
+    Ok(manifests.into_iter().map(|m| Arc::new(Projection::from_manifest(m))).collect())
+}
+
+pub async fn run(role: DevRole) -> anyhow::Result<()> {
+    let projections = match &role.projections {
+        Some(path) => projections::load(path)?,
+        None => sample_projections()?,
+    };
+    let config = StackConfig {
+        database_url: role.db.database_url.clone(),
+        read_database_url: role.query.read_database_url.clone(),
+        db_max_connections: role.db.db_max_connections,
+        read_max_connections: role.query.read_max_connections,
+        redis_url: Some(role.redis_url.clone()),
+        projections,
+        listen: role.listen,
+        roles: Roles::ALL,
+        command: role.command.clone(),
+        projector: role.projector.config(),
+        query: role.query.config(),
+    };
+    let stack = Stack::start(config).await?;
+    let base = stack.url("");
+    if role.demo_orders > 0 {
+        let summary = demo(&base, role.demo_orders, role.demo_clients.max(1)).await?;
+        println!("{summary}");
+    }
+    println!("{}", examples(&base));
+    if role.exit_after_demo {
+        return Ok(());
+    }
+    crate::roles::shutdown_signal().await;
+    drop(stack);
+    Ok(())
+}
+
+fn examples(base: &str) -> String {
+    format!(
+        r#"Eventplane is serving at {base}. Try:
+  curl -s -X POST {base}/v1/streams/order-demo-1/events -H 'content-type: application/json' \
+       -d '{{"expectedVersion":"no_stream","events":[{{"type":"OrderPlaced","data":{{"orderId":"demo-1","customerId":"c-1","total":"42.50"}}}}]}}'
+  curl -s {base}/v1/projections/orders/rows/demo-1
+  curl -s '{base}/v1/projections/orders/queries/by_customer?customer_id=c-1&limit=10'
+  curl -s {base}/v1/projections/orders/status
+  curl -s {base}/metrics | grep -E '^(command_latency|query_latency|cache_hit_rate)'
+Stop with Ctrl-C."#
+    )
+}
+
+#[derive(Default)]
+struct Recorder {
+    commands: Option<Histogram<u64>>,
+    reads: Option<Histogram<u64>>,
+    consistent_reads: Option<Histogram<u64>>,
+}
+
+fn record(slot: &mut Option<Histogram<u64>>, started: Instant) {
+    let h = slot.get_or_insert_with(|| Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid bounds"));
+    let _ = h.record(started.elapsed().as_micros().max(1) as u64);
+}
+
+fn line(name: &str, h: &Option<Histogram<u64>>) -> String {
+    match h {
+        Some(h) => format!(
+            "  {name:<26} {:>7}   p50 {:>8.2} ms   p99 {:>8.2} ms",
+            h.len(),
+            h.value_at_quantile(0.5) as f64 / 1000.0,
+            h.value_at_quantile(0.99) as f64 / 1000.0
+        ),
+        None => format!("  {name:<26} none"),
+    }
+}
+
+/// Places `orders` orders from `clients` concurrent clients over HTTP: each
+/// order is placed, read back with its token (read-your-writes), read again
+/// (cache), half are paid; then the customers' lists are read.
+async fn demo(base: &str, orders: usize, clients: usize) -> anyhow::Result<String> {
+    let http = reqwest::Client::new();
+    let run = format!("{:x}", chrono::Utc::now().timestamp_millis());
+    let next = Arc::new(AtomicUsize::new(0));
+    let recorder = Arc::new(Mutex::new(Recorder::default()));
+    let started = Instant::now();
+    let mut workers = Vec::new();
+    for _ in 0..clients {
+        let (http, base, run, next, recorder) = (http.clone(), base.to_string(), run.clone(), next.clone(), recorder.clone());
+        workers.push(tokio::spawn(async move {
+            loop {
+                let n = next.fetch_add(1, Ordering::Relaxed);
+                if n >= orders {
+                    return Ok::<_, anyhow::Error>(());
+                }
+                let order = format!("{run}-{n}");
+                let body = json!({
+                    "expectedVersion": "no_stream",
+                    "events": [{"type": "OrderPlaced", "data": {
+                        "orderId": order, "customerId": format!("c-{}", n % 50), "total": format!("{}.{:02}", 10 + n % 90, n % 100)
+                    }}]
+                });
+                let t = Instant::now();
+                let placed: Value = http.post(format!("{base}/v1/streams/order-{order}/events")).json(&body).send().await?.error_for_status()?.json().await?;
+                record(&mut recorder.lock().await.commands, t);
+                let token = placed["token"].as_str().unwrap_or_default().to_string();
+
+                let t = Instant::now();
+                http.get(format!("{base}/v1/projections/orders/rows/{order}?token={token}")).send().await?.error_for_status()?;
+                record(&mut recorder.lock().await.consistent_reads, t);
+                for _ in 0..3 {
+                    let t = Instant::now();
+                    http.get(format!("{base}/v1/projections/orders/rows/{order}")).send().await?.error_for_status()?;
+                    record(&mut recorder.lock().await.reads, t);
+                }
+                if n % 2 == 0 {
+                    let paid = json!({"expectedVersion": 1, "events": [{"type": "OrderPaid", "data": {"orderId": order}}]});
+                    let t = Instant::now();
+                    http.post(format!("{base}/v1/streams/order-{order}/events")).json(&paid).send().await?.error_for_status()?;
+                    record(&mut recorder.lock().await.commands, t);
+                }
+            }
+        }));
+    }
+    for worker in workers {
+        worker.await??;
+    }
+    let elapsed = started.elapsed();
+    // Let the projector drain, then read its status.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let status: Value = http.get(format!("{base}/v1/projections/orders/status")).send().await?.json().await?;
+    let metrics = http.get(format!("{base}/metrics")).send().await?.text().await?;
+    let hit_rates: Vec<String> = metrics
+        .lines()
+        .filter(|l| l.starts_with("cache_hit_rate{"))
+        .map(|l| format!("  {l}"))
+        .collect();
+    let r = recorder.lock().await;
+    Ok(format!(
+        "\nDemo: {orders} orders from {clients} clients in {:.2} s\n{}\n{}\n{}\nProjection orders: {} events applied, lag {} events / {} s, {} dead letters\nCache hit rates:\n{}\n",
+        elapsed.as_secs_f64(),
+        line("commands", &r.commands),
+        line("reads with token (RYW)", &r.consistent_reads),
+        line("reads", &r.reads),
+        status["eventsApplied"],
+        status["lagEvents"],
+        status["lagSeconds"],
+        status["deadLetters"],
+        hit_rates.join("\n"),
+    ))
+}

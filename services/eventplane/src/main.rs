@@ -1,0 +1,15 @@
+use clap::Parser;
+use eventplane::cli::{Cli, Command};
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    eventplane::telemetry::init(cli.log_json);
+    match cli.command {
+        Command::Migrate(db) => eventplane::roles::migrate(db).await,
+        Command::Command(role) => eventplane::roles::command(role).await,
+        Command::Projector(role) => eventplane::roles::projector(role).await,
+        Command::Query(role) => eventplane::roles::query(role).await,
+        Command::Dev(role) => eventplane::dev::run(role).await,
+    }
+}

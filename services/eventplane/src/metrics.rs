@@ -1,0 +1,167 @@
+//! Prometheus metrics shared by every role, served at `/metrics`. Names and
+//! labels follow the seed: `command_latency{command_type}`,
+//! `query_latency{query_type}`, `cache_hit_rate{cache_layer}`; plus projection
+//! lag, batch sizes and pool usage. Label values come from fixed sets or from
+//! validated names (projections, event types), never from error text.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use axum::extract::State;
+use axum::http::header::CONTENT_TYPE;
+use axum::response::IntoResponse;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CommandLabels {
+    pub command_type: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct QueryLabels {
+    pub query_type: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CacheLabels {
+    pub cache_layer: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProjectionLabels {
+    pub projection: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PoolLabels {
+    pub pool: &'static str,
+    pub state: &'static str,
+}
+
+/// Hit and miss counts of one cache layer; the hit-rate gauge is derived
+/// from them at scrape time so it is never stale.
+#[derive(Default)]
+pub struct LayerCounts {
+    pub hits: AtomicU64,
+    pub misses: AtomicU64,
+}
+
+impl LayerCounts {
+    pub fn record(&self, hit: bool) {
+        let counter = if hit { &self.hits } else { &self.misses };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn rate(&self) -> f64 {
+        let hits = self.hits.load(Ordering::Relaxed) as f64;
+        let total = hits + self.misses.load(Ordering::Relaxed) as f64;
+        if total == 0.0 { 0.0 } else { hits / total }
+    }
+}
+
+pub const CACHE_LAYERS: [&str; 3] = ["l1", "l2", "l3"];
+
+pub struct Metrics {
+    registry: Registry,
+    pub command_latency: Family<CommandLabels, Histogram>,
+    pub commands_total: Family<CommandLabels, Counter>,
+    pub command_batch_size: Histogram,
+    pub query_latency: Family<QueryLabels, Histogram>,
+    pub cache_hit_rate: Family<CacheLabels, Gauge<f64, AtomicU64>>,
+    /// l1, l2, l3 in that order.
+    pub cache_counts: [LayerCounts; 3],
+    pub redis_errors: Counter,
+    pub projection_lag_seconds: Family<ProjectionLabels, Gauge<f64, AtomicU64>>,
+    pub projection_lag_events: Family<ProjectionLabels, Gauge>,
+    pub projection_batch_size: Family<ProjectionLabels, Histogram>,
+    pub projection_applied: Family<ProjectionLabels, Counter>,
+    pub projection_dead_letters: Family<ProjectionLabels, Counter>,
+    pub horizon_age_seconds: Gauge<f64, AtomicU64>,
+    pub pool_connections: Family<PoolLabels, Gauge>,
+    pub jobs_processed: Counter,
+}
+
+fn latency_buckets() -> Histogram {
+    // 100 µs .. ~3.3 s: the targets sit between 1 ms and 100 ms.
+    Histogram::new(exponential_buckets(0.0001, 2.0, 16))
+}
+
+fn size_buckets() -> Histogram {
+    Histogram::new(exponential_buckets(1.0, 2.0, 14))
+}
+
+impl Metrics {
+    pub fn new() -> Arc<Self> {
+        let mut registry = Registry::default();
+        let m = Metrics {
+            command_latency: Family::new_with_constructor(latency_buckets),
+            commands_total: Family::default(),
+            command_batch_size: size_buckets(),
+            query_latency: Family::new_with_constructor(latency_buckets),
+            cache_hit_rate: Family::default(),
+            cache_counts: Default::default(),
+            redis_errors: Counter::default(),
+            projection_lag_seconds: Family::default(),
+            projection_lag_events: Family::default(),
+            projection_batch_size: Family::new_with_constructor(size_buckets),
+            projection_applied: Family::default(),
+            projection_dead_letters: Family::default(),
+            horizon_age_seconds: Gauge::default(),
+            pool_connections: Family::default(),
+            jobs_processed: Counter::default(),
+            registry: Registry::default(),
+        };
+        registry.register("command_latency", "Command handling latency in seconds", m.command_latency.clone());
+        registry.register("commands", "Commands handled, by type", m.commands_total.clone());
+        registry.register("command_batch_size", "Appends committed per group-commit transaction", m.command_batch_size.clone());
+        registry.register("query_latency", "Query latency in seconds", m.query_latency.clone());
+        registry.register("cache_hit_rate", "Share of lookups answered by each cache layer", m.cache_hit_rate.clone());
+        registry.register("redis_errors", "Redis operations that failed (the read path fell back)", m.redis_errors.clone());
+        registry.register("projection_lag_seconds", "Age of the newest event not yet applied", m.projection_lag_seconds.clone());
+        registry.register("projection_lag_events", "Events committed but not yet applied", m.projection_lag_events.clone());
+        registry.register("projection_batch_size", "Events per projector batch", m.projection_batch_size.clone());
+        registry.register("projection_events_applied", "Events applied to projections", m.projection_applied.clone());
+        registry.register("projection_dead_letters", "Events sent to the dead-letter table", m.projection_dead_letters.clone());
+        registry.register("event_horizon_age_seconds", "Age of the oldest running transaction holding back the tail horizon", m.horizon_age_seconds.clone());
+        registry.register("db_pool_connections", "Database pool connections by state", m.pool_connections.clone());
+        registry.register("command_jobs_processed", "Async command jobs finished", m.jobs_processed.clone());
+        Arc::new(Metrics { registry, ..m })
+    }
+
+    pub fn observe_command(&self, command_type: &str, seconds: f64) {
+        let labels = CommandLabels { command_type: command_type.to_string() };
+        self.command_latency.get_or_create(&labels).observe(seconds);
+        self.commands_total.get_or_create(&labels).inc();
+    }
+
+    pub fn observe_query(&self, query_type: &str, seconds: f64) {
+        let labels = QueryLabels { query_type: query_type.to_string() };
+        self.query_latency.get_or_create(&labels).observe(seconds);
+    }
+
+    pub fn record_pool(&self, name: &'static str, pool: &sqlx::PgPool) {
+        let idle = pool.num_idle() as i64;
+        let size = pool.size() as i64;
+        self.pool_connections.get_or_create(&PoolLabels { pool: name, state: "idle" }).set(idle);
+        self.pool_connections.get_or_create(&PoolLabels { pool: name, state: "busy" }).set(size - idle);
+    }
+
+    pub fn encode(&self) -> String {
+        for (layer, counts) in CACHE_LAYERS.iter().zip(&self.cache_counts) {
+            self.cache_hit_rate.get_or_create(&CacheLabels { cache_layer: layer }).set(counts.rate());
+        }
+        let mut out = String::new();
+        // Encoding into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+pub async fn metrics_handler(State(metrics): State<Arc<Metrics>>) -> impl IntoResponse {
+    ([(CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], metrics.encode())
+}

@@ -1,0 +1,182 @@
+//! The projector role: one task per projection tails the event log in
+//! bounded batches, woken by `NOTIFY eventplane_events` (with a periodic poll
+//! as a safety net), and publishes cache invalidations after each commit.
+
+pub mod batch;
+pub mod status;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use sqlx::PgPool;
+use sqlx::postgres::PgListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::invalidation::Invalidator;
+use crate::metrics::{Metrics, ProjectionLabels};
+use crate::projections::Projection;
+use batch::{apply_batch, ensure_projection};
+
+#[derive(Clone, Debug)]
+pub struct ProjectorConfig {
+    /// Most events read per batch.
+    pub batch_size: i64,
+    /// Poll this often even without a notification.
+    pub poll_interval: Duration,
+}
+
+impl Default for ProjectorConfig {
+    fn default() -> Self {
+        Self { batch_size: 1000, poll_interval: Duration::from_millis(500) }
+    }
+}
+
+/// While a transaction below the horizon keeps newer events hidden, re-read
+/// starting this often and backing off to `MAX_BEHIND_WAIT`.
+const MIN_BEHIND_WAIT: Duration = Duration::from_millis(1);
+const MAX_BEHIND_WAIT: Duration = Duration::from_millis(50);
+
+/// Creates every projection's table and checkpoint, then starts one tailing
+/// task per projection. Each task runs until the process ends or the handle
+/// is aborted.
+pub async fn start(
+    pool: PgPool,
+    projections: &[Arc<Projection>],
+    redis: Option<redis::aio::ConnectionManager>,
+    metrics: Arc<Metrics>,
+    config: ProjectorConfig,
+) -> anyhow::Result<Vec<JoinHandle<()>>> {
+    for projection in projections {
+        ensure_projection(&pool, projection).await?;
+    }
+    let (wake_tx, wake_rx) = watch::channel(0u64);
+    let mut handles = vec![tokio::spawn(listen(pool.clone(), wake_tx))];
+    handles.push(tokio::spawn(watch_horizon(pool.clone(), metrics.clone())));
+    for projection in projections {
+        let invalidator = redis.clone().map(|r| Invalidator::new(&projection.name, r, metrics.clone()));
+        let task = Tail {
+            pool: pool.clone(),
+            projection: projection.clone(),
+            invalidator,
+            metrics: metrics.clone(),
+            config: config.clone(),
+        };
+        handles.push(tokio::spawn(task.run(wake_rx.clone())));
+    }
+    Ok(handles)
+}
+
+struct Tail {
+    pool: PgPool,
+    projection: Arc<Projection>,
+    invalidator: Option<Invalidator>,
+    metrics: Arc<Metrics>,
+    config: ProjectorConfig,
+}
+
+impl Tail {
+    async fn run(self, mut wake: watch::Receiver<u64>) {
+        let labels = ProjectionLabels { projection: self.projection.name.clone() };
+        let mut behind_wait = MIN_BEHIND_WAIT;
+        let mut halted_logged = false;
+        loop {
+            let outcome = match apply_batch(&self.pool, &self.projection, self.config.batch_size).await {
+                Ok(outcome) => outcome,
+                Err(err) => {
+                    tracing::error!(projection = %self.projection.name, error = %err, "projector batch failed");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+            };
+            if let Some(reason) = &outcome.halted {
+                if !halted_logged {
+                    tracing::error!(projection = %self.projection.name, %reason, "projection halted");
+                    halted_logged = true;
+                }
+                let _ = tokio::time::timeout(self.config.poll_interval * 10, wake.changed()).await;
+                continue;
+            }
+            halted_logged = false;
+            if outcome.events > 0 {
+                self.metrics.projection_batch_size.get_or_create(&labels).observe(outcome.events as f64);
+                self.metrics.projection_applied.get_or_create(&labels).inc_by(outcome.events as u64);
+                self.metrics.projection_lag_seconds.get_or_create(&labels).set(outcome.max_lag_seconds);
+            }
+            if outcome.dead_letters > 0 {
+                self.metrics.projection_dead_letters.get_or_create(&labels).inc_by(outcome.dead_letters as u64);
+            }
+            if let Some(invalidator) = &self.invalidator
+                && !outcome.keys.is_empty()
+            {
+                invalidator.invalidate(outcome.keys).await;
+            }
+            if outcome.full {
+                continue;
+            }
+            // The batch reached the horizon. Newer events may be committed
+            // behind a transaction that is still running: no notification
+            // will come when it ends, so look again shortly.
+            match events_beyond(&self.pool, outcome.checkpoint.tx_id).await {
+                Ok(true) => {
+                    tokio::time::sleep(behind_wait).await;
+                    behind_wait = (behind_wait * 2).min(MAX_BEHIND_WAIT);
+                    continue;
+                }
+                Ok(false) => {}
+                Err(err) => tracing::warn!(error = %err, "could not check for events beyond the horizon"),
+            }
+            behind_wait = MIN_BEHIND_WAIT;
+            self.metrics.projection_lag_seconds.get_or_create(&labels).set(0.0);
+            self.metrics.projection_lag_events.get_or_create(&labels).set(0);
+            let _ = tokio::time::timeout(self.config.poll_interval, wake.changed()).await;
+        }
+    }
+}
+
+async fn events_beyond(pool: &PgPool, horizon: i64) -> sqlx::Result<bool> {
+    sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM events WHERE tx_id >= $1::text::xid8)")
+        .bind(horizon.to_string())
+        .fetch_one(pool)
+        .await
+}
+
+/// Forwards `NOTIFY eventplane_events` to the tailing tasks, reconnecting
+/// when the connection drops.
+async fn listen(pool: PgPool, wake: watch::Sender<u64>) {
+    loop {
+        let result: sqlx::Result<()> = async {
+            let mut listener = PgListener::connect_with(&pool).await?;
+            listener.listen("eventplane_events").await?;
+            // Anything committed while we were not listening is picked up
+            // by this wake-up.
+            wake.send_modify(|n| *n += 1);
+            loop {
+                listener.recv().await?;
+                wake.send_modify(|n| *n += 1);
+            }
+        }
+        .await;
+        if let Err(err) = result {
+            tracing::warn!(error = %err, "event listener lost its connection");
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+}
+
+/// How long the oldest running write transaction has been holding back the
+/// tail horizon.
+async fn watch_horizon(pool: PgPool, metrics: Arc<Metrics>) {
+    loop {
+        let age: sqlx::Result<Option<f64>> = sqlx::query_scalar(
+            "SELECT EXTRACT(epoch FROM now() - min(xact_start))::float8 FROM pg_stat_activity WHERE backend_xid IS NOT NULL",
+        )
+        .fetch_one(&pool)
+        .await;
+        if let Ok(age) = age {
+            metrics.horizon_age_seconds.set(age.unwrap_or(0.0));
+        }
+        metrics.record_pool("primary", &pool);
+        tokio::time::sleep(Duration::from_secs(5)).await;
+    }
+}

@@ -1,0 +1,255 @@
+//! The query side of the cache: L1 in-process (moka: size-bounded, TTL,
+//! one load per key however many requests miss at once) and L2 Redis, kept
+//! coherent by the projector's invalidation messages.
+//!
+//! L1 is only trusted while the invalidation subscription is live: when it
+//! drops, L1 is emptied and bypassed until the subscription is back, so a
+//! missed message can never leave a stale entry behind. L2 fills are
+//! conditional on the projection's generation not having moved since the
+//! read began (a Lua check-and-set), which closes the race between a slow
+//! database read and an invalidation.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use redis::AsyncCommands;
+use redis::aio::ConnectionManager;
+use tokio::sync::Mutex;
+
+use crate::invalidation::{self, CHANNEL, Message};
+use crate::metrics::Metrics;
+
+/// After a Redis error, L2 is skipped for this long instead of making every
+/// request wait on a dead connection.
+const REDIS_BACKOFF: Duration = Duration::from_secs(1);
+
+/// A cached answer: the JSON body, or `None` for "no such row".
+pub type Cached = Arc<Option<String>>;
+
+/// Per-projection cache state.
+pub struct ProjectionCache {
+    pub name: String,
+    pub l1: moka::future::Cache<String, Cached>,
+    pub l2_ttl: Duration,
+    pub enabled: bool,
+    generation: AtomicU64,
+    epoch: AtomicU64,
+}
+
+impl ProjectionCache {
+    pub fn new(name: &str, spec: &eventplane_spec::CacheSpec, capacity_bytes: u64) -> Self {
+        let l1 = moka::future::Cache::builder()
+            .max_capacity(capacity_bytes)
+            .weigher(|k: &String, v: &Cached| (k.len() + v.as_ref().as_ref().map_or(0, String::len) + 64).min(u32::MAX as usize) as u32)
+            .time_to_live(Duration::from_millis(spec.l1_ttl_ms.max(1)))
+            .build();
+        Self {
+            name: name.to_string(),
+            l1,
+            l2_ttl: Duration::from_secs(spec.l2_ttl_seconds.max(1)),
+            enabled: spec.enabled,
+            generation: AtomicU64::new(0),
+            epoch: AtomicU64::new(0),
+        }
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::Acquire)
+    }
+
+    async fn apply(&self, message: &Message) {
+        if message.epoch != self.epoch() {
+            self.epoch.store(message.epoch, Ordering::Release);
+            self.generation.fetch_max(message.generation, Ordering::AcqRel);
+            self.l1.invalidate_all();
+            return;
+        }
+        // The generation moves first, so a load that began before this
+        // message notices and does not keep its (possibly stale) result.
+        self.generation.fetch_max(message.generation, Ordering::AcqRel);
+        for key in &message.keys {
+            self.l1.invalidate(&row_l1_key(key)).await;
+        }
+    }
+}
+
+pub fn row_l1_key(key: &str) -> String {
+    format!("r:{key}")
+}
+
+/// Which layer answered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Layer {
+    L1,
+    L2,
+    L3,
+}
+
+impl Layer {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Layer::L1 => "l1",
+            Layer::L2 => "l2",
+            Layer::L3 => "l3",
+        }
+    }
+}
+
+pub struct CacheBus {
+    pub projections: HashMap<String, Arc<ProjectionCache>>,
+    redis: Option<ConnectionManager>,
+    live: AtomicBool,
+    redis_down_until: Mutex<Option<Instant>>,
+    pub metrics: Arc<Metrics>,
+}
+
+const FILL_IF_GENERATION: &str = r#"
+local current = redis.call('GET', KEYS[1]) or '0'
+if current == ARGV[1] then
+  redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
+  return 1
+end
+return 0
+"#;
+
+impl CacheBus {
+    pub fn new(projections: HashMap<String, Arc<ProjectionCache>>, redis: Option<ConnectionManager>, metrics: Arc<Metrics>) -> Arc<Self> {
+        Arc::new(Self { projections, redis, live: AtomicBool::new(false), redis_down_until: Mutex::new(None), metrics })
+    }
+
+    /// L1 may be used only while invalidations are being received.
+    pub fn l1_live(&self) -> bool {
+        self.live.load(Ordering::Acquire)
+    }
+
+    async fn redis(&self) -> Option<ConnectionManager> {
+        let redis = self.redis.clone()?;
+        let down = self.redis_down_until.lock().await;
+        match *down {
+            Some(until) if Instant::now() < until => None,
+            _ => Some(redis),
+        }
+    }
+
+    async fn redis_failed(&self, err: &redis::RedisError) {
+        self.metrics.redis_errors.inc();
+        let mut down = self.redis_down_until.lock().await;
+        if down.is_none_or(|until| Instant::now() >= until) {
+            tracing::warn!(error = %err, "redis unavailable; answering from Postgres");
+        }
+        *down = Some(Instant::now() + REDIS_BACKOFF);
+    }
+
+    pub async fn l2_get(&self, key: &str) -> Option<Cached> {
+        let mut redis = self.redis().await?;
+        match redis.get::<_, Option<String>>(key).await {
+            Ok(Some(raw)) => Some(Arc::new(decode_l2(raw))),
+            Ok(None) => None,
+            Err(err) => {
+                self.redis_failed(&err).await;
+                None
+            }
+        }
+    }
+
+    /// Stores `value` under `key` unless the projection's generation moved
+    /// past `generation` (an invalidation raced the read).
+    pub async fn l2_fill(&self, cache: &ProjectionCache, key: &str, generation: u64, value: &Cached) {
+        let Some(mut redis) = self.redis().await else { return };
+        let script = redis::Script::new(FILL_IF_GENERATION);
+        let result: redis::RedisResult<i64> = script
+            .key(invalidation::generation_key(&cache.name))
+            .key(key)
+            .arg(generation.to_string())
+            .arg(encode_l2(value))
+            .arg(cache.l2_ttl.as_millis() as u64)
+            .invoke_async(&mut redis)
+            .await;
+        if let Err(err) = result {
+            self.redis_failed(&err).await;
+        }
+    }
+
+    /// Keeps the invalidation subscription up; runs until the process ends.
+    pub async fn subscribe(self: Arc<Self>, redis_url: String) {
+        loop {
+            if let Err(err) = self.clone().subscription(&redis_url).await {
+                tracing::warn!(error = %err, "cache invalidation subscription lost; L1 bypassed until it is back");
+            }
+            self.live.store(false, Ordering::Release);
+            for cache in self.projections.values() {
+                cache.l1.invalidate_all();
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+
+    async fn subscription(self: Arc<Self>, redis_url: &str) -> redis::RedisResult<()> {
+        let client = redis::Client::open(redis_url)?;
+        let mut pubsub = client.get_async_pubsub().await?;
+        pubsub.subscribe(CHANNEL).await?;
+        // Learn where each projection stands now; anything before is gone
+        // from L1 already.
+        let mut conn = client.get_multiplexed_async_connection().await?;
+        for cache in self.projections.values() {
+            let generation: Option<u64> = conn.get(invalidation::generation_key(&cache.name)).await?;
+            let epoch: Option<u64> = conn.get(invalidation::epoch_key(&cache.name)).await?;
+            cache.epoch.store(epoch.unwrap_or(0), Ordering::Release);
+            cache.generation.fetch_max(generation.unwrap_or(0), Ordering::AcqRel);
+            cache.l1.invalidate_all();
+        }
+        self.live.store(true, Ordering::Release);
+        tracing::info!("cache invalidation subscription live");
+        let mut messages = pubsub.on_message();
+        while let Some(msg) = messages.next().await {
+            let payload: String = match msg.get_payload() {
+                Ok(p) => p,
+                Err(err) => {
+                    tracing::warn!(error = %err, "unreadable invalidation message");
+                    continue;
+                }
+            };
+            match serde_json::from_str::<Message>(&payload) {
+                Ok(message) => {
+                    if let Some(cache) = self.projections.get(&message.projection) {
+                        cache.apply(&message).await;
+                    }
+                }
+                Err(err) => tracing::warn!(error = %err, "malformed invalidation message"),
+            }
+        }
+        Err(redis::RedisError::from((redis::ErrorKind::Io, "subscription stream ended")))
+    }
+}
+
+/// L2 values carry a one-byte tag so "no such row" can be cached too.
+fn encode_l2(value: &Cached) -> String {
+    match value.as_ref() {
+        Some(body) => format!("1{body}"),
+        None => "0".to_string(),
+    }
+}
+
+fn decode_l2(raw: String) -> Option<String> {
+    raw.strip_prefix('1').map(str::to_string)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn l2_values_round_trip_including_absent_rows() {
+        let present: Cached = Arc::new(Some("{\"id\":\"a\"}".into()));
+        assert_eq!(decode_l2(encode_l2(&present)), *present);
+        let absent: Cached = Arc::new(None);
+        assert_eq!(decode_l2(encode_l2(&absent)), None);
+    }
+}

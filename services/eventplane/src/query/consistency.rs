@@ -1,0 +1,42 @@
+//! Read-your-writes: a read carrying a command's token waits, bounded, until
+//! the projection's checkpoint has passed it, then reads from Postgres.
+
+use std::time::{Duration, Instant};
+
+use super::QueryService;
+use crate::api_error::{ApiError, ApiResult};
+use crate::token::Token;
+
+/// Polling starts tight (the projector is usually a few milliseconds behind)
+/// and backs off so a slow projection is not hammered.
+const FIRST_WAIT: Duration = Duration::from_millis(1);
+const MAX_WAIT: Duration = Duration::from_millis(25);
+
+pub async fn wait_for(service: &QueryService, projection: &str, token: Token) -> ApiResult<()> {
+    let deadline = Instant::now() + service.consistency_timeout;
+    let mut wait = FIRST_WAIT;
+    loop {
+        let passed: Option<bool> = sqlx::query_scalar(
+            "SELECT (tx_id, position) >= ($2::text::xid8, $3) FROM projection_checkpoints WHERE projection = $1",
+        )
+        .bind(projection)
+        .bind(token.tx_id.to_string())
+        .bind(token.position)
+        .fetch_optional(&service.read_pool)
+        .await?;
+        if passed == Some(true) {
+            return Ok(());
+        }
+        if Instant::now() + wait > deadline {
+            return Err(ApiError::Timeout {
+                code: "consistency_timeout",
+                message: format!(
+                    "projection {projection:?} did not reach token {token} within {} ms",
+                    service.consistency_timeout.as_millis()
+                ),
+            });
+        }
+        tokio::time::sleep(wait).await;
+        wait = (wait * 2).min(MAX_WAIT);
+    }
+}

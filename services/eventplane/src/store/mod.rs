@@ -1,0 +1,12 @@
+//! The event store: appends (validated, idempotent, optimistic concurrency,
+//! group commit), stream reads and the async command queue.
+
+pub mod append;
+pub mod group_commit;
+pub mod jobs;
+pub mod model;
+pub mod read;
+
+pub use append::{AppendError, append_in_tx};
+pub use group_commit::{Appender, GroupCommitConfig};
+pub use model::{AppendRequest, AppendResult, ExpectedVersion, NewEvent};

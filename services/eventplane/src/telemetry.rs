@@ -1,0 +1,11 @@
+//! Logging set-up: `tracing` with an env filter (`RUST_LOG`), text or JSON.
+
+use tracing_subscriber::EnvFilter;
+
+pub fn init(json: bool) {
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,tower_http=warn"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    // A second init (tests that start several stacks) is harmless.
+    let _ = if json { builder.json().try_init() } else { builder.try_init() };
+}
