@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Runs every Eventplane role in one process against local Postgres and Redis,
+# places a short demo load, prints a summary and curl examples, then serves.
+# Extra arguments go to `eventplane dev`.
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+bash scripts/ensure-services.sh
+if ! command -v cargo >/dev/null && [ -x "${CARGO_HOME:-$HOME/.cargo}/bin/cargo" ]; then
+    export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
+fi
+
+cargo build --release -p eventplane
+
+if [ "$(psql -h 127.0.0.1 -U postgres -d postgres -Atc "select 1 from pg_database where datname = 'eventplane'")" != 1 ]; then
+    psql -h 127.0.0.1 -U postgres -d postgres -qc 'create database eventplane'
+    echo "dev: created database eventplane"
+fi
+
+export REDIS_URL="${REDIS_URL:-redis://127.0.0.1:6379}"
+exec target/release/eventplane dev --database-url postgres://postgres@127.0.0.1:5432/eventplane "$@"

@@ -1,0 +1,130 @@
+#!/usr/bin/env bash
+# Makes sure Postgres (trust auth on loopback) and Redis answer on
+# 127.0.0.1, and that the Rust toolchain is present. Safe to run again:
+# whatever already answers is reused. Runs as root on Debian 12 without
+# systemd (containers, CI).
+set -euo pipefail
+
+PG_HOST=127.0.0.1
+PG_PORT=5432
+REDIS_PORT=6379
+
+log() { echo "ensure-services: $*"; }
+die() { echo "ensure-services: error: $*" >&2; exit 1; }
+
+apt_updated=0
+apt_install() {
+    command -v apt-get >/dev/null || die "apt-get not found; install $* by hand"
+    [ "$(id -u)" = 0 ] || die "installing $* needs root"
+    if [ "$apt_updated" = 0 ]; then
+        DEBIAN_FRONTEND=noninteractive apt-get update -qq
+        apt_updated=1
+    fi
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+}
+
+pg_answers() { command -v pg_isready >/dev/null && pg_isready -q -h "$PG_HOST" -p "$PG_PORT"; }
+pg_login_works() { psql -h "$PG_HOST" -p "$PG_PORT" -U postgres -d postgres -Atqc 'select 1' >/dev/null 2>&1; }
+
+# The newest installed cluster version, e.g. 15.
+pg_version() {
+    ls /etc/postgresql 2>/dev/null | sort -V | tail -n1
+}
+
+pg_trust_loopback() {
+    local ver=$1 hba="/etc/postgresql/$1/main/pg_hba.conf"
+    [ -f "$hba" ] || die "no $hba; cannot set loopback auth"
+    if ! grep -q '^# eventplane: trust on loopback' "$hba"; then
+        # Prepended so these lines win over Debian's peer/scram defaults.
+        local tmp
+        tmp=$(mktemp)
+        {
+            echo '# eventplane: trust on loopback (local development and CI only)'
+            echo 'local   all   all                  trust'
+            echo 'host    all   all   127.0.0.1/32   trust'
+            echo 'host    all   all   ::1/128        trust'
+            cat "$hba"
+        } >"$tmp"
+        cat "$tmp" >"$hba"
+        rm -f "$tmp"
+        pg_ctlcluster --skip-systemctl-redirect "$ver" main reload
+        log "postgres: set trust auth on loopback in $hba"
+    fi
+}
+
+ensure_postgres() {
+    if pg_answers; then
+        if pg_login_works; then
+            log "postgres: reused the server on $PG_HOST:$PG_PORT"
+            return
+        fi
+        local ver
+        ver=$(pg_version)
+        [ -n "$ver" ] || die "postgres answers on $PG_HOST:$PG_PORT but psql -U postgres fails and no local cluster config was found"
+        pg_trust_loopback "$ver"
+        pg_login_works || die "psql -h $PG_HOST -U postgres still fails"
+        log "postgres: reused the server on $PG_HOST:$PG_PORT"
+        return
+    fi
+    if [ -z "$(pg_version)" ] || ! command -v pg_ctlcluster >/dev/null; then
+        log "postgres: not installed; installing"
+        apt_install postgresql
+    fi
+    local ver
+    ver=$(pg_version)
+    [ -n "$ver" ] || die "postgresql installed but no cluster found under /etc/postgresql"
+    if ! pg_lsclusters -h 2>/dev/null | awk '{print $1, $2}' | grep -qx "$ver main"; then
+        pg_createcluster "$ver" main >/dev/null
+    fi
+    pg_trust_loopback "$ver"
+    pg_ctlcluster --skip-systemctl-redirect "$ver" main start 2>/dev/null ||
+        pg_ctlcluster --skip-systemctl-redirect "$ver" main status >/dev/null ||
+        die "could not start postgres cluster $ver/main"
+    for _ in $(seq 1 30); do
+        pg_answers && break
+        sleep 1
+    done
+    pg_answers || die "postgres $ver/main started but does not answer on $PG_HOST:$PG_PORT"
+    pg_login_works || die "psql -h $PG_HOST -U postgres fails after start"
+    log "postgres: started cluster $ver/main on $PG_HOST:$PG_PORT"
+}
+
+redis_answers() { command -v redis-cli >/dev/null && [ "$(redis-cli -h 127.0.0.1 -p "$REDIS_PORT" ping 2>/dev/null)" = PONG ]; }
+
+ensure_redis() {
+    if redis_answers; then
+        log "redis: reused the server on 127.0.0.1:$REDIS_PORT"
+        return
+    fi
+    if ! command -v redis-server >/dev/null || ! command -v redis-cli >/dev/null; then
+        log "redis: not installed; installing"
+        apt_install redis-server
+    fi
+    redis-server --daemonize yes --bind 127.0.0.1 --port "$REDIS_PORT" --save "" --appendonly no >/dev/null
+    for _ in $(seq 1 20); do
+        redis_answers && break
+        sleep 0.5
+    done
+    redis_answers || die "redis-server started but does not answer on 127.0.0.1:$REDIS_PORT"
+    log "redis: started redis-server on 127.0.0.1:$REDIS_PORT"
+}
+
+ensure_rust() {
+    # rustup installs into ~/.cargo/bin, which a non-login shell may not have on PATH.
+    if ! command -v cargo >/dev/null && [ -x "${CARGO_HOME:-$HOME/.cargo}/bin/cargo" ]; then
+        export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
+    fi
+    command -v cargo >/dev/null || die "cargo not found; install Rust (https://rustup.rs) first"
+    log "rust: reused $(cargo --version)"
+    if cargo nextest --version >/dev/null 2>&1; then
+        log "rust: reused cargo-nextest"
+    else
+        # Building nextest from source takes minutes; the test script falls
+        # back to `cargo test` instead.
+        log "rust: cargo-nextest missing; tests will run with cargo test"
+    fi
+}
+
+ensure_postgres
+ensure_redis
+ensure_rust

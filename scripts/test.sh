@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# The project's test command: services, formatting, lints, then every test
+# against the real Postgres and Redis.
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+bash scripts/ensure-services.sh
+if ! command -v cargo >/dev/null && [ -x "${CARGO_HOME:-$HOME/.cargo}/bin/cargo" ]; then
+    export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
+fi
+
+# Tests create their own databases from this URL.
+export DATABASE_URL="${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/postgres}"
+export REDIS_URL="${REDIS_URL:-redis://127.0.0.1:6379}"
+
+step() { echo; echo "==> $*"; }
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "cargo clippy"
+cargo clippy --workspace --all-targets -- -D warnings
+
+step "tests"
+if cargo nextest --version >/dev/null 2>&1; then
+    cargo nextest run --workspace --no-fail-fast
+    # nextest does not run doctests; run them only where some exist.
+    if grep -rlq --include='*.rs' -E '^\s*//[/!].*```' operator services tests 2>/dev/null; then
+        step "doctests"
+        cargo test --workspace --doc
+    fi
+else
+    # cargo test runs doctests too.
+    cargo test --workspace --no-fail-fast
+fi
+
+# CRD staleness check: the generated YAML under crds/ must match the Rust types.
+if [ -f operator/Cargo.toml ]; then
+    step "crds are up to date"
+    cargo run -q -p eventplane-operator --bin crdgen
+    git diff --exit-code crds/
+fi
+
+echo
+echo "all checks passed"
