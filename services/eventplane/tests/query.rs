@@ -1,0 +1,299 @@
+//! The query service against real Postgres and Redis: cache layers and
+//! their invalidation, Redis outages, read-your-writes, pagination and bad
+//! parameters.
+
+mod common;
+
+use std::collections::HashSet;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+use eventplane::server::{Stack, StackConfig};
+use serde_json::{Value, json};
+
+/// A Redis server of the test's own, so stopping it affects no other test.
+struct OwnRedis {
+    port: u16,
+    child: Option<Child>,
+}
+
+impl OwnRedis {
+    fn start() -> OwnRedis {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let mut redis = OwnRedis { port, child: None };
+        redis.restart();
+        redis
+    }
+
+    fn restart(&mut self) {
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-server is installed");
+        self.child = Some(child);
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(std::time::Instant::now() < deadline, "redis-server did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for OwnRedis {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+async fn place(http: &reqwest::Client, stack: &Stack, order: &str, customer: &str, total: &str) -> String {
+    let (status, body) = append(http, stack, &format!("order-{order}"), json!("any"), vec![placed(order, customer, total)]).await;
+    assert_eq!(status, 201, "{body}");
+    body["token"].as_str().unwrap().to_string()
+}
+
+async fn pay(http: &reqwest::Client, stack: &Stack, order: &str) -> String {
+    let event = json!({"type": "OrderPaid", "data": {"orderId": order}});
+    let (status, body) = append(http, stack, &format!("order-{order}"), json!("any"), vec![event]).await;
+    assert_eq!(status, 201);
+    body["token"].as_str().unwrap().to_string()
+}
+
+async fn live(stack: &Stack) {
+    // The invalidation subscription comes up asynchronously.
+    let http = client();
+    assert!(
+        eventually(Duration::from_secs(5), || {
+            let http = &http;
+            async move {
+                let text = http.get(stack.url("/metrics")).send().await.unwrap().text().await.unwrap();
+                text.contains("cache_hit_rate")
+            }
+        })
+        .await
+    );
+    tokio::time::sleep(Duration::from_millis(100)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_write_invalidates_the_row_and_its_lists_in_l1_and_l2() {
+    let db = TestDb::new().await;
+    let redis = OwnRedis::start();
+    let stack = stack_with(StackConfig::local(&db.url, Some(&redis.url()), orders())).await;
+    live(&stack).await;
+    let http = client();
+    let token = place(&http, &stack, "a1", "cust-a", "10").await;
+
+    let (status, row, layer) = get(&http, &stack, &format!("/v1/projections/orders/rows/a1?token={token}")).await;
+    assert_eq!((status, layer.as_deref()), (200, Some("l3")));
+    assert_eq!(row["status"], "PENDING");
+    let (_, _, layer) = get(&http, &stack, "/v1/projections/orders/rows/a1").await;
+    assert_eq!(layer.as_deref(), Some("l3"), "first cached read loads from Postgres");
+    let (_, _, layer) = get(&http, &stack, "/v1/projections/orders/rows/a1").await;
+    assert_eq!(layer.as_deref(), Some("l1"));
+    let list = "/v1/projections/orders/queries/by_customer?customer_id=cust-a";
+    let (_, page, _) = get(&http, &stack, list).await;
+    assert_eq!(page["items"][0]["status"], "PENDING");
+    let (_, _, layer) = get(&http, &stack, list).await;
+    assert_eq!(layer.as_deref(), Some("l1"));
+
+    let token = pay(&http, &stack, "a1").await;
+    let (_, row, _) = get(&http, &stack, &format!("/v1/projections/orders/rows/a1?token={token}")).await;
+    assert_eq!(row["status"], "PAID");
+    // Without a token the caches must not serve the old row for long: the
+    // invalidation follows the projector's commit.
+    let fresh = eventually(Duration::from_secs(2), || {
+        let http = &http;
+        let stack = &stack;
+        async move {
+            let (_, row, _) = get(http, stack, "/v1/projections/orders/rows/a1").await;
+            let (_, page, _) = get(http, stack, list).await;
+            row["status"] == "PAID" && page["items"][0]["status"] == "PAID"
+        }
+    })
+    .await;
+    assert!(fresh, "row and list caches were invalidated");
+
+    // L2 alone: a second query process with its own empty L1 gets the new
+    // row from Redis, never the old one.
+    let mut second = StackConfig::local(&db.url, Some(&redis.url()), orders());
+    second.roles = eventplane::server::Roles { command: false, projector: false, query: true };
+    let reader = stack_with(second).await;
+    live(&reader).await;
+    let (_, row, layer) = get(&http, &reader, "/v1/projections/orders/rows/a1").await;
+    assert_eq!(row["status"], "PAID");
+    assert_eq!(layer.as_deref(), Some("l2"), "the first process filled L2");
+    pay(&http, &stack, "a1").await;
+    let shipped = json!({"type": "OrderShipped", "data": {"orderId": "a1"}});
+    let (_, body) = append(&http, &stack, "order-a1", json!("any"), vec![shipped]).await;
+    let token = body["token"].as_str().unwrap();
+    get(&http, &stack, &format!("/v1/projections/orders/rows/a1?token={token}")).await;
+    let shipped_seen = eventually(Duration::from_secs(2), || {
+        let (http, reader) = (&http, &reader);
+        async move { get(http, reader, "/v1/projections/orders/rows/a1").await.1["status"] == "SHIPPED" }
+    })
+    .await;
+    assert!(shipped_seen, "the other process's L1 and the shared L2 were invalidated");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn reads_go_on_from_postgres_while_redis_is_down_and_caching_returns_after() {
+    let db = TestDb::new().await;
+    let mut redis = OwnRedis::start();
+    let stack = stack_with(StackConfig::local(&db.url, Some(&redis.url()), orders())).await;
+    live(&stack).await;
+    let http = client();
+    let token = place(&http, &stack, "r1", "cust-r", "1").await;
+    get(&http, &stack, &format!("/v1/projections/orders/rows/r1?token={token}")).await;
+    get(&http, &stack, "/v1/projections/orders/rows/r1").await;
+
+    redis.stop();
+    // L1 is dropped and bypassed once the subscription is lost.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let token = pay(&http, &stack, "r1").await;
+    get(&http, &stack, &format!("/v1/projections/orders/rows/r1?token={token}")).await;
+    for _ in 0..20 {
+        let (status, row, layer) = get(&http, &stack, "/v1/projections/orders/rows/r1").await;
+        assert_eq!(status, 200);
+        assert_eq!(row["status"], "PAID", "no stale read while invalidations cannot arrive");
+        assert_eq!(layer.as_deref(), Some("l3"));
+        let (status, page, _) = get(&http, &stack, "/v1/projections/orders/queries/by_customer?customer_id=cust-r").await;
+        assert_eq!(status, 200);
+        assert_eq!(page["items"].as_array().unwrap().len(), 1);
+    }
+    let metrics = stack.metrics.encode();
+    let errors: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("redis_errors_total "))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
+    assert!(errors > 0.0, "the outage is visible in the metrics");
+
+    redis.restart();
+    let cached_again = eventually(Duration::from_secs(10), || {
+        let (http, stack) = (&http, &stack);
+        async move { get(http, stack, "/v1/projections/orders/rows/r1").await.2.as_deref() == Some("l1") }
+    })
+    .await;
+    assert!(cached_again, "caching resumes when Redis is back");
+    let (_, row, _) = get(&http, &stack, "/v1/projections/orders/rows/r1").await;
+    assert_eq!(row["status"], "PAID");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_token_waits_for_the_projection_and_times_out_clearly() {
+    let db = TestDb::new().await;
+    let mut config = StackConfig::local(&db.url, Some(&redis_url()), orders());
+    config.query.consistency_timeout = Duration::from_millis(300);
+    let stack = stack_with(config).await;
+    let http = client();
+    for i in 0..20 {
+        let token = place(&http, &stack, &format!("t{i}"), "cust-t", "2").await;
+        let (status, row, _) = get(&http, &stack, &format!("/v1/projections/orders/rows/t{i}?token={token}")).await;
+        assert_eq!(status, 200, "read-your-writes sees the order at once");
+        assert_eq!(row["id"], format!("t{i}"));
+    }
+    let (status, body, _) = get(&http, &stack, "/v1/projections/orders/rows/t1?token=99999999999.1").await;
+    assert_eq!(status, 504);
+    assert_eq!(body["error"]["code"], "consistency_timeout");
+    let (status, body, _) = get(&http, &stack, "/v1/projections/orders/rows/t1?token=abc").await;
+    assert_eq!(status, 400);
+    assert_eq!(body["error"]["code"], "invalid_token");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn list_queries_page_with_an_opaque_cursor_and_enforce_their_declaration() {
+    let db = TestDb::new().await;
+    let stack = stack(&db).await;
+    let http = client();
+    let mut token = String::new();
+    for i in 0..25 {
+        token = place(&http, &stack, &format!("p{i:02}"), "cust-p", &format!("{i}.5")).await;
+    }
+    place(&http, &stack, "other", "cust-q", "1").await;
+    let base = "/v1/projections/orders/queries/by_customer?customer_id=cust-p";
+    let (status, _, _) = get(&http, &stack, &format!("{base}&limit=1&token={token}")).await;
+    assert_eq!(status, 200);
+
+    let mut seen = Vec::new();
+    let mut next: Option<String> = None;
+    let mut pages = 0;
+    loop {
+        let path = match &next {
+            Some(cursor) => format!("{base}&limit=10&after={cursor}"),
+            None => format!("{base}&limit=10"),
+        };
+        let (status, page, _) = get(&http, &stack, &path).await;
+        assert_eq!(status, 200, "{page}");
+        pages += 1;
+        for item in page["items"].as_array().unwrap() {
+            assert_eq!(item["customer_id"], "cust-p");
+            seen.push((item["created_at"].as_str().unwrap().to_string(), item["id"].as_str().unwrap().to_string()));
+        }
+        match page["next"].as_str() {
+            Some(cursor) => next = Some(cursor.to_string()),
+            None => break,
+        }
+    }
+    assert_eq!(pages, 3);
+    assert_eq!(seen.len(), 25);
+    let unique: HashSet<&String> = seen.iter().map(|(_, id)| id).collect();
+    assert_eq!(unique.len(), 25, "no row twice across pages");
+    let mut sorted = seen.clone();
+    sorted.sort_by(|a, b| b.cmp(a));
+    assert_eq!(seen, sorted, "newest first, as declared");
+
+    let bad: Vec<(String, u16, &str)> = vec![
+        (format!("{base}&limit=0"), 400, "invalid_limit"),
+        (format!("{base}&limit=501"), 400, "invalid_limit"),
+        (format!("{base}&after=not-a-cursor"), 400, "invalid_cursor"),
+        (format!("{base}&status=PAID"), 400, "unknown_parameter"),
+        ("/v1/projections/orders/queries/by_customer".into(), 400, "missing_filter"),
+        ("/v1/projections/orders/queries/everything".into(), 404, "query_not_found"),
+        ("/v1/projections/nope/queries/by_customer".into(), 404, "projection_not_found"),
+        ("/v1/projections/orders/rows/p01?color=red".into(), 400, "unknown_parameter"),
+        ("/v1/projections/orders/rows/missing".into(), 404, "row_not_found"),
+    ];
+    for (path, status, code) in bad {
+        let (got, body, _) = get(&http, &stack, &path).await;
+        assert_eq!(got, status, "{path}: {body}");
+        assert_eq!(body["error"]["code"], code, "{path}");
+    }
+    let (_, listing, _) = get(&http, &stack, "/v1/projections").await;
+    assert_eq!(listing["projections"], json!(["orders"]));
+    let _: Value = listing;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_misses_on_one_key_load_once() {
+    let db = TestDb::new().await;
+    let redis = OwnRedis::start();
+    let stack = stack_with(StackConfig::local(&db.url, Some(&redis.url()), orders())).await;
+    live(&stack).await;
+    let http = client();
+    let token = place(&http, &stack, "hot", "cust-h", "9").await;
+    get(&http, &stack, &format!("/v1/projections/orders/rows/other?token={token}")).await;
+    let reads = (0..40).map(|_| {
+        let http = http.clone();
+        let url = stack.url("/v1/projections/orders/rows/hot");
+        async move {
+            let response = http.get(url).send().await.unwrap();
+            response.headers()["eventplane-cache"].to_str().unwrap().to_string()
+        }
+    });
+    let layers = futures::future::join_all(reads).await;
+    let loads = layers.iter().filter(|l| l.as_str() != "l1").count();
+    assert_eq!(loads, 1, "one load, the rest waited for it: {layers:?}");
+}
