@@ -34,13 +34,22 @@ pub type ApiResult<T> = Result<T, ApiError>;
 
 impl ApiError {
     pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
-        Self::BadRequest { code, message: message.into() }
+        Self::BadRequest {
+            code,
+            message: message.into(),
+        }
     }
     pub fn unprocessable(code: &'static str, message: impl Into<String>) -> Self {
-        Self::Unprocessable { code, message: message.into() }
+        Self::Unprocessable {
+            code,
+            message: message.into(),
+        }
     }
     pub fn not_found(code: &'static str, message: impl Into<String>) -> Self {
-        Self::NotFound { code, message: message.into() }
+        Self::NotFound {
+            code,
+            message: message.into(),
+        }
     }
 
     pub fn status(&self) -> StatusCode {
@@ -135,7 +144,9 @@ impl From<crate::store::AppendError> for ApiError {
     fn from(err: crate::store::AppendError) -> Self {
         use crate::store::AppendError;
         match err {
-            AppendError::Conflict { expected, actual } => Self::VersionConflict { expected, actual },
+            AppendError::Conflict { expected, actual } => {
+                Self::VersionConflict { expected, actual }
+            }
             AppendError::IdempotencyMismatch(_) => Self::Unprocessable {
                 code: "idempotency_key_reused",
                 message: err.to_string(),
@@ -148,7 +159,10 @@ impl From<crate::store::group_commit::SubmitError> for ApiError {
     fn from(err: crate::store::group_commit::SubmitError) -> Self {
         use crate::store::group_commit::SubmitError;
         match err {
-            SubmitError::Overloaded => Self::Unavailable { code: "overloaded", message: err.to_string() },
+            SubmitError::Overloaded => Self::Unavailable {
+                code: "overloaded",
+                message: err.to_string(),
+            },
             SubmitError::Database(_) => Self::Internal(err.into()),
         }
     }
@@ -156,6 +170,9 @@ impl From<crate::store::group_commit::SubmitError> for ApiError {
 
 impl From<crate::store::model::InvalidInput> for ApiError {
     fn from(err: crate::store::model::InvalidInput) -> Self {
-        Self::Unprocessable { code: err.code, message: err.message }
+        Self::Unprocessable {
+            code: err.code,
+            message: err.message,
+        }
     }
 }

@@ -12,7 +12,11 @@ use crate::query::QueryConfig;
 use crate::store::GroupCommitConfig;
 
 #[derive(Parser, Debug)]
-#[command(name = "eventplane", version, about = "Kubernetes-native CQRS / event-sourcing runtime")]
+#[command(
+    name = "eventplane",
+    version,
+    about = "Kubernetes-native CQRS / event-sourcing runtime"
+)]
 pub struct Cli {
     /// Log as JSON lines instead of text.
     #[arg(long, env = "EVENTPLANE_LOG_JSON", global = true)]
@@ -38,7 +42,11 @@ pub enum Command {
 #[derive(Args, Debug, Clone)]
 pub struct DbArgs {
     /// Postgres URL of the primary (writes, projector).
-    #[arg(long, env = "DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:5432/postgres")]
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/postgres"
+    )]
     pub database_url: String,
     /// Connections in the primary pool.
     #[arg(long, env = "EVENTPLANE_DB_MAX_CONNECTIONS", default_value_t = 16)]
@@ -110,7 +118,10 @@ pub struct ProjectorArgs {
 
 impl ProjectorArgs {
     pub fn config(&self) -> ProjectorConfig {
-        ProjectorConfig { batch_size: self.batch_size.max(1), poll_interval: Duration::from_millis(self.poll_interval_ms.max(1)) }
+        ProjectorConfig {
+            batch_size: self.batch_size.max(1),
+            poll_interval: Duration::from_millis(self.poll_interval_ms.max(1)),
+        }
     }
 }
 
@@ -126,7 +137,11 @@ pub struct QueryArgs {
     #[arg(long, env = "EVENTPLANE_L1_CAPACITY_BYTES", default_value_t = 64 << 20)]
     pub l1_capacity_bytes: u64,
     /// Longest a read with `?token=` waits for the projection, in milliseconds (504 beyond).
-    #[arg(long, env = "EVENTPLANE_CONSISTENCY_TIMEOUT_MS", default_value_t = 5000)]
+    #[arg(
+        long,
+        env = "EVENTPLANE_CONSISTENCY_TIMEOUT_MS",
+        default_value_t = 5000
+    )]
     pub consistency_timeout_ms: u64,
 }
 

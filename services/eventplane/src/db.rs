@@ -17,7 +17,10 @@ pub async fn connect(url: &str, max_connections: u32, name: &str) -> anyhow::Res
     let options: PgConnectOptions = url
         .parse::<PgConnectOptions>()?
         .application_name(&format!("eventplane-{name}"))
-        .options([("idle_in_transaction_session_timeout", IDLE_IN_TRANSACTION_TIMEOUT)]);
+        .options([(
+            "idle_in_transaction_session_timeout",
+            IDLE_IN_TRANSACTION_TIMEOUT,
+        )]);
     let pool = PgPoolOptions::new()
         .max_connections(max_connections)
         .acquire_timeout(Duration::from_secs(5))
@@ -30,6 +33,8 @@ pub async fn connect(url: &str, max_connections: u32, name: &str) -> anyhow::Res
 /// event partitions exist.
 pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
     MIGRATOR.run(pool).await?;
-    sqlx::query("SELECT eventplane_ensure_event_partitions(1)").execute(pool).await?;
+    sqlx::query("SELECT eventplane_ensure_event_partitions(1)")
+        .execute(pool)
+        .await?;
     Ok(())
 }

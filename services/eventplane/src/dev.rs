@@ -19,7 +19,10 @@ pub const ORDERS_MANIFEST: &str = include_str!("../../spec/examples/orders.yaml"
 
 pub fn sample_projections() -> anyhow::Result<Vec<Arc<Projection>>> {
     let manifests = eventplane_spec::load_manifests(ORDERS_MANIFEST)?;
-    Ok(manifests.into_iter().map(|m| Arc::new(Projection::from_manifest(m))).collect())
+    Ok(manifests
+        .into_iter()
+        .map(|m| Arc::new(Projection::from_manifest(m)))
+        .collect())
 }
 
 pub async fn run(role: DevRole) -> anyhow::Result<()> {
@@ -76,7 +79,8 @@ struct Recorder {
 }
 
 fn record(slot: &mut Option<Histogram<u64>>, started: Instant) {
-    let h = slot.get_or_insert_with(|| Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid bounds"));
+    let h = slot
+        .get_or_insert_with(|| Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid bounds"));
     let _ = h.record(started.elapsed().as_micros().max(1) as u64);
 }
 
@@ -103,7 +107,13 @@ async fn demo(base: &str, orders: usize, clients: usize) -> anyhow::Result<Strin
     let started = Instant::now();
     let mut workers = Vec::new();
     for _ in 0..clients {
-        let (http, base, run, next, recorder) = (http.clone(), base.to_string(), run.clone(), next.clone(), recorder.clone());
+        let (http, base, run, next, recorder) = (
+            http.clone(),
+            base.to_string(),
+            run.clone(),
+            next.clone(),
+            recorder.clone(),
+        );
         workers.push(tokio::spawn(async move {
             loop {
                 let n = next.fetch_add(1, Ordering::Relaxed);
@@ -145,8 +155,18 @@ async fn demo(base: &str, orders: usize, clients: usize) -> anyhow::Result<Strin
     let elapsed = started.elapsed();
     // Let the projector drain, then read its status.
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let status: Value = http.get(format!("{base}/v1/projections/orders/status")).send().await?.json().await?;
-    let metrics = http.get(format!("{base}/metrics")).send().await?.text().await?;
+    let status: Value = http
+        .get(format!("{base}/v1/projections/orders/status"))
+        .send()
+        .await?
+        .json()
+        .await?;
+    let metrics = http
+        .get(format!("{base}/metrics"))
+        .send()
+        .await?
+        .text()
+        .await?;
     let hit_rates: Vec<String> = metrics
         .lines()
         .filter(|l| l.starts_with("cache_hit_rate{"))

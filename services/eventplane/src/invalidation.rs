@@ -41,7 +41,13 @@ pub fn row_key(projection: &str, epoch: u64, key: &str) -> String {
     format!("ep:{{{projection}}}:{epoch}:row:{key}")
 }
 
-pub fn list_key(projection: &str, epoch: u64, generation: u64, query: &str, params_digest: &str) -> String {
+pub fn list_key(
+    projection: &str,
+    epoch: u64,
+    generation: u64,
+    query: &str,
+    params_digest: &str,
+) -> String {
     format!("ep:{{{projection}}}:{epoch}:list:{generation}:{query}:{params_digest}")
 }
 
@@ -85,7 +91,10 @@ impl Invalidator {
             epoch: Mutex::new(None),
             // A new projector cannot know what a previous one failed to
             // deliver: start by orphaning the projection's L2 keys.
-            pending: Mutex::new(Pending { keys: BTreeSet::new(), overflowed: true }),
+            pending: Mutex::new(Pending {
+                keys: BTreeSet::new(),
+                overflowed: true,
+            }),
             metrics,
         }
     }
@@ -115,7 +124,10 @@ impl Invalidator {
             let next: u64 = if pending.overflowed {
                 redis.incr(epoch_key(&self.projection), 1).await?
             } else {
-                redis.get::<_, Option<u64>>(epoch_key(&self.projection)).await?.unwrap_or(0)
+                redis
+                    .get::<_, Option<u64>>(epoch_key(&self.projection))
+                    .await?
+                    .unwrap_or(0)
             };
             *epoch = Some(next);
         }
@@ -128,7 +140,12 @@ impl Invalidator {
         }
         pipe.incr(generation_key(&self.projection), 1);
         let (generation,): (u64,) = pipe.query_async(&mut redis).await?;
-        let message = Message { projection: self.projection.clone(), epoch, generation, keys };
+        let message = Message {
+            projection: self.projection.clone(),
+            epoch,
+            generation,
+            keys,
+        };
         let payload = serde_json::to_string(&message).expect("messages serialize");
         redis.publish::<_, _, ()>(CHANNEL, payload).await?;
         Ok(())

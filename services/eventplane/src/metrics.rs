@@ -116,44 +116,116 @@ impl Metrics {
             jobs_processed: Counter::default(),
             registry: Registry::default(),
         };
-        registry.register("command_latency", "Command handling latency in seconds", m.command_latency.clone());
-        registry.register("commands", "Commands handled, by type", m.commands_total.clone());
-        registry.register("command_batch_size", "Appends committed per group-commit transaction", m.command_batch_size.clone());
-        registry.register("query_latency", "Query latency in seconds", m.query_latency.clone());
-        registry.register("cache_hit_rate", "Share of lookups answered by each cache layer", m.cache_hit_rate.clone());
-        registry.register("redis_errors", "Redis operations that failed (the read path fell back)", m.redis_errors.clone());
-        registry.register("projection_lag_seconds", "Age of the newest event not yet applied", m.projection_lag_seconds.clone());
-        registry.register("projection_lag_events", "Events committed but not yet applied", m.projection_lag_events.clone());
-        registry.register("projection_batch_size", "Events per projector batch", m.projection_batch_size.clone());
-        registry.register("projection_events_applied", "Events applied to projections", m.projection_applied.clone());
-        registry.register("projection_dead_letters", "Events sent to the dead-letter table", m.projection_dead_letters.clone());
-        registry.register("event_horizon_age_seconds", "Age of the oldest running transaction holding back the tail horizon", m.horizon_age_seconds.clone());
-        registry.register("db_pool_connections", "Database pool connections by state", m.pool_connections.clone());
-        registry.register("command_jobs_processed", "Async command jobs finished", m.jobs_processed.clone());
+        registry.register(
+            "command_latency",
+            "Command handling latency in seconds",
+            m.command_latency.clone(),
+        );
+        registry.register(
+            "commands",
+            "Commands handled, by type",
+            m.commands_total.clone(),
+        );
+        registry.register(
+            "command_batch_size",
+            "Appends committed per group-commit transaction",
+            m.command_batch_size.clone(),
+        );
+        registry.register(
+            "query_latency",
+            "Query latency in seconds",
+            m.query_latency.clone(),
+        );
+        registry.register(
+            "cache_hit_rate",
+            "Share of lookups answered by each cache layer",
+            m.cache_hit_rate.clone(),
+        );
+        registry.register(
+            "redis_errors",
+            "Redis operations that failed (the read path fell back)",
+            m.redis_errors.clone(),
+        );
+        registry.register(
+            "projection_lag_seconds",
+            "Age of the newest event not yet applied",
+            m.projection_lag_seconds.clone(),
+        );
+        registry.register(
+            "projection_lag_events",
+            "Events committed but not yet applied",
+            m.projection_lag_events.clone(),
+        );
+        registry.register(
+            "projection_batch_size",
+            "Events per projector batch",
+            m.projection_batch_size.clone(),
+        );
+        registry.register(
+            "projection_events_applied",
+            "Events applied to projections",
+            m.projection_applied.clone(),
+        );
+        registry.register(
+            "projection_dead_letters",
+            "Events sent to the dead-letter table",
+            m.projection_dead_letters.clone(),
+        );
+        registry.register(
+            "event_horizon_age_seconds",
+            "Age of the oldest running transaction holding back the tail horizon",
+            m.horizon_age_seconds.clone(),
+        );
+        registry.register(
+            "db_pool_connections",
+            "Database pool connections by state",
+            m.pool_connections.clone(),
+        );
+        registry.register(
+            "command_jobs_processed",
+            "Async command jobs finished",
+            m.jobs_processed.clone(),
+        );
         Arc::new(Metrics { registry, ..m })
     }
 
     pub fn observe_command(&self, command_type: &str, seconds: f64) {
-        let labels = CommandLabels { command_type: command_type.to_string() };
+        let labels = CommandLabels {
+            command_type: command_type.to_string(),
+        };
         self.command_latency.get_or_create(&labels).observe(seconds);
         self.commands_total.get_or_create(&labels).inc();
     }
 
     pub fn observe_query(&self, query_type: &str, seconds: f64) {
-        let labels = QueryLabels { query_type: query_type.to_string() };
+        let labels = QueryLabels {
+            query_type: query_type.to_string(),
+        };
         self.query_latency.get_or_create(&labels).observe(seconds);
     }
 
     pub fn record_pool(&self, name: &'static str, pool: &sqlx::PgPool) {
         let idle = pool.num_idle() as i64;
         let size = pool.size() as i64;
-        self.pool_connections.get_or_create(&PoolLabels { pool: name, state: "idle" }).set(idle);
-        self.pool_connections.get_or_create(&PoolLabels { pool: name, state: "busy" }).set(size - idle);
+        self.pool_connections
+            .get_or_create(&PoolLabels {
+                pool: name,
+                state: "idle",
+            })
+            .set(idle);
+        self.pool_connections
+            .get_or_create(&PoolLabels {
+                pool: name,
+                state: "busy",
+            })
+            .set(size - idle);
     }
 
     pub fn encode(&self) -> String {
         for (layer, counts) in CACHE_LAYERS.iter().zip(&self.cache_counts) {
-            self.cache_hit_rate.get_or_create(&CacheLabels { cache_layer: layer }).set(counts.rate());
+            self.cache_hit_rate
+                .get_or_create(&CacheLabels { cache_layer: layer })
+                .set(counts.rate());
         }
         let mut out = String::new();
         // Encoding into a String cannot fail.
@@ -163,5 +235,11 @@ impl Metrics {
 }
 
 pub async fn metrics_handler(State(metrics): State<Arc<Metrics>>) -> impl IntoResponse {
-    ([(CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], metrics.encode())
+    (
+        [(
+            CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        metrics.encode(),
+    )
 }

@@ -17,7 +17,11 @@ pub struct Projection {
 impl Projection {
     pub fn from_manifest(manifest: ProjectionManifest) -> Self {
         let table = manifest.spec.table.clone();
-        Projection { name: manifest.metadata.name, spec: manifest.spec, table }
+        Projection {
+            name: manifest.metadata.name,
+            spec: manifest.spec,
+            table,
+        }
     }
 }
 
@@ -38,12 +42,18 @@ pub fn load(path: &Path) -> anyhow::Result<Vec<Arc<Projection>>> {
     }
     let mut projections: Vec<Arc<Projection>> = Vec::new();
     for file in files {
-        let text = std::fs::read_to_string(&file).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
-        let manifests = load_manifests(&text).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+        let text = std::fs::read_to_string(&file)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+        let manifests =
+            load_manifests(&text).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
         for manifest in manifests {
             let projection = Projection::from_manifest(manifest);
             if projections.iter().any(|p| p.name == projection.name) {
-                anyhow::bail!("{}: projection {:?} is declared twice", file.display(), projection.name);
+                anyhow::bail!(
+                    "{}: projection {:?} is declared twice",
+                    file.display(),
+                    projection.name
+                );
             }
             projections.push(Arc::new(projection));
         }

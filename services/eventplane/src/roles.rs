@@ -20,13 +20,29 @@ fn base(db: &DbArgs, listen: std::net::SocketAddr, roles: Roles) -> StackConfig 
 }
 
 pub async fn command(role: CommandRole) -> anyhow::Result<()> {
-    let mut config = base(&role.db, role.listen.listen, Roles { command: true, projector: false, query: false });
+    let mut config = base(
+        &role.db,
+        role.listen.listen,
+        Roles {
+            command: true,
+            projector: false,
+            query: false,
+        },
+    );
     config.command = role.command;
     serve(config).await
 }
 
 pub async fn projector(role: ProjectorRole) -> anyhow::Result<()> {
-    let mut config = base(&role.db, role.listen.listen, Roles { command: false, projector: true, query: false });
+    let mut config = base(
+        &role.db,
+        role.listen.listen,
+        Roles {
+            command: false,
+            projector: true,
+            query: false,
+        },
+    );
     config.redis_url = role.redis.redis_url;
     config.projections = crate::projections::load(&role.projections.projections)?;
     config.projector = role.projector.config();
@@ -34,7 +50,15 @@ pub async fn projector(role: ProjectorRole) -> anyhow::Result<()> {
 }
 
 pub async fn query(role: QueryRole) -> anyhow::Result<()> {
-    let mut config = base(&role.db, role.listen.listen, Roles { command: false, projector: false, query: true });
+    let mut config = base(
+        &role.db,
+        role.listen.listen,
+        Roles {
+            command: false,
+            projector: false,
+            query: true,
+        },
+    );
     config.redis_url = role.redis.redis_url;
     config.projections = crate::projections::load(&role.projections.projections)?;
     config.read_database_url = role.query.read_database_url.clone();
@@ -54,7 +78,8 @@ pub async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("signal handler");
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("signal handler");
         tokio::select! {
             _ = ctrl_c => {},
             _ = term.recv() => {},
@@ -63,4 +88,3 @@ pub async fn shutdown_signal() {
     #[cfg(not(unix))]
     let _ = ctrl_c.await;
 }
-

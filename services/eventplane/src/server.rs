@@ -28,7 +28,11 @@ pub struct Roles {
 }
 
 impl Roles {
-    pub const ALL: Roles = Roles { command: true, projector: true, query: true };
+    pub const ALL: Roles = Roles {
+        command: true,
+        projector: true,
+        query: true,
+    };
 }
 
 #[derive(Clone, Debug)]
@@ -48,7 +52,11 @@ pub struct StackConfig {
 
 impl StackConfig {
     /// Every role, default tuning, on an ephemeral loopback port.
-    pub fn local(database_url: &str, redis_url: Option<&str>, projections: Vec<Arc<Projection>>) -> Self {
+    pub fn local(
+        database_url: &str,
+        redis_url: Option<&str>,
+        projections: Vec<Arc<Projection>>,
+    ) -> Self {
         StackConfig {
             database_url: database_url.to_string(),
             read_database_url: None,
@@ -91,7 +99,8 @@ impl Drop for Stack {
 
 impl Stack {
     pub async fn start(config: StackConfig) -> anyhow::Result<Stack> {
-        let pool = crate::db::connect(&config.database_url, config.db_max_connections, "primary").await?;
+        let pool =
+            crate::db::connect(&config.database_url, config.db_max_connections, "primary").await?;
         crate::db::migrate(&pool).await?;
         let metrics = Metrics::new();
         let mut tasks = Vec::new();
@@ -111,10 +120,19 @@ impl Stack {
         };
 
         if config.roles.command {
-            let (appender, committers) = Appender::start(pool.clone(), config.command.group_commit(), metrics.clone());
+            let (appender, committers) =
+                Appender::start(pool.clone(), config.command.group_commit(), metrics.clone());
             tasks.extend(committers);
-            tasks.extend(jobs::start_workers(pool.clone(), config.command.job_workers, metrics.clone()));
-            let state = CommandState { pool: pool.clone(), appender, metrics: metrics.clone() };
+            tasks.extend(jobs::start_workers(
+                pool.clone(),
+                config.command.job_workers,
+                metrics.clone(),
+            ));
+            let state = CommandState {
+                pool: pool.clone(),
+                appender,
+                metrics: metrics.clone(),
+            };
             app = app.merge(command::router(state, config.command.max_body_bytes));
         }
         if config.roles.projector {
@@ -134,7 +152,13 @@ impl Stack {
                 Some(url) => crate::db::connect(url, config.read_max_connections, "read").await?,
                 None => pool.clone(),
             };
-            let service = QueryService::new(&config.projections, read_pool, redis.clone(), metrics.clone(), config.query.clone());
+            let service = QueryService::new(
+                &config.projections,
+                read_pool,
+                redis.clone(),
+                metrics.clone(),
+                config.query.clone(),
+            );
             subscription = service.subscription.clone();
             app = app.merge(query::router(service));
         }
@@ -147,7 +171,13 @@ impl Stack {
             }
         }));
         tracing::info!(%addr, roles = ?config.roles, "eventplane serving");
-        Ok(Stack { addr, pool, metrics, tasks, subscription })
+        Ok(Stack {
+            addr,
+            pool,
+            metrics,
+            tasks,
+            subscription,
+        })
     }
 
     pub fn url(&self, path: &str) -> String {

@@ -39,7 +39,10 @@ mod tests {
 
     #[test]
     fn token_round_trips() {
-        let t = Token { tx_id: 812, position: 77 };
+        let t = Token {
+            tx_id: 812,
+            position: 77,
+        };
         assert_eq!(t.to_string().parse::<Token>(), Ok(t));
     }
 
@@ -52,8 +55,14 @@ mod tests {
 
     #[test]
     fn tokens_order_by_transaction_then_position() {
-        let a = Token { tx_id: 5, position: 900 };
-        let b = Token { tx_id: 6, position: 1 };
+        let a = Token {
+            tx_id: 5,
+            position: 900,
+        };
+        let b = Token {
+            tx_id: 6,
+            position: 1,
+        };
         assert!(a < b);
     }
 }

@@ -15,7 +15,14 @@ async fn fifty_concurrent_appends_with_one_expected_version_yield_one_winner() {
     let db = TestDb::new().await;
     let stack = stack(&db).await;
     let http = client();
-    let (status, _) = append(&http, &stack, "race-1", json!("no_stream"), vec![placed("race-1", "c", "1")]).await;
+    let (status, _) = append(
+        &http,
+        &stack,
+        "race-1",
+        json!("no_stream"),
+        vec![placed("race-1", "c", "1")],
+    )
+    .await;
     assert_eq!(status, 201);
 
     let attempts = (0..50).map(|i| {
@@ -29,20 +36,33 @@ async fn fifty_concurrent_appends_with_one_expected_version_yield_one_winner() {
         }
     });
     let results = futures::future::join_all(attempts).await;
-    let created: Vec<&Value> = results.iter().filter(|(s, _)| *s == 201).map(|(_, b)| b).collect();
-    let conflicts: Vec<&Value> = results.iter().filter(|(s, _)| *s == 409).map(|(_, b)| b).collect();
+    let created: Vec<&Value> = results
+        .iter()
+        .filter(|(s, _)| *s == 201)
+        .map(|(_, b)| b)
+        .collect();
+    let conflicts: Vec<&Value> = results
+        .iter()
+        .filter(|(s, _)| *s == 409)
+        .map(|(_, b)| b)
+        .collect();
     assert_eq!(created.len(), 1, "exactly one append wins: {results:?}");
     assert_eq!(conflicts.len(), 49);
     assert_eq!(created[0]["version"], 2);
     for body in conflicts {
         assert_eq!(body["error"]["code"], "version_conflict");
-        assert_eq!(body["error"]["actualVersion"], 2, "a loser sees the winner's version");
+        assert_eq!(
+            body["error"]["actualVersion"], 2,
+            "a loser sees the winner's version"
+        );
     }
     let pool = db.pool().await;
-    let versions: Vec<i64> = sqlx::query_scalar("SELECT stream_version FROM events WHERE stream_id = 'race-1' ORDER BY 1")
-        .fetch_all(&pool)
-        .await
-        .unwrap();
+    let versions: Vec<i64> = sqlx::query_scalar(
+        "SELECT stream_version FROM events WHERE stream_id = 'race-1' ORDER BY 1",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
     assert_eq!(versions, vec![1, 2], "no duplicate versions");
 }
 
@@ -56,7 +76,14 @@ async fn conflicting_appends_do_not_fail_clean_neighbours_in_a_batch() {
     let stack = stack_with(config).await;
     let http = client();
     for i in 0..10 {
-        let (status, _) = append(&http, &stack, &format!("pre-{i}"), json!("no_stream"), vec![placed("x", "c", "1")]).await;
+        let (status, _) = append(
+            &http,
+            &stack,
+            &format!("pre-{i}"),
+            json!("no_stream"),
+            vec![placed("x", "c", "1")],
+        )
+        .await;
         assert_eq!(status, 201);
     }
     // Even streams: a stale expected version (conflict); odd: correct.
@@ -65,8 +92,15 @@ async fn conflicting_appends_do_not_fail_clean_neighbours_in_a_batch() {
         let url = stack.url(&format!("/v1/streams/pre-{i}/events"));
         let expected = if i % 2 == 0 { 7 } else { 1 };
         async move {
-            let body = json!({"expectedVersion": expected, "events": [{"type": "Noted", "data": {}}]});
-            http.post(url).json(&body).send().await.unwrap().status().as_u16()
+            let body =
+                json!({"expectedVersion": expected, "events": [{"type": "Noted", "data": {}}]});
+            http.post(url)
+                .json(&body)
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
         }
     });
     let statuses = futures::future::join_all(requests).await;
@@ -75,13 +109,26 @@ async fn conflicting_appends_do_not_fail_clean_neighbours_in_a_batch() {
         assert_eq!(*status, want, "stream pre-{i}");
     }
     let pool = db.pool().await;
-    assert_eq!(count(&pool, "SELECT count(*) FROM events WHERE event_type = 'Noted'").await, 5);
+    assert_eq!(
+        count(
+            &pool,
+            "SELECT count(*) FROM events WHERE event_type = 'Noted'"
+        )
+        .await,
+        5
+    );
     // The ten requests really shared transactions.
     let text = stack.metrics.encode();
     let metric = |name: &str| -> f64 {
-        text.lines().find_map(|l| l.strip_prefix(name)).and_then(|v| v.trim().parse().ok()).unwrap()
+        text.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap()
     };
-    let (appends, batches) = (metric("command_batch_size_sum "), metric("command_batch_size_count "));
+    let (appends, batches) = (
+        metric("command_batch_size_sum "),
+        metric("command_batch_size_count "),
+    );
     assert!(appends > batches, "{appends} appends in {batches} batches");
 }
 
@@ -90,14 +137,25 @@ async fn appended_events_get_versions_positions_and_a_token_in_order() {
     let db = TestDb::new().await;
     let stack = stack(&db).await;
     let http = client();
-    let events = vec![placed("o-1", "c", "5"), json!({"type": "OrderPaid", "data": {"orderId": "o-1"}})];
+    let events = vec![
+        placed("o-1", "c", "5"),
+        json!({"type": "OrderPaid", "data": {"orderId": "o-1"}}),
+    ];
     let (status, body) = append(&http, &stack, "order-o-1", json!("no_stream"), events).await;
     assert_eq!(status, 201);
     assert_eq!(body["version"], 2);
     let positions: Vec<i64> = serde_json::from_value(body["positions"].clone()).unwrap();
     assert_eq!(positions.len(), 2);
-    assert!(positions[0] < positions[1], "positions follow version order");
-    assert!(body["token"].as_str().unwrap().ends_with(&format!(".{}", positions[1])));
+    assert!(
+        positions[0] < positions[1],
+        "positions follow version order"
+    );
+    assert!(
+        body["token"]
+            .as_str()
+            .unwrap()
+            .ends_with(&format!(".{}", positions[1]))
+    );
 
     let (status, page, _) = get(&http, &stack, "/v1/streams/order-o-1?limit=1").await;
     assert_eq!(status, 200);
@@ -122,8 +180,17 @@ async fn an_idempotency_key_replays_the_first_result_and_writes_nothing() {
         let http = http.clone();
         let url = stack.url("/v1/streams/idem-1/events");
         async move {
-            let response = http.post(url).header("Idempotency-Key", key).json(&body).send().await.unwrap();
-            (response.status().as_u16(), response.json::<Value>().await.unwrap())
+            let response = http
+                .post(url)
+                .header("Idempotency-Key", key)
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            (
+                response.status().as_u16(),
+                response.json::<Value>().await.unwrap(),
+            )
         }
     };
     let (s1, first) = send(body.clone(), "key-1").await;
@@ -139,7 +206,14 @@ async fn an_idempotency_key_replays_the_first_result_and_writes_nothing() {
     assert_eq!(status, 422);
     assert_eq!(error["error"]["code"], "idempotency_key_reused");
     let pool = db.pool().await;
-    assert_eq!(count(&pool, "SELECT count(*) FROM events WHERE stream_id = 'idem-1'").await, 1);
+    assert_eq!(
+        count(
+            &pool,
+            "SELECT count(*) FROM events WHERE stream_id = 'idem-1'"
+        )
+        .await,
+        1
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -164,11 +238,25 @@ async fn bad_input_gets_a_clear_error_and_writes_nothing() {
         ("body over the limit", url("s-1"), json!({"expectedVersion": "any", "events": [{"type": "A", "data": {"pad": big}}]}).to_string(), 413, "payload_too_large"),
     ];
     for (name, url, body, status, code) in cases {
-        let response = http.post(url).header("content-type", "application/json").body(body).send().await.unwrap();
+        let response = http
+            .post(url)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
         assert_eq!(response.status().as_u16(), status, "{name}");
-        let error: Value = response.json().await.unwrap_or_else(|e| panic!("{name}: body is not JSON: {e}"));
+        let error: Value = response
+            .json()
+            .await
+            .unwrap_or_else(|e| panic!("{name}: body is not JSON: {e}"));
         assert_eq!(error["error"]["code"], code, "{name}: {error}");
-        assert!(error["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "{name}");
+        assert!(
+            error["error"]["message"]
+                .as_str()
+                .is_some_and(|m| !m.is_empty()),
+            "{name}"
+        );
     }
     let response = http.post(url("s-1")).body("{}").send().await.unwrap();
     assert_eq!(response.status().as_u16(), 422, "missing content type");
@@ -194,7 +282,10 @@ async fn async_jobs_survive_a_restart_and_run_in_priority_order() {
     let stack = stack_with(config.clone()).await;
     let http = client();
     let mut jobs = Vec::new();
-    for (i, priority) in ["low", "normal", "high", "low", "high", "normal"].iter().enumerate() {
+    for (i, priority) in ["low", "normal", "high", "low", "high", "normal"]
+        .iter()
+        .enumerate()
+    {
         let response = http
             .post(stack.url(&format!("/v1/streams/job-{i}/events")))
             .header("Prefer", "respond-async")
@@ -206,7 +297,10 @@ async fn async_jobs_survive_a_restart_and_run_in_priority_order() {
         assert_eq!(response.status().as_u16(), 202);
         let location = response.headers()["location"].to_str().unwrap().to_string();
         let body: Value = response.json().await.unwrap();
-        assert_eq!(location, format!("/v1/jobs/{}", body["jobId"].as_str().unwrap()));
+        assert_eq!(
+            location,
+            format!("/v1/jobs/{}", body["jobId"].as_str().unwrap())
+        );
         assert_eq!(body["status"], "pending");
         jobs.push((priority.to_string(), location));
     }
@@ -233,10 +327,11 @@ async fn async_jobs_survive_a_restart_and_run_in_priority_order() {
     let (_, done, _) = get(&http, &stack, &jobs[2].1).await;
     assert_eq!(done["result"]["version"], 1);
     let pool = db.pool().await;
-    let order: Vec<i16> = sqlx::query_scalar("SELECT priority FROM command_jobs ORDER BY finished_at")
-        .fetch_all(&pool)
-        .await
-        .unwrap();
+    let order: Vec<i16> =
+        sqlx::query_scalar("SELECT priority FROM command_jobs ORDER BY finished_at")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
     assert_eq!(order, vec![0, 0, 1, 1, 2, 2], "high, then normal, then low");
     assert_eq!(count(&pool, "SELECT count(*) FROM events").await, 6);
     let (status, _, _) = get(&http, &stack, "/v1/jobs/not-a-uuid").await;
@@ -250,7 +345,14 @@ async fn a_failing_async_job_reports_its_error() {
     let db = TestDb::new().await;
     let stack = stack(&db).await;
     let http = client();
-    let (status, _) = append(&http, &stack, "jf-1", json!("no_stream"), vec![placed("jf", "c", "1")]).await;
+    let (status, _) = append(
+        &http,
+        &stack,
+        "jf-1",
+        json!("no_stream"),
+        vec![placed("jf", "c", "1")],
+    )
+    .await;
     assert_eq!(status, 201);
     let response = http
         .post(stack.url("/v1/streams/jf-1/events"))
@@ -269,6 +371,11 @@ async fn a_failing_async_job_reports_its_error() {
     assert!(failed);
     let (_, job, _) = get(&http, &stack, &location).await;
     assert_eq!(job["error"]["error"]["code"], "version_conflict");
-    let streams: HashSet<String> = sqlx::query_scalar("SELECT stream_id FROM events").fetch_all(&db.pool().await).await.unwrap().into_iter().collect();
+    let streams: HashSet<String> = sqlx::query_scalar("SELECT stream_id FROM events")
+        .fetch_all(&db.pool().await)
+        .await
+        .unwrap()
+        .into_iter()
+        .collect();
     assert_eq!(streams.len(), 1);
 }

@@ -20,7 +20,11 @@ struct OwnRedis {
 
 impl OwnRedis {
     fn start() -> OwnRedis {
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
         let mut redis = OwnRedis { port, child: None };
         redis.restart();
         redis
@@ -28,14 +32,26 @@ impl OwnRedis {
 
     fn restart(&mut self) {
         let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
             .stdout(Stdio::null())
             .spawn()
             .expect("redis-server is installed");
         self.child = Some(child);
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
         while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(std::time::Instant::now() < deadline, "redis-server did not start");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "redis-server did not start"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -58,15 +74,35 @@ impl Drop for OwnRedis {
     }
 }
 
-async fn place(http: &reqwest::Client, stack: &Stack, order: &str, customer: &str, total: &str) -> String {
-    let (status, body) = append(http, stack, &format!("order-{order}"), json!("any"), vec![placed(order, customer, total)]).await;
+async fn place(
+    http: &reqwest::Client,
+    stack: &Stack,
+    order: &str,
+    customer: &str,
+    total: &str,
+) -> String {
+    let (status, body) = append(
+        http,
+        stack,
+        &format!("order-{order}"),
+        json!("any"),
+        vec![placed(order, customer, total)],
+    )
+    .await;
     assert_eq!(status, 201, "{body}");
     body["token"].as_str().unwrap().to_string()
 }
 
 async fn pay(http: &reqwest::Client, stack: &Stack, order: &str) -> String {
     let event = json!({"type": "OrderPaid", "data": {"orderId": order}});
-    let (status, body) = append(http, stack, &format!("order-{order}"), json!("any"), vec![event]).await;
+    let (status, body) = append(
+        http,
+        stack,
+        &format!("order-{order}"),
+        json!("any"),
+        vec![event],
+    )
+    .await;
     assert_eq!(status, 201);
     body["token"].as_str().unwrap().to_string()
 }
@@ -78,7 +114,14 @@ async fn live(stack: &Stack) {
         eventually(Duration::from_secs(5), || {
             let http = &http;
             async move {
-                let text = http.get(stack.url("/metrics")).send().await.unwrap().text().await.unwrap();
+                let text = http
+                    .get(stack.url("/metrics"))
+                    .send()
+                    .await
+                    .unwrap()
+                    .text()
+                    .await
+                    .unwrap();
                 text.contains("cache_hit_rate")
             }
         })
@@ -96,11 +139,20 @@ async fn a_write_invalidates_the_row_and_its_lists_in_l1_and_l2() {
     let http = client();
     let token = place(&http, &stack, "a1", "cust-a", "10").await;
 
-    let (status, row, layer) = get(&http, &stack, &format!("/v1/projections/orders/rows/a1?token={token}")).await;
+    let (status, row, layer) = get(
+        &http,
+        &stack,
+        &format!("/v1/projections/orders/rows/a1?token={token}"),
+    )
+    .await;
     assert_eq!((status, layer.as_deref()), (200, Some("l3")));
     assert_eq!(row["status"], "PENDING");
     let (_, _, layer) = get(&http, &stack, "/v1/projections/orders/rows/a1").await;
-    assert_eq!(layer.as_deref(), Some("l3"), "first cached read loads from Postgres");
+    assert_eq!(
+        layer.as_deref(),
+        Some("l3"),
+        "first cached read loads from Postgres"
+    );
     let (_, _, layer) = get(&http, &stack, "/v1/projections/orders/rows/a1").await;
     assert_eq!(layer.as_deref(), Some("l1"));
     let list = "/v1/projections/orders/queries/by_customer?customer_id=cust-a";
@@ -110,7 +162,12 @@ async fn a_write_invalidates_the_row_and_its_lists_in_l1_and_l2() {
     assert_eq!(layer.as_deref(), Some("l1"));
 
     let token = pay(&http, &stack, "a1").await;
-    let (_, row, _) = get(&http, &stack, &format!("/v1/projections/orders/rows/a1?token={token}")).await;
+    let (_, row, _) = get(
+        &http,
+        &stack,
+        &format!("/v1/projections/orders/rows/a1?token={token}"),
+    )
+    .await;
     assert_eq!(row["status"], "PAID");
     // Without a token the caches must not serve the old row for long: the
     // invalidation follows the projector's commit.
@@ -129,7 +186,11 @@ async fn a_write_invalidates_the_row_and_its_lists_in_l1_and_l2() {
     // L2 alone: a second query process with its own empty L1 gets the new
     // row from Redis, never the old one.
     let mut second = StackConfig::local(&db.url, Some(&redis.url()), orders());
-    second.roles = eventplane::server::Roles { command: false, projector: false, query: true };
+    second.roles = eventplane::server::Roles {
+        command: false,
+        projector: false,
+        query: true,
+    };
     let reader = stack_with(second).await;
     live(&reader).await;
     let (_, row, layer) = get(&http, &reader, "/v1/projections/orders/rows/a1").await;
@@ -139,13 +200,24 @@ async fn a_write_invalidates_the_row_and_its_lists_in_l1_and_l2() {
     let shipped = json!({"type": "OrderShipped", "data": {"orderId": "a1"}});
     let (_, body) = append(&http, &stack, "order-a1", json!("any"), vec![shipped]).await;
     let token = body["token"].as_str().unwrap();
-    get(&http, &stack, &format!("/v1/projections/orders/rows/a1?token={token}")).await;
-    let shipped_seen = eventually(Duration::from_secs(2), || {
-        let (http, reader) = (&http, &reader);
-        async move { get(http, reader, "/v1/projections/orders/rows/a1").await.1["status"] == "SHIPPED" }
-    })
+    get(
+        &http,
+        &stack,
+        &format!("/v1/projections/orders/rows/a1?token={token}"),
+    )
     .await;
-    assert!(shipped_seen, "the other process's L1 and the shared L2 were invalidated");
+    let shipped_seen =
+        eventually(Duration::from_secs(2), || {
+            let (http, reader) = (&http, &reader);
+            async move {
+                get(http, reader, "/v1/projections/orders/rows/a1").await.1["status"] == "SHIPPED"
+            }
+        })
+        .await;
+    assert!(
+        shipped_seen,
+        "the other process's L1 and the shared L2 were invalidated"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -156,20 +228,38 @@ async fn reads_go_on_from_postgres_while_redis_is_down_and_caching_returns_after
     live(&stack).await;
     let http = client();
     let token = place(&http, &stack, "r1", "cust-r", "1").await;
-    get(&http, &stack, &format!("/v1/projections/orders/rows/r1?token={token}")).await;
+    get(
+        &http,
+        &stack,
+        &format!("/v1/projections/orders/rows/r1?token={token}"),
+    )
+    .await;
     get(&http, &stack, "/v1/projections/orders/rows/r1").await;
 
     redis.stop();
     // L1 is dropped and bypassed once the subscription is lost.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let token = pay(&http, &stack, "r1").await;
-    get(&http, &stack, &format!("/v1/projections/orders/rows/r1?token={token}")).await;
+    get(
+        &http,
+        &stack,
+        &format!("/v1/projections/orders/rows/r1?token={token}"),
+    )
+    .await;
     for _ in 0..20 {
         let (status, row, layer) = get(&http, &stack, "/v1/projections/orders/rows/r1").await;
         assert_eq!(status, 200);
-        assert_eq!(row["status"], "PAID", "no stale read while invalidations cannot arrive");
+        assert_eq!(
+            row["status"], "PAID",
+            "no stale read while invalidations cannot arrive"
+        );
         assert_eq!(layer.as_deref(), Some("l3"));
-        let (status, page, _) = get(&http, &stack, "/v1/projections/orders/queries/by_customer?customer_id=cust-r").await;
+        let (status, page, _) = get(
+            &http,
+            &stack,
+            "/v1/projections/orders/queries/by_customer?customer_id=cust-r",
+        )
+        .await;
         assert_eq!(status, 200);
         assert_eq!(page["items"].as_array().unwrap().len(), 1);
     }
@@ -184,7 +274,13 @@ async fn reads_go_on_from_postgres_while_redis_is_down_and_caching_returns_after
     redis.restart();
     let cached_again = eventually(Duration::from_secs(10), || {
         let (http, stack) = (&http, &stack);
-        async move { get(http, stack, "/v1/projections/orders/rows/r1").await.2.as_deref() == Some("l1") }
+        async move {
+            get(http, stack, "/v1/projections/orders/rows/r1")
+                .await
+                .2
+                .as_deref()
+                == Some("l1")
+        }
     })
     .await;
     assert!(cached_again, "caching resumes when Redis is back");
@@ -201,11 +297,21 @@ async fn a_token_waits_for_the_projection_and_times_out_clearly() {
     let http = client();
     for i in 0..20 {
         let token = place(&http, &stack, &format!("t{i}"), "cust-t", "2").await;
-        let (status, row, _) = get(&http, &stack, &format!("/v1/projections/orders/rows/t{i}?token={token}")).await;
+        let (status, row, _) = get(
+            &http,
+            &stack,
+            &format!("/v1/projections/orders/rows/t{i}?token={token}"),
+        )
+        .await;
         assert_eq!(status, 200, "read-your-writes sees the order at once");
         assert_eq!(row["id"], format!("t{i}"));
     }
-    let (status, body, _) = get(&http, &stack, "/v1/projections/orders/rows/t1?token=99999999999.1").await;
+    let (status, body, _) = get(
+        &http,
+        &stack,
+        "/v1/projections/orders/rows/t1?token=99999999999.1",
+    )
+    .await;
     assert_eq!(status, 504);
     assert_eq!(body["error"]["code"], "consistency_timeout");
     let (status, body, _) = get(&http, &stack, "/v1/projections/orders/rows/t1?token=abc").await;
@@ -220,7 +326,14 @@ async fn list_queries_page_with_an_opaque_cursor_and_enforce_their_declaration()
     let http = client();
     let mut token = String::new();
     for i in 0..25 {
-        token = place(&http, &stack, &format!("p{i:02}"), "cust-p", &format!("{i}.5")).await;
+        token = place(
+            &http,
+            &stack,
+            &format!("p{i:02}"),
+            "cust-p",
+            &format!("{i}.5"),
+        )
+        .await;
     }
     place(&http, &stack, "other", "cust-q", "1").await;
     let base = "/v1/projections/orders/queries/by_customer?customer_id=cust-p";
@@ -240,7 +353,10 @@ async fn list_queries_page_with_an_opaque_cursor_and_enforce_their_declaration()
         pages += 1;
         for item in page["items"].as_array().unwrap() {
             assert_eq!(item["customer_id"], "cust-p");
-            seen.push((item["created_at"].as_str().unwrap().to_string(), item["id"].as_str().unwrap().to_string()));
+            seen.push((
+                item["created_at"].as_str().unwrap().to_string(),
+                item["id"].as_str().unwrap().to_string(),
+            ));
         }
         match page["next"].as_str() {
             Some(cursor) => next = Some(cursor.to_string()),
@@ -260,11 +376,31 @@ async fn list_queries_page_with_an_opaque_cursor_and_enforce_their_declaration()
         (format!("{base}&limit=501"), 400, "invalid_limit"),
         (format!("{base}&after=not-a-cursor"), 400, "invalid_cursor"),
         (format!("{base}&status=PAID"), 400, "unknown_parameter"),
-        ("/v1/projections/orders/queries/by_customer".into(), 400, "missing_filter"),
-        ("/v1/projections/orders/queries/everything".into(), 404, "query_not_found"),
-        ("/v1/projections/nope/queries/by_customer".into(), 404, "projection_not_found"),
-        ("/v1/projections/orders/rows/p01?color=red".into(), 400, "unknown_parameter"),
-        ("/v1/projections/orders/rows/missing".into(), 404, "row_not_found"),
+        (
+            "/v1/projections/orders/queries/by_customer".into(),
+            400,
+            "missing_filter",
+        ),
+        (
+            "/v1/projections/orders/queries/everything".into(),
+            404,
+            "query_not_found",
+        ),
+        (
+            "/v1/projections/nope/queries/by_customer".into(),
+            404,
+            "projection_not_found",
+        ),
+        (
+            "/v1/projections/orders/rows/p01?color=red".into(),
+            400,
+            "unknown_parameter",
+        ),
+        (
+            "/v1/projections/orders/rows/missing".into(),
+            404,
+            "row_not_found",
+        ),
     ];
     for (path, status, code) in bad {
         let (got, body, _) = get(&http, &stack, &path).await;
@@ -284,13 +420,21 @@ async fn concurrent_misses_on_one_key_load_once() {
     live(&stack).await;
     let http = client();
     let token = place(&http, &stack, "hot", "cust-h", "9").await;
-    get(&http, &stack, &format!("/v1/projections/orders/rows/other?token={token}")).await;
+    get(
+        &http,
+        &stack,
+        &format!("/v1/projections/orders/rows/other?token={token}"),
+    )
+    .await;
     let reads = (0..40).map(|_| {
         let http = http.clone();
         let url = stack.url("/v1/projections/orders/rows/hot");
         async move {
             let response = http.get(url).send().await.unwrap();
-            response.headers()["eventplane-cache"].to_str().unwrap().to_string()
+            response.headers()["eventplane-cache"]
+                .to_str()
+                .unwrap()
+                .to_string()
         }
     });
     let layers = futures::future::join_all(reads).await;

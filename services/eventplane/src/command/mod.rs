@@ -41,7 +41,11 @@ pub fn router(state: CommandState, max_body_bytes: usize) -> Router {
 fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> ApiResult<Option<&'a str>> {
     headers
         .get(name)
-        .map(|v| v.to_str().map_err(|_| ApiError::bad_request("invalid_header", format!("{name} must be visible ASCII"))))
+        .map(|v| {
+            v.to_str().map_err(|_| {
+                ApiError::bad_request("invalid_header", format!("{name} must be visible ASCII"))
+            })
+        })
         .transpose()
 }
 
@@ -76,22 +80,36 @@ async fn append(
         let priority = match header_str(&headers, "eventplane-priority")? {
             None => Priority::Normal,
             Some(p) => Priority::parse(p).ok_or_else(|| {
-                ApiError::bad_request("invalid_priority", format!("Eventplane-Priority must be high, normal or low, got {p:?}"))
+                ApiError::bad_request(
+                    "invalid_priority",
+                    format!("Eventplane-Priority must be high, normal or low, got {p:?}"),
+                )
             })?,
         };
         let id = jobs::enqueue(&state.pool, &request, priority).await?;
-        state.metrics.observe_command("append_async", started.elapsed().as_secs_f64());
-        let location = HeaderValue::from_str(&format!("/v1/jobs/{id}")).expect("a uuid path is a valid header");
+        state
+            .metrics
+            .observe_command("append_async", started.elapsed().as_secs_f64());
+        let location = HeaderValue::from_str(&format!("/v1/jobs/{id}"))
+            .expect("a uuid path is a valid header");
         return Ok((
             StatusCode::ACCEPTED,
-            [(header::LOCATION, location), (header::HeaderName::from_static("preference-applied"), HeaderValue::from_static("respond-async"))],
+            [
+                (header::LOCATION, location),
+                (
+                    header::HeaderName::from_static("preference-applied"),
+                    HeaderValue::from_static("respond-async"),
+                ),
+            ],
             Json(serde_json::json!({ "jobId": id, "status": "pending" })),
         )
             .into_response());
     }
 
     let outcome = state.appender.append(request).await?;
-    state.metrics.observe_command("append", started.elapsed().as_secs_f64());
+    state
+        .metrics
+        .observe_command("append", started.elapsed().as_secs_f64());
     let result = outcome?;
     Ok((StatusCode::CREATED, Json(result)).into_response())
 }
@@ -121,18 +139,32 @@ async fn read(
         return Err(ApiError::bad_request("invalid_from", "from must be >= 1"));
     }
     if !(1..=MAX_STREAM_PAGE).contains(&limit) {
-        return Err(ApiError::bad_request("invalid_limit", format!("limit must be between 1 and {MAX_STREAM_PAGE}")));
+        return Err(ApiError::bad_request(
+            "invalid_limit",
+            format!("limit must be between 1 and {MAX_STREAM_PAGE}"),
+        ));
     }
     let page = read_stream(&state.pool, &stream_id, from, limit)
         .await?
-        .ok_or_else(|| ApiError::not_found("stream_not_found", format!("stream {stream_id:?} has no events")))?;
-    state.metrics.observe_command("read_stream", started.elapsed().as_secs_f64());
+        .ok_or_else(|| {
+            ApiError::not_found(
+                "stream_not_found",
+                format!("stream {stream_id:?} has no events"),
+            )
+        })?;
+    state
+        .metrics
+        .observe_command("read_stream", started.elapsed().as_secs_f64());
     Ok(Json(page).into_response())
 }
 
-async fn job(State(state): State<CommandState>, path: Result<Path<String>, PathRejection>) -> ApiResult<Response> {
+async fn job(
+    State(state): State<CommandState>,
+    path: Result<Path<String>, PathRejection>,
+) -> ApiResult<Response> {
     let Path(id) = path?;
-    let id = Uuid::parse_str(&id).map_err(|_| ApiError::bad_request("invalid_job_id", format!("{id:?} is not a job id")))?;
+    let id = Uuid::parse_str(&id)
+        .map_err(|_| ApiError::bad_request("invalid_job_id", format!("{id:?} is not a job id")))?;
     let view = jobs::get(&state.pool, id)
         .await?
         .ok_or_else(|| ApiError::not_found("job_not_found", format!("no job {id}")))?;

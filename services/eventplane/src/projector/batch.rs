@@ -35,6 +35,7 @@ pub struct BatchOutcome {
     pub checkpoint: Checkpoint,
 }
 
+#[derive(sqlx::FromRow)]
 pub struct TailEvent {
     pub position: i64,
     pub tx_id: i64,
@@ -48,7 +49,10 @@ pub struct TailEvent {
 
 impl TailEvent {
     pub fn checkpoint(&self) -> Checkpoint {
-        Checkpoint { tx_id: self.tx_id, position: self.position }
+        Checkpoint {
+            tx_id: self.tx_id,
+            position: self.position,
+        }
     }
 
     /// The document JSON pointers in a projection spec resolve against.
@@ -75,12 +79,16 @@ pub async fn ensure_projection(pool: &PgPool, projection: &Projection) -> sqlx::
         .execute(&mut *tx)
         .await?;
     for statement in eventplane_spec::create_table_sql(&projection.spec, &projection.table) {
-        sqlx::query(AssertSqlSafe(statement)).execute(&mut *tx).await?;
+        sqlx::query(AssertSqlSafe(statement))
+            .execute(&mut *tx)
+            .await?;
     }
-    sqlx::query("INSERT INTO projection_checkpoints (projection) VALUES ($1) ON CONFLICT DO NOTHING")
-        .bind(&projection.name)
-        .execute(&mut *tx)
-        .await?;
+    sqlx::query(
+        "INSERT INTO projection_checkpoints (projection) VALUES ($1) ON CONFLICT DO NOTHING",
+    )
+    .bind(&projection.name)
+    .execute(&mut *tx)
+    .await?;
     tx.commit().await
 }
 
@@ -94,8 +102,8 @@ pub async fn read_tail(
     event_types: &[String],
     limit: i64,
 ) -> sqlx::Result<Vec<TailEvent>> {
-    let rows: Vec<(i64, i64, String, i64, String, Value, Value, chrono::DateTime<chrono::Utc>)> = sqlx::query_as(
-        "SELECT position, tx_id::text::bigint, stream_id, stream_version, event_type, data, metadata, recorded_at \
+    sqlx::query_as(
+        "SELECT position, tx_id::text::bigint AS tx_id, stream_id, stream_version, event_type, data, metadata, recorded_at \
          FROM events \
          WHERE (tx_id, position) > ($1::text::xid8, $2) AND tx_id < $3::text::xid8 AND event_type = ANY($4) \
          ORDER BY tx_id, position LIMIT $5",
@@ -106,20 +114,7 @@ pub async fn read_tail(
     .bind(event_types)
     .bind(limit)
     .fetch_all(conn)
-    .await?;
-    Ok(rows
-        .into_iter()
-        .map(|(position, tx_id, stream_id, stream_version, event_type, data, metadata, recorded_at)| TailEvent {
-            position,
-            tx_id,
-            stream_id,
-            stream_version,
-            event_type,
-            data,
-            metadata,
-            recorded_at,
-        })
-        .collect())
+    .await
 }
 
 pub async fn horizon(conn: &mut PgConnection) -> sqlx::Result<i64> {
@@ -133,7 +128,11 @@ struct DeadLetter<'a> {
     reason: String,
 }
 
-pub async fn apply_batch(pool: &PgPool, projection: &Projection, limit: i64) -> sqlx::Result<BatchOutcome> {
+pub async fn apply_batch(
+    pool: &PgPool,
+    projection: &Projection,
+    limit: i64,
+) -> sqlx::Result<BatchOutcome> {
     let mut tx = pool.begin().await?;
     let row: Option<(i64, i64, Option<String>)> = sqlx::query_as(
         "SELECT tx_id::text::bigint, position, halted_reason FROM projection_checkpoints \
@@ -146,9 +145,15 @@ pub async fn apply_batch(pool: &PgPool, projection: &Projection, limit: i64) -> 
         return Err(sqlx::Error::RowNotFound);
     };
     if let Some(reason) = halted {
-        return Ok(BatchOutcome { halted: Some(reason), ..Default::default() });
+        return Ok(BatchOutcome {
+            halted: Some(reason),
+            ..Default::default()
+        });
     }
-    let checkpoint = Checkpoint { tx_id: cp_tx, position: cp_pos };
+    let checkpoint = Checkpoint {
+        tx_id: cp_tx,
+        position: cp_pos,
+    };
     let horizon = horizon(&mut tx).await?;
     let event_types = projection.spec.event_types();
     let events = read_tail(&mut tx, checkpoint, horizon, &event_types, limit).await?;
@@ -163,7 +168,10 @@ pub async fn apply_batch(pool: &PgPool, projection: &Projection, limit: i64) -> 
             Ok(Some(change)) => changes.push(change),
             Ok(None) => {}
             Err(err) => match projection.spec.on_error {
-                ErrorPolicy::DeadLetter => dead.push(DeadLetter { event, reason: err.to_string() }),
+                ErrorPolicy::DeadLetter => dead.push(DeadLetter {
+                    event,
+                    reason: err.to_string(),
+                }),
                 ErrorPolicy::Halt => {
                     halted = Some(format!(
                         "event at position {} ({} on stream {}): {err}",
@@ -192,9 +200,16 @@ pub async fn apply_batch(pool: &PgPool, projection: &Projection, limit: i64) -> 
     // move up to it, so the next read skips what other projections' events
     // left behind.
     let next = if halted.is_some() || full {
-        applied.last().map(TailEvent::checkpoint).unwrap_or(checkpoint)
+        applied
+            .last()
+            .map(TailEvent::checkpoint)
+            .unwrap_or(checkpoint)
     } else {
-        Checkpoint { tx_id: horizon, position: 0 }.max(checkpoint)
+        Checkpoint {
+            tx_id: horizon,
+            position: 0,
+        }
+        .max(checkpoint)
     };
     let last_event_at = applied.last().map(|e| e.recorded_at);
     sqlx::query(
@@ -228,7 +243,11 @@ pub async fn apply_batch(pool: &PgPool, projection: &Projection, limit: i64) -> 
     })
 }
 
-async fn write_dead_letters(conn: &mut PgConnection, projection: &str, dead: &[DeadLetter<'_>]) -> sqlx::Result<()> {
+async fn write_dead_letters(
+    conn: &mut PgConnection,
+    projection: &str,
+    dead: &[DeadLetter<'_>],
+) -> sqlx::Result<()> {
     if dead.is_empty() {
         return Ok(());
     }

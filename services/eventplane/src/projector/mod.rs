@@ -28,7 +28,10 @@ pub struct ProjectorConfig {
 
 impl Default for ProjectorConfig {
     fn default() -> Self {
-        Self { batch_size: 1000, poll_interval: Duration::from_millis(500) }
+        Self {
+            batch_size: 1000,
+            poll_interval: Duration::from_millis(500),
+        }
     }
 }
 
@@ -54,7 +57,9 @@ pub async fn start(
     let mut handles = vec![tokio::spawn(listen(pool.clone(), wake_tx))];
     handles.push(tokio::spawn(watch_horizon(pool.clone(), metrics.clone())));
     for projection in projections {
-        let invalidator = redis.clone().map(|r| Invalidator::new(&projection.name, r, metrics.clone()));
+        let invalidator = redis
+            .clone()
+            .map(|r| Invalidator::new(&projection.name, r, metrics.clone()));
         let task = Tail {
             pool: pool.clone(),
             projection: projection.clone(),
@@ -77,11 +82,15 @@ struct Tail {
 
 impl Tail {
     async fn run(self, mut wake: watch::Receiver<u64>) {
-        let labels = ProjectionLabels { projection: self.projection.name.clone() };
+        let labels = ProjectionLabels {
+            projection: self.projection.name.clone(),
+        };
         let mut behind_wait = MIN_BEHIND_WAIT;
         let mut halted_logged = false;
         loop {
-            let outcome = match apply_batch(&self.pool, &self.projection, self.config.batch_size).await {
+            let outcome = match apply_batch(&self.pool, &self.projection, self.config.batch_size)
+                .await
+            {
                 Ok(outcome) => outcome,
                 Err(err) => {
                     tracing::error!(projection = %self.projection.name, error = %err, "projector batch failed");
@@ -99,12 +108,24 @@ impl Tail {
             }
             halted_logged = false;
             if outcome.events > 0 {
-                self.metrics.projection_batch_size.get_or_create(&labels).observe(outcome.events as f64);
-                self.metrics.projection_applied.get_or_create(&labels).inc_by(outcome.events as u64);
-                self.metrics.projection_lag_seconds.get_or_create(&labels).set(outcome.max_lag_seconds);
+                self.metrics
+                    .projection_batch_size
+                    .get_or_create(&labels)
+                    .observe(outcome.events as f64);
+                self.metrics
+                    .projection_applied
+                    .get_or_create(&labels)
+                    .inc_by(outcome.events as u64);
+                self.metrics
+                    .projection_lag_seconds
+                    .get_or_create(&labels)
+                    .set(outcome.max_lag_seconds);
             }
             if outcome.dead_letters > 0 {
-                self.metrics.projection_dead_letters.get_or_create(&labels).inc_by(outcome.dead_letters as u64);
+                self.metrics
+                    .projection_dead_letters
+                    .get_or_create(&labels)
+                    .inc_by(outcome.dead_letters as u64);
             }
             if let Some(invalidator) = &self.invalidator
                 && !outcome.keys.is_empty()
@@ -124,11 +145,19 @@ impl Tail {
                     continue;
                 }
                 Ok(false) => {}
-                Err(err) => tracing::warn!(error = %err, "could not check for events beyond the horizon"),
+                Err(err) => {
+                    tracing::warn!(error = %err, "could not check for events beyond the horizon")
+                }
             }
             behind_wait = MIN_BEHIND_WAIT;
-            self.metrics.projection_lag_seconds.get_or_create(&labels).set(0.0);
-            self.metrics.projection_lag_events.get_or_create(&labels).set(0);
+            self.metrics
+                .projection_lag_seconds
+                .get_or_create(&labels)
+                .set(0.0);
+            self.metrics
+                .projection_lag_events
+                .get_or_create(&labels)
+                .set(0);
             let _ = tokio::time::timeout(self.config.poll_interval, wake.changed()).await;
         }
     }

@@ -26,15 +26,34 @@ pub struct ProjectionStatus {
     pub halted_reason: Option<String>,
 }
 
-pub async fn status(pool: &PgPool, projection: &Projection) -> sqlx::Result<Option<ProjectionStatus>> {
-    let row: Option<(i64, i64, i64, Option<chrono::DateTime<chrono::Utc>>, Option<String>)> = sqlx::query_as(
-        "SELECT tx_id::text::bigint, position, applied, last_event_at, halted_reason \
+#[derive(sqlx::FromRow)]
+struct CheckpointRow {
+    tx_id: i64,
+    position: i64,
+    applied: i64,
+    last_event_at: Option<chrono::DateTime<chrono::Utc>>,
+    halted_reason: Option<String>,
+}
+
+pub async fn status(
+    pool: &PgPool,
+    projection: &Projection,
+) -> sqlx::Result<Option<ProjectionStatus>> {
+    let row: Option<CheckpointRow> = sqlx::query_as(
+        "SELECT tx_id::text::bigint AS tx_id, position, applied, last_event_at, halted_reason \
          FROM projection_checkpoints WHERE projection = $1",
     )
     .bind(&projection.name)
     .fetch_optional(pool)
     .await?;
-    let Some((tx_id, position, applied, last_event_at, halted_reason)) = row else {
+    let Some(CheckpointRow {
+        tx_id,
+        position,
+        applied,
+        last_event_at,
+        halted_reason,
+    }) = row
+    else {
         return Ok(None);
     };
     let types = projection.spec.event_types();
@@ -50,10 +69,11 @@ pub async fn status(pool: &PgPool, projection: &Projection) -> sqlx::Result<Opti
     .bind(LAG_COUNT_LIMIT)
     .fetch_one(pool)
     .await?;
-    let dead_letters: i64 = sqlx::query_scalar("SELECT count(*) FROM projection_dead_letters WHERE projection = $1")
-        .bind(&projection.name)
-        .fetch_one(pool)
-        .await?;
+    let dead_letters: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM projection_dead_letters WHERE projection = $1")
+            .bind(&projection.name)
+            .fetch_one(pool)
+            .await?;
     let lag_seconds = oldest
         .map(|t| ((chrono::Utc::now() - t).num_milliseconds().max(0)) as f64 / 1000.0)
         .unwrap_or(0.0);

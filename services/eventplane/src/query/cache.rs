@@ -43,7 +43,10 @@ impl ProjectionCache {
     pub fn new(name: &str, spec: &eventplane_spec::CacheSpec, capacity_bytes: u64) -> Self {
         let l1 = moka::future::Cache::builder()
             .max_capacity(capacity_bytes)
-            .weigher(|k: &String, v: &Cached| (k.len() + v.as_ref().as_ref().map_or(0, String::len) + 64).min(u32::MAX as usize) as u32)
+            .weigher(|k: &String, v: &Cached| {
+                (k.len() + v.as_ref().as_ref().map_or(0, String::len) + 64).min(u32::MAX as usize)
+                    as u32
+            })
             .time_to_live(Duration::from_millis(spec.l1_ttl_ms.max(1)))
             .build();
         Self {
@@ -67,13 +70,15 @@ impl ProjectionCache {
     async fn apply(&self, message: &Message) {
         if message.epoch != self.epoch() {
             self.epoch.store(message.epoch, Ordering::Release);
-            self.generation.fetch_max(message.generation, Ordering::AcqRel);
+            self.generation
+                .fetch_max(message.generation, Ordering::AcqRel);
             self.l1.invalidate_all();
             return;
         }
         // The generation moves first, so a load that began before this
         // message notices and does not keep its (possibly stale) result.
-        self.generation.fetch_max(message.generation, Ordering::AcqRel);
+        self.generation
+            .fetch_max(message.generation, Ordering::AcqRel);
         for key in &message.keys {
             self.l1.invalidate(&row_l1_key(key)).await;
         }
@@ -120,8 +125,18 @@ return 0
 "#;
 
 impl CacheBus {
-    pub fn new(projections: HashMap<String, Arc<ProjectionCache>>, redis: Option<ConnectionManager>, metrics: Arc<Metrics>) -> Arc<Self> {
-        Arc::new(Self { projections, redis, live: AtomicBool::new(false), redis_down_until: Mutex::new(None), metrics })
+    pub fn new(
+        projections: HashMap<String, Arc<ProjectionCache>>,
+        redis: Option<ConnectionManager>,
+        metrics: Arc<Metrics>,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            projections,
+            redis,
+            live: AtomicBool::new(false),
+            redis_down_until: Mutex::new(None),
+            metrics,
+        })
     }
 
     /// L1 may be used only while invalidations are being received.
@@ -161,8 +176,16 @@ impl CacheBus {
 
     /// Stores `value` under `key` unless the projection's generation moved
     /// past `generation` (an invalidation raced the read).
-    pub async fn l2_fill(&self, cache: &ProjectionCache, key: &str, generation: u64, value: &Cached) {
-        let Some(mut redis) = self.redis().await else { return };
+    pub async fn l2_fill(
+        &self,
+        cache: &ProjectionCache,
+        key: &str,
+        generation: u64,
+        value: &Cached,
+    ) {
+        let Some(mut redis) = self.redis().await else {
+            return;
+        };
         let script = redis::Script::new(FILL_IF_GENERATION);
         let result: redis::RedisResult<i64> = script
             .key(invalidation::generation_key(&cache.name))
@@ -199,10 +222,13 @@ impl CacheBus {
         // from L1 already.
         let mut conn = client.get_multiplexed_async_connection().await?;
         for cache in self.projections.values() {
-            let generation: Option<u64> = conn.get(invalidation::generation_key(&cache.name)).await?;
+            let generation: Option<u64> =
+                conn.get(invalidation::generation_key(&cache.name)).await?;
             let epoch: Option<u64> = conn.get(invalidation::epoch_key(&cache.name)).await?;
             cache.epoch.store(epoch.unwrap_or(0), Ordering::Release);
-            cache.generation.fetch_max(generation.unwrap_or(0), Ordering::AcqRel);
+            cache
+                .generation
+                .fetch_max(generation.unwrap_or(0), Ordering::AcqRel);
             cache.l1.invalidate_all();
         }
         self.live.store(true, Ordering::Release);
@@ -225,7 +251,10 @@ impl CacheBus {
                 Err(err) => tracing::warn!(error = %err, "malformed invalidation message"),
             }
         }
-        Err(redis::RedisError::from((redis::ErrorKind::Io, "subscription stream ended")))
+        Err(redis::RedisError::from((
+            redis::ErrorKind::Io,
+            "subscription stream ended",
+        )))
     }
 }
 

@@ -61,7 +61,10 @@ pub struct QueryConfig {
 
 impl Default for QueryConfig {
     fn default() -> Self {
-        Self { l1_capacity_bytes: 64 << 20, consistency_timeout: Duration::from_secs(5) }
+        Self {
+            l1_capacity_bytes: 64 << 20,
+            consistency_timeout: Duration::from_secs(5),
+        }
     }
 }
 
@@ -78,7 +81,11 @@ impl QueryService {
         let mut served = HashMap::new();
         let mut caches = HashMap::new();
         for projection in projections {
-            let cache = Arc::new(ProjectionCache::new(&projection.name, &projection.spec.cache, config.l1_capacity_bytes));
+            let cache = Arc::new(ProjectionCache::new(
+                &projection.name,
+                &projection.spec.cache,
+                config.l1_capacity_bytes,
+            ));
             caches.insert(projection.name.clone(), cache.clone());
             let list_sql = projection
                 .spec
@@ -117,9 +124,12 @@ impl QueryService {
     }
 
     fn served(&self, name: &str) -> ApiResult<&Served> {
-        self.served
-            .get(name)
-            .ok_or_else(|| ApiError::not_found("projection_not_found", format!("no projection named {name:?}")))
+        self.served.get(name).ok_or_else(|| {
+            ApiError::not_found(
+                "projection_not_found",
+                format!("no projection named {name:?}"),
+            )
+        })
     }
 }
 
@@ -134,17 +144,30 @@ pub fn router(service: QueryService) -> Router {
 
 fn json_response(body: &Cached, layer: Layer) -> Response {
     let mut response = match body.as_ref() {
-        Some(json) => (StatusCode::OK, [(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))], json.clone()).into_response(),
+        Some(json) => (
+            StatusCode::OK,
+            [(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            )],
+            json.clone(),
+        )
+            .into_response(),
         None => ApiError::not_found("row_not_found", "no row with that key").into_response(),
     };
-    response.headers_mut().insert("eventplane-cache", HeaderValue::from_static(layer.as_str()));
+    response
+        .headers_mut()
+        .insert("eventplane-cache", HeaderValue::from_static(layer.as_str()));
     response
 }
 
 fn parse_token(params: &BTreeMap<String, String>) -> ApiResult<Option<Token>> {
     params
         .get("token")
-        .map(|t| t.parse::<Token>().map_err(|e| ApiError::bad_request("invalid_token", e)))
+        .map(|t| {
+            t.parse::<Token>()
+                .map_err(|e| ApiError::bad_request("invalid_token", e))
+        })
         .transpose()
 }
 
@@ -157,7 +180,10 @@ async fn get_row(
     let Path((name, key)) = path?;
     let Query(params) = params?;
     if let Some(unknown) = params.keys().find(|k| k.as_str() != "token") {
-        return Err(ApiError::bad_request("unknown_parameter", format!("unknown parameter {unknown:?}; rows take only `token`")));
+        return Err(ApiError::bad_request(
+            "unknown_parameter",
+            format!("unknown parameter {unknown:?}; rows take only `token`"),
+        ));
     }
     let served = service.served(&name)?;
     let spec = &served.projection.spec;
@@ -170,7 +196,10 @@ async fn get_row(
         let sql = served.row_sql.clone();
         let key = key.clone();
         move || async move {
-            let row: Option<Value> = sqlx::query_scalar(AssertSqlSafe(sql)).bind(&key).fetch_optional(&service.read_pool).await?;
+            let row: Option<Value> = sqlx::query_scalar(AssertSqlSafe(sql))
+                .bind(&key)
+                .fetch_optional(&service.read_pool)
+                .await?;
             Ok::<Cached, sqlx::Error>(Arc::new(row.map(|v| v.to_string())))
         }
     };
@@ -181,12 +210,20 @@ async fn get_row(
         let l2_key = invalidation::row_key(&name, served.cache.epoch(), &key);
         cached(&service, served, row_l1_key(&key), l2_key, load).await?
     };
-    service.metrics.observe_query("row", started.elapsed().as_secs_f64());
+    service
+        .metrics
+        .observe_query("row", started.elapsed().as_secs_f64());
     Ok(json_response(&body, layer))
 }
 
 /// L1 → L2 → load, recording which layer answered.
-async fn cached<F, Fut>(service: &QueryService, served: &Served, l1_key: String, l2_key: String, load: F) -> ApiResult<(Cached, Layer)>
+async fn cached<F, Fut>(
+    service: &QueryService,
+    served: &Served,
+    l1_key: String,
+    l2_key: String,
+    load: F,
+) -> ApiResult<(Cached, Layer)>
 where
     F: FnOnce() -> Fut,
     Fut: Future<Output = Result<Cached, sqlx::Error>>,
@@ -205,7 +242,10 @@ where
         counts[1].record(false);
         let value = load().await?;
         counts[2].record(true);
-        service.bus.l2_fill(cache, &l2_key, generation, &value).await;
+        service
+            .bus
+            .l2_fill(cache, &l2_key, generation, &value)
+            .await;
         Ok((value, Layer::L3))
     };
     if !service.bus.l1_live() {
@@ -229,7 +269,11 @@ where
     }
     let hit = !loaded_here.load(Ordering::Relaxed);
     counts[0].record(hit);
-    let layer = if hit { Layer::L1 } else { *layer_here.lock().expect("not poisoned") };
+    let layer = if hit {
+        Layer::L1
+    } else {
+        *layer_here.lock().expect("not poisoned")
+    };
     Ok((value, layer))
 }
 
@@ -241,24 +285,41 @@ struct ListParams {
     token: Option<Token>,
 }
 
-fn list_params(served: &Served, query: &QuerySpec, params: &BTreeMap<String, String>) -> ApiResult<ListParams> {
+fn list_params(
+    served: &Served,
+    query: &QuerySpec,
+    params: &BTreeMap<String, String>,
+) -> ApiResult<ListParams> {
     let spec = &served.projection.spec;
     for name in params.keys() {
-        let known = matches!(name.as_str(), "limit" | "after" | "token") || query.filters.iter().any(|f| f == name);
+        let known = matches!(name.as_str(), "limit" | "after" | "token")
+            || query.filters.iter().any(|f| f == name);
         if !known {
             return Err(ApiError::bad_request(
                 "unknown_parameter",
-                format!("unknown parameter {name:?}; query {:?} filters on {:?}", query.name, query.filters),
+                format!(
+                    "unknown parameter {name:?}; query {:?} filters on {:?}",
+                    query.name, query.filters
+                ),
             ));
         }
     }
     let mut filters = Vec::with_capacity(query.filters.len());
     for column in &query.filters {
         let raw = params.get(column).ok_or_else(|| {
-            ApiError::bad_request("missing_filter", format!("query {:?} needs the filter {column:?}", query.name))
+            ApiError::bad_request(
+                "missing_filter",
+                format!("query {:?} needs the filter {column:?}", query.name),
+            )
         })?;
-        let ty = spec.column(column).expect("validated spec declares its filter columns").ty;
-        filters.push(parse_param(ty, raw).map_err(|e| ApiError::bad_request("invalid_filter", format!("{column}: {e}")))?);
+        let ty = spec
+            .column(column)
+            .expect("validated spec declares its filter columns")
+            .ty;
+        filters.push(
+            parse_param(ty, raw)
+                .map_err(|e| ApiError::bad_request("invalid_filter", format!("{column}: {e}")))?,
+        );
     }
     let limit = match params.get("limit") {
         None => query.default_limit,
@@ -266,13 +327,25 @@ fn list_params(served: &Served, query: &QuerySpec, params: &BTreeMap<String, Str
             .parse::<u32>()
             .ok()
             .filter(|l| (1..=query.max_limit).contains(l))
-            .ok_or_else(|| ApiError::bad_request("invalid_limit", format!("limit must be between 1 and {}", query.max_limit)))?,
+            .ok_or_else(|| {
+                ApiError::bad_request(
+                    "invalid_limit",
+                    format!("limit must be between 1 and {}", query.max_limit),
+                )
+            })?,
     };
     let cursor = params
         .get("after")
-        .map(|c| decode_cursor(spec, query, c).map_err(|e| ApiError::bad_request("invalid_cursor", e)))
+        .map(|c| {
+            decode_cursor(spec, query, c).map_err(|e| ApiError::bad_request("invalid_cursor", e))
+        })
         .transpose()?;
-    Ok(ListParams { filters, cursor, limit, token: parse_token(params)? })
+    Ok(ListParams {
+        filters,
+        cursor,
+        limit,
+        token: parse_token(params)?,
+    })
 }
 
 async fn run_query(
@@ -289,7 +362,12 @@ async fn run_query(
         .queries
         .iter()
         .find(|q| q.name == query_name)
-        .ok_or_else(|| ApiError::not_found("query_not_found", format!("projection {name:?} declares no query {query_name:?}")))?;
+        .ok_or_else(|| {
+            ApiError::not_found(
+                "query_not_found",
+                format!("projection {name:?} declares no query {query_name:?}"),
+            )
+        })?;
     let list = list_params(served, query, &params)?;
 
     let load = {
@@ -306,7 +384,10 @@ async fn run_query(
             for value in filters.iter().chain(cursor.iter().flatten()) {
                 q = q.bind(value);
             }
-            let mut rows = q.bind(i64::from(limit) + 1).fetch_all(&service.read_pool).await?;
+            let mut rows = q
+                .bind(i64::from(limit) + 1)
+                .fetch_all(&service.read_pool)
+                .await?;
             let next = if rows.len() > limit as usize {
                 rows.truncate(limit as usize);
                 rows.last().map(|last| encode_cursor(&spec, &query, last))
@@ -321,15 +402,28 @@ async fn run_query(
         consistency::wait_for(&service, &served.projection.name, token).await?;
         (load().await?, Layer::L3)
     } else {
-        let canonical: Vec<&str> = list.filters.iter().chain(list.cursor.iter().flatten()).map(String::as_str).collect();
+        let canonical: Vec<&str> = list
+            .filters
+            .iter()
+            .chain(list.cursor.iter().flatten())
+            .map(String::as_str)
+            .collect();
         let canonical = serde_json::json!([canonical, list.limit]).to_string();
         let digest = hex(&Sha256::digest(canonical.as_bytes())[..12]);
         let generation = served.cache.generation();
         let l1_key = format!("l:{generation}:{}:{digest}", query.name);
-        let l2_key = invalidation::list_key(&name, served.cache.epoch(), generation, &query.name, &digest);
+        let l2_key = invalidation::list_key(
+            &name,
+            served.cache.epoch(),
+            generation,
+            &query.name,
+            &digest,
+        );
         cached(&service, served, l1_key, l2_key, load).await?
     };
-    service.metrics.observe_query("list", started.elapsed().as_secs_f64());
+    service
+        .metrics
+        .observe_query("list", started.elapsed().as_secs_f64());
     Ok(json_response(&body, layer))
 }
 
@@ -343,11 +437,19 @@ async fn list_projections(State(service): State<QueryService>) -> Json<Value> {
     Json(serde_json::json!({ "projections": names }))
 }
 
-async fn projection_status(State(service): State<QueryService>, path: Result<Path<String>, PathRejection>) -> ApiResult<Response> {
+async fn projection_status(
+    State(service): State<QueryService>,
+    path: Result<Path<String>, PathRejection>,
+) -> ApiResult<Response> {
     let Path(name) = path?;
     let served = service.served(&name)?;
     let status = crate::projector::status::status(&service.read_pool, &served.projection)
         .await?
-        .ok_or_else(|| ApiError::not_found("projection_not_started", format!("projection {name:?} has no checkpoint yet")))?;
+        .ok_or_else(|| {
+            ApiError::not_found(
+                "projection_not_started",
+                format!("projection {name:?} has no checkpoint yet"),
+            )
+        })?;
     Ok(Json(status).into_response())
 }

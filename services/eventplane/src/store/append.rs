@@ -32,7 +32,10 @@ struct Accepted {
 /// Appends every admissible request inside the caller's transaction and
 /// returns one outcome per request, in order. A database error fails the
 /// whole transaction; the caller decides whether to retry.
-pub async fn append_in_tx(conn: &mut PgConnection, requests: &[&AppendRequest]) -> Result<Vec<Outcome>, sqlx::Error> {
+pub async fn append_in_tx(
+    conn: &mut PgConnection,
+    requests: &[&AppendRequest],
+) -> Result<Vec<Outcome>, sqlx::Error> {
     let digests: Vec<Vec<u8>> = requests.iter().map(|r| r.digest()).collect();
     let stored = lock_idempotency_keys(conn, requests).await?;
     let mut versions = lock_streams(conn, requests, &stored).await?;
@@ -67,8 +70,14 @@ pub async fn append_in_tx(conn: &mut PgConnection, requests: &[&AppendRequest]) 
             }));
             continue;
         }
-        versions.insert(request.stream_id.clone(), current + request.events.len() as i64);
-        accepted.push(Accepted { index, first_version: current + 1 });
+        versions.insert(
+            request.stream_id.clone(),
+            current + request.events.len() as i64,
+        );
+        accepted.push(Accepted {
+            index,
+            first_version: current + 1,
+        });
         if let Some(key) = request.idempotency_key.as_deref() {
             batch_keys.insert(key, index);
         }
@@ -90,22 +99,32 @@ pub async fn append_in_tx(conn: &mut PgConnection, requests: &[&AppendRequest]) 
             outcomes[index] = outcomes[first].clone();
         }
     }
-    Ok(outcomes.into_iter().map(|o| o.expect("every request has an outcome")).collect())
+    Ok(outcomes
+        .into_iter()
+        .map(|o| o.expect("every request has an outcome"))
+        .collect())
 }
 
 fn replay(key: &str, stored_digest: &[u8], digest: &[u8], response: &Value) -> Outcome {
     if stored_digest != digest {
         return Err(AppendError::IdempotencyMismatch(key.to_string()));
     }
-    serde_json::from_value(response.clone()).map_err(|_| AppendError::IdempotencyMismatch(key.to_string()))
+    serde_json::from_value(response.clone())
+        .map_err(|_| AppendError::IdempotencyMismatch(key.to_string()))
 }
 
 type StoredKeys = HashMap<String, (Vec<u8>, Value)>;
 
 /// Serialises requests that share an idempotency key (advisory locks, in key
 /// order) and returns the keys already stored with their digest and answer.
-async fn lock_idempotency_keys(conn: &mut PgConnection, requests: &[&AppendRequest]) -> Result<StoredKeys, sqlx::Error> {
-    let keys: BTreeSet<&str> = requests.iter().filter_map(|r| r.idempotency_key.as_deref()).collect();
+async fn lock_idempotency_keys(
+    conn: &mut PgConnection,
+    requests: &[&AppendRequest],
+) -> Result<StoredKeys, sqlx::Error> {
+    let keys: BTreeSet<&str> = requests
+        .iter()
+        .filter_map(|r| r.idempotency_key.as_deref())
+        .collect();
     if keys.is_empty() {
         return Ok(HashMap::new());
     }
@@ -117,11 +136,12 @@ async fn lock_idempotency_keys(conn: &mut PgConnection, requests: &[&AppendReque
     .bind(&keys)
     .execute(&mut *conn)
     .await?;
-    let rows: Vec<(String, Vec<u8>, Value)> =
-        sqlx::query_as("SELECT key, request_hash, response FROM idempotency_keys WHERE key = ANY($1)")
-            .bind(&keys)
-            .fetch_all(&mut *conn)
-            .await?;
+    let rows: Vec<(String, Vec<u8>, Value)> = sqlx::query_as(
+        "SELECT key, request_hash, response FROM idempotency_keys WHERE key = ANY($1)",
+    )
+    .bind(&keys)
+    .fetch_all(&mut *conn)
+    .await?;
     Ok(rows.into_iter().map(|(k, h, r)| (k, (h, r))).collect())
 }
 
@@ -134,7 +154,11 @@ async fn lock_streams(
 ) -> Result<HashMap<String, i64>, sqlx::Error> {
     let streams: BTreeSet<&str> = requests
         .iter()
-        .filter(|r| r.idempotency_key.as_ref().is_none_or(|k| !stored.contains_key(k)))
+        .filter(|r| {
+            r.idempotency_key
+                .as_ref()
+                .is_none_or(|k| !stored.contains_key(k))
+        })
         .map(|r| r.stream_id.as_str())
         .collect();
     if streams.is_empty() {
@@ -160,8 +184,12 @@ async fn write_accepted(
     accepted: &[Accepted],
     versions: &HashMap<String, i64>,
 ) -> Result<Vec<(usize, AppendResult)>, sqlx::Error> {
-    let touched: BTreeSet<&str> = accepted.iter().map(|a| requests[a.index].stream_id.as_str()).collect();
-    let (ids, new_versions): (Vec<&str>, Vec<i64>) = touched.iter().map(|s| (*s, versions[*s])).unzip();
+    let touched: BTreeSet<&str> = accepted
+        .iter()
+        .map(|a| requests[a.index].stream_id.as_str())
+        .collect();
+    let (ids, new_versions): (Vec<&str>, Vec<i64>) =
+        touched.iter().map(|s| (*s, versions[*s])).unzip();
     sqlx::query(
         "UPDATE streams SET version = u.version, updated_at = now() \
          FROM unnest($1::text[], $2::bigint[]) AS u(stream_id, version) \
@@ -172,7 +200,10 @@ async fn write_accepted(
     .execute(&mut *conn)
     .await?;
 
-    let total: usize = accepted.iter().map(|a| requests[a.index].events.len()).sum();
+    let total: usize = accepted
+        .iter()
+        .map(|a| requests[a.index].events.len())
+        .sum();
     let mut stream_ids = Vec::with_capacity(total);
     let mut stream_versions = Vec::with_capacity(total);
     let mut types = Vec::with_capacity(total);
@@ -208,7 +239,10 @@ async fn write_accepted(
     .await?;
 
     let tx_id = rows.first().map(|r| r.3).unwrap_or_default();
-    let positions: HashMap<(&str, i64), i64> = rows.iter().map(|(s, v, p, _)| ((s.as_str(), *v), *p)).collect();
+    let positions: HashMap<(&str, i64), i64> = rows
+        .iter()
+        .map(|(s, v, p, _)| ((s.as_str(), *v), *p))
+        .collect();
     Ok(accepted
         .iter()
         .map(|a| {
@@ -217,12 +251,18 @@ async fn write_accepted(
             let event_positions: Vec<i64> = (0..count)
                 .map(|offset| positions[&(request.stream_id.as_str(), a.first_version + offset)])
                 .collect();
-            let last = *event_positions.last().expect("an accepted request has events");
+            let last = *event_positions
+                .last()
+                .expect("an accepted request has events");
             let result = AppendResult {
                 stream_id: request.stream_id.clone(),
                 version: a.first_version + count - 1,
                 positions: event_positions,
-                token: Token { tx_id, position: last }.to_string(),
+                token: Token {
+                    tx_id,
+                    position: last,
+                }
+                .to_string(),
             };
             (a.index, result)
         })

@@ -30,7 +30,12 @@ pub struct GroupCommitConfig {
 
 impl Default for GroupCommitConfig {
     fn default() -> Self {
-        Self { writers: 4, max_batch: 256, max_wait: Duration::ZERO, queue: 8192 }
+        Self {
+            writers: 4,
+            max_batch: 256,
+            max_wait: Duration::ZERO,
+            queue: 8192,
+        }
     }
 }
 
@@ -58,11 +63,22 @@ const BATCH_RETRIES: usize = 3;
 impl Appender {
     /// Starts the committer tasks; they stop when every `Appender` clone is
     /// dropped or their handles are aborted.
-    pub fn start(pool: PgPool, config: GroupCommitConfig, metrics: Arc<Metrics>) -> (Self, Vec<JoinHandle<()>>) {
+    pub fn start(
+        pool: PgPool,
+        config: GroupCommitConfig,
+        metrics: Arc<Metrics>,
+    ) -> (Self, Vec<JoinHandle<()>>) {
         let (tx, rx) = mpsc::channel(config.queue);
         let rx = Arc::new(Mutex::new(rx));
         let handles = (0..config.writers.max(1))
-            .map(|_| tokio::spawn(committer(rx.clone(), pool.clone(), config.clone(), metrics.clone())))
+            .map(|_| {
+                tokio::spawn(committer(
+                    rx.clone(),
+                    pool.clone(),
+                    config.clone(),
+                    metrics.clone(),
+                ))
+            })
             .collect();
         (Appender { queue: tx }, handles)
     }
@@ -72,11 +88,16 @@ impl Appender {
         self.queue
             .try_send(Pending { request, reply })
             .map_err(|_| SubmitError::Overloaded)?;
-        answer.await.unwrap_or_else(|_| Err(SubmitError::Database("committer stopped".into())))
+        answer
+            .await
+            .unwrap_or_else(|_| Err(SubmitError::Database("committer stopped".into())))
     }
 }
 
-async fn next_batch(rx: &Mutex<mpsc::Receiver<Pending>>, config: &GroupCommitConfig) -> Option<Vec<Pending>> {
+async fn next_batch(
+    rx: &Mutex<mpsc::Receiver<Pending>>,
+    config: &GroupCommitConfig,
+) -> Option<Vec<Pending>> {
     let mut rx = rx.lock().await;
     let first = rx.recv().await?;
     let mut batch = vec![first];
@@ -94,7 +115,12 @@ async fn next_batch(rx: &Mutex<mpsc::Receiver<Pending>>, config: &GroupCommitCon
     Some(batch)
 }
 
-async fn committer(rx: Arc<Mutex<mpsc::Receiver<Pending>>>, pool: PgPool, config: GroupCommitConfig, metrics: Arc<Metrics>) {
+async fn committer(
+    rx: Arc<Mutex<mpsc::Receiver<Pending>>>,
+    pool: PgPool,
+    config: GroupCommitConfig,
+    metrics: Arc<Metrics>,
+) {
     while let Some(batch) = next_batch(&rx, &config).await {
         metrics.command_batch_size.observe(batch.len() as f64);
         let requests: Vec<&AppendRequest> = batch.iter().map(|p| &p.request).collect();
@@ -108,14 +134,19 @@ async fn committer(rx: Arc<Mutex<mpsc::Receiver<Pending>>>, pool: PgPool, config
             Err(err) => {
                 tracing::error!(error = %err, batch = batch.len(), "append batch failed");
                 for pending in batch {
-                    let _ = pending.reply.send(Err(SubmitError::Database(err.to_string())));
+                    let _ = pending
+                        .reply
+                        .send(Err(SubmitError::Database(err.to_string())));
                 }
             }
         }
     }
 }
 
-pub async fn commit_with_retry(pool: &PgPool, requests: &[&AppendRequest]) -> Result<Vec<Outcome>, sqlx::Error> {
+pub async fn commit_with_retry(
+    pool: &PgPool,
+    requests: &[&AppendRequest],
+) -> Result<Vec<Outcome>, sqlx::Error> {
     let mut attempt = 0;
     loop {
         let result = async {

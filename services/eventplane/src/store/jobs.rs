@@ -47,7 +47,7 @@ impl Priority {
     }
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, sqlx::FromRow)]
 #[serde(rename_all = "camelCase")]
 pub struct JobView {
     pub job_id: Uuid,
@@ -65,34 +65,30 @@ pub struct JobView {
 /// A job whose append hits a database error this many times is failed.
 const MAX_ATTEMPTS: i32 = 5;
 
-pub async fn enqueue(pool: &PgPool, request: &AppendRequest, priority: Priority) -> sqlx::Result<Uuid> {
+pub async fn enqueue(
+    pool: &PgPool,
+    request: &AppendRequest,
+    priority: Priority,
+) -> sqlx::Result<Uuid> {
     let id = Uuid::now_v7();
-    sqlx::query("INSERT INTO command_jobs (id, priority, status, request) VALUES ($1, $2, 'pending', $3)")
-        .bind(id)
-        .bind(priority.rank())
-        .bind(sqlx::types::Json(request))
-        .execute(pool)
-        .await?;
+    sqlx::query(
+        "INSERT INTO command_jobs (id, priority, status, request) VALUES ($1, $2, 'pending', $3)",
+    )
+    .bind(id)
+    .bind(priority.rank())
+    .bind(sqlx::types::Json(request))
+    .execute(pool)
+    .await?;
     Ok(id)
 }
 
 pub async fn get(pool: &PgPool, id: Uuid) -> sqlx::Result<Option<JobView>> {
-    let row: Option<(Uuid, String, Option<Value>, Option<Value>, i32, chrono::DateTime<chrono::Utc>, Option<chrono::DateTime<chrono::Utc>>)> =
-        sqlx::query_as(
-            "SELECT id, status, result, error, attempts, created_at, finished_at FROM command_jobs WHERE id = $1",
-        )
-        .bind(id)
-        .fetch_optional(pool)
-        .await?;
-    Ok(row.map(|(job_id, status, result, error, attempts, created_at, finished_at)| JobView {
-        job_id,
-        status,
-        result,
-        error,
-        attempts,
-        created_at,
-        finished_at,
-    }))
+    sqlx::query_as(
+        "SELECT id AS job_id, status, result, error, attempts, created_at, finished_at FROM command_jobs WHERE id = $1",
+    )
+    .bind(id)
+    .fetch_optional(pool)
+    .await
 }
 
 /// Claims and runs the most urgent pending job. Returns whether one ran.
@@ -110,7 +106,11 @@ pub async fn run_one(pool: &PgPool) -> sqlx::Result<bool> {
     let request: AppendRequest = match serde_json::from_value(request) {
         Ok(r) => r,
         Err(err) => {
-            let error = ApiError::unprocessable("invalid_job", format!("stored request is unreadable: {err}")).body();
+            let error = ApiError::unprocessable(
+                "invalid_job",
+                format!("stored request is unreadable: {err}"),
+            )
+            .body();
             finish(&mut tx, id, None, Some(error)).await?;
             tx.commit().await?;
             return Ok(true);
@@ -119,7 +119,10 @@ pub async fn run_one(pool: &PgPool) -> sqlx::Result<bool> {
     match append_in_tx(&mut tx, &[&request]).await {
         Ok(mut outcomes) => {
             let (result, error) = match outcomes.remove(0) {
-                Ok(result) => (Some(serde_json::to_value(result).expect("results serialize")), None),
+                Ok(result) => (
+                    Some(serde_json::to_value(result).expect("results serialize")),
+                    None,
+                ),
                 Err(err) => (None, Some(ApiError::from(err).body())),
             };
             finish(&mut tx, id, result, error).await?;
@@ -134,8 +137,17 @@ pub async fn run_one(pool: &PgPool) -> sqlx::Result<bool> {
     Ok(true)
 }
 
-async fn finish(conn: &mut sqlx::PgConnection, id: Uuid, result: Option<Value>, error: Option<Value>) -> sqlx::Result<()> {
-    let status = if error.is_some() { "failed" } else { "succeeded" };
+async fn finish(
+    conn: &mut sqlx::PgConnection,
+    id: Uuid,
+    result: Option<Value>,
+    error: Option<Value>,
+) -> sqlx::Result<()> {
+    let status = if error.is_some() {
+        "failed"
+    } else {
+        "succeeded"
+    };
     sqlx::query(
         "UPDATE command_jobs SET status = $2, result = $3, error = $4, attempts = attempts + 1, finished_at = now() \
          WHERE id = $1",

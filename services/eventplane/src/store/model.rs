@@ -105,8 +105,13 @@ fn invalid(code: &'static str, message: String) -> InvalidInput {
 
 pub fn validate_stream_id(stream_id: &str) -> Result<(), InvalidInput> {
     let ok = (1..=200).contains(&stream_id.len())
-        && stream_id.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
-        && stream_id.chars().all(|c| c.is_ascii_alphanumeric() || "_.:@-".contains(c));
+        && stream_id
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphanumeric())
+        && stream_id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_.:@-".contains(c));
     if ok {
         Ok(())
     } else {
@@ -121,8 +126,13 @@ pub fn validate_stream_id(stream_id: &str) -> Result<(), InvalidInput> {
 
 pub fn validate_event_type(event_type: &str) -> bool {
     (1..=128).contains(&event_type.len())
-        && event_type.chars().next().is_some_and(|c| c.is_ascii_alphabetic())
-        && event_type.chars().all(|c| c.is_ascii_alphanumeric() || "_.:-".contains(c))
+        && event_type
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic())
+        && event_type
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_.:-".contains(c))
 }
 
 pub fn validate_idempotency_key(key: &str) -> Result<(), InvalidInput> {
@@ -151,12 +161,18 @@ impl AppendRequest {
             ));
         }
         if self.events.is_empty() {
-            return Err(invalid("no_events", "events must hold at least one event".into()));
+            return Err(invalid(
+                "no_events",
+                "events must hold at least one event".into(),
+            ));
         }
         if self.events.len() > MAX_EVENTS_PER_APPEND {
             return Err(invalid(
                 "too_many_events",
-                format!("an append carries at most {MAX_EVENTS_PER_APPEND} events, got {}", self.events.len()),
+                format!(
+                    "an append carries at most {MAX_EVENTS_PER_APPEND} events, got {}",
+                    self.events.len()
+                ),
             ));
         }
         for (i, event) in self.events.iter().enumerate() {
@@ -170,7 +186,10 @@ impl AppendRequest {
                 ));
             }
             if !event.metadata.is_object() {
-                return Err(invalid("invalid_metadata", format!("events[{i}].metadata must be a JSON object")));
+                return Err(invalid(
+                    "invalid_metadata",
+                    format!("events[{i}].metadata must be a JSON object"),
+                ));
             }
         }
         Ok(())
@@ -200,16 +219,28 @@ mod tests {
 
     #[test]
     fn expected_version_parses_numbers_and_names() {
-        let body: AppendBody = serde_json::from_value(json!({"expectedVersion": 3, "events": []})).unwrap();
+        let body: AppendBody =
+            serde_json::from_value(json!({"expectedVersion": 3, "events": []})).unwrap();
         assert_eq!(body.expected_version, ExpectedVersion::Exact(3));
-        let body: AppendBody = serde_json::from_value(json!({"expectedVersion": "no_stream", "events": []})).unwrap();
-        assert_eq!(body.expected_version, ExpectedVersion::Named(NamedVersion::NoStream));
-        assert!(serde_json::from_value::<AppendBody>(json!({"expectedVersion": "latest", "events": []})).is_err());
+        let body: AppendBody =
+            serde_json::from_value(json!({"expectedVersion": "no_stream", "events": []})).unwrap();
+        assert_eq!(
+            body.expected_version,
+            ExpectedVersion::Named(NamedVersion::NoStream)
+        );
+        assert!(
+            serde_json::from_value::<AppendBody>(
+                json!({"expectedVersion": "latest", "events": []})
+            )
+            .is_err()
+        );
     }
 
     #[test]
     fn unknown_fields_are_rejected() {
-        let err = serde_json::from_value::<AppendBody>(json!({"expectedVersion": 1, "events": [], "extra": 1}));
+        let err = serde_json::from_value::<AppendBody>(
+            json!({"expectedVersion": 1, "events": [], "extra": 1}),
+        );
         assert!(err.is_err());
     }
 

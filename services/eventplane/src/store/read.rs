@@ -4,7 +4,7 @@ use serde::Serialize;
 use serde_json::Value;
 use sqlx::PgPool;
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, sqlx::FromRow)]
 #[serde(rename_all = "camelCase")]
 pub struct StoredEvent {
     pub position: i64,
@@ -29,34 +29,38 @@ pub struct StreamPage {
 
 /// Reads up to `limit` events from version `from`; `None` when the stream
 /// has no events.
-pub async fn read_stream(pool: &PgPool, stream_id: &str, from: i64, limit: i64) -> sqlx::Result<Option<StreamPage>> {
-    let version: Option<i64> = sqlx::query_scalar("SELECT version FROM streams WHERE stream_id = $1")
-        .bind(stream_id)
-        .fetch_optional(pool)
-        .await?;
+pub async fn read_stream(
+    pool: &PgPool,
+    stream_id: &str,
+    from: i64,
+    limit: i64,
+) -> sqlx::Result<Option<StreamPage>> {
+    let version: Option<i64> =
+        sqlx::query_scalar("SELECT version FROM streams WHERE stream_id = $1")
+            .bind(stream_id)
+            .fetch_optional(pool)
+            .await?;
     let Some(version) = version.filter(|v| *v > 0) else {
         return Ok(None);
     };
-    let rows: Vec<(i64, i64, String, Value, Value, chrono::DateTime<chrono::Utc>)> = sqlx::query_as(
-        "SELECT position, stream_version, event_type, data, metadata, recorded_at FROM events \
-         WHERE stream_id = $1 AND stream_version >= $2 ORDER BY stream_version LIMIT $3",
+    let events: Vec<StoredEvent> = sqlx::query_as(
+        "SELECT position, stream_version AS version, event_type, data, metadata, recorded_at \
+         FROM events WHERE stream_id = $1 AND stream_version >= $2 \
+         ORDER BY stream_version LIMIT $3",
     )
     .bind(stream_id)
     .bind(from)
     .bind(limit)
     .fetch_all(pool)
     .await?;
-    let events: Vec<StoredEvent> = rows
-        .into_iter()
-        .map(|(position, version, event_type, data, metadata, recorded_at)| StoredEvent {
-            position,
-            version,
-            event_type,
-            data,
-            metadata,
-            recorded_at,
-        })
-        .collect();
-    let next = events.last().map(|e| e.version + 1).filter(|n| *n <= version);
-    Ok(Some(StreamPage { stream_id: stream_id.to_string(), version, events, next }))
+    let next = events
+        .last()
+        .map(|e| e.version + 1)
+        .filter(|n| *n <= version);
+    Ok(Some(StreamPage {
+        stream_id: stream_id.to_string(),
+        version,
+        events,
+        next,
+    }))
 }

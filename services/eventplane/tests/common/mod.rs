@@ -13,7 +13,8 @@ use serde_json::Value;
 use sqlx::PgPool;
 
 pub fn admin_url() -> String {
-    std::env::var("DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+    std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
 }
 
 pub fn redis_url() -> String {
@@ -30,16 +31,26 @@ impl TestDb {
     pub async fn new() -> TestDb {
         eventplane::telemetry::init(false);
         let name = format!("ep_test_{}", uuid::Uuid::new_v4().simple());
-        let admin = PgPool::connect(&admin_url()).await.expect("postgres reachable at DATABASE_URL");
-        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}"))).execute(&admin).await.expect("create database");
+        let admin = PgPool::connect(&admin_url())
+            .await
+            .expect("postgres reachable at DATABASE_URL");
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .execute(&admin)
+            .await
+            .expect("create database");
         admin.close().await;
         let mut url = url::Url::parse(&admin_url()).expect("DATABASE_URL is a URL");
         url.set_path(&name);
-        TestDb { name, url: url.to_string() }
+        TestDb {
+            name,
+            url: url.to_string(),
+        }
     }
 
     pub async fn pool(&self) -> PgPool {
-        PgPool::connect(&self.url).await.expect("connect to test database")
+        PgPool::connect(&self.url)
+            .await
+            .expect("connect to test database")
     }
 }
 
@@ -48,12 +59,17 @@ impl Drop for TestDb {
         let name = self.name.clone();
         // Drop runs outside any runtime guarantee: use a thread of its own.
         let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
             rt.block_on(async {
                 if let Ok(admin) = PgPool::connect(&admin_url()).await {
-                    let _ = sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")))
-                        .execute(&admin)
-                        .await;
+                    let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+                        "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+                    )))
+                    .execute(&admin)
+                    .await;
                 }
             });
         })
@@ -66,7 +82,9 @@ pub fn orders() -> Vec<Arc<Projection>> {
 }
 
 pub async fn stack(db: &TestDb) -> Stack {
-    Stack::start(StackConfig::local(&db.url, Some(&redis_url()), orders())).await.expect("stack starts")
+    Stack::start(StackConfig::local(&db.url, Some(&redis_url()), orders()))
+        .await
+        .expect("stack starts")
 }
 
 pub async fn stack_with(config: StackConfig) -> Stack {
@@ -81,17 +99,40 @@ pub fn placed(order: &str, customer: &str, total: &str) -> Value {
     serde_json::json!({"type": "OrderPlaced", "data": {"orderId": order, "customerId": customer, "total": total}})
 }
 
-pub async fn append(http: &reqwest::Client, stack: &Stack, stream: &str, expected: Value, events: Vec<Value>) -> (u16, Value) {
+pub async fn append(
+    http: &reqwest::Client,
+    stack: &Stack,
+    stream: &str,
+    expected: Value,
+    events: Vec<Value>,
+) -> (u16, Value) {
     let body = serde_json::json!({"expectedVersion": expected, "events": events});
-    let response = http.post(stack.url(&format!("/v1/streams/{stream}/events"))).json(&body).send().await.expect("request sent");
+    let response = http
+        .post(stack.url(&format!("/v1/streams/{stream}/events")))
+        .json(&body)
+        .send()
+        .await
+        .expect("request sent");
     let status = response.status().as_u16();
     (status, response.json().await.unwrap_or(Value::Null))
 }
 
-pub async fn get(http: &reqwest::Client, stack: &Stack, path: &str) -> (u16, Value, Option<String>) {
-    let response = http.get(stack.url(path)).send().await.expect("request sent");
+pub async fn get(
+    http: &reqwest::Client,
+    stack: &Stack,
+    path: &str,
+) -> (u16, Value, Option<String>) {
+    let response = http
+        .get(stack.url(path))
+        .send()
+        .await
+        .expect("request sent");
     let status = response.status().as_u16();
-    let layer = response.headers().get("eventplane-cache").and_then(|v| v.to_str().ok()).map(str::to_string);
+    let layer = response
+        .headers()
+        .get("eventplane-cache")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
     (status, response.json().await.unwrap_or(Value::Null), layer)
 }
 
@@ -112,5 +153,8 @@ where
 }
 
 pub async fn count(pool: &PgPool, sql: &'static str) -> i64 {
-    sqlx::query_scalar(sql).fetch_one(pool).await.expect("count query")
+    sqlx::query_scalar(sql)
+        .fetch_one(pool)
+        .await
+        .expect("count query")
 }
