@@ -291,9 +291,7 @@ async fn reads_go_on_from_postgres_while_redis_is_down_and_caching_returns_after
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_token_waits_for_the_projection_and_times_out_clearly() {
     let db = TestDb::new().await;
-    let mut config = StackConfig::local(&db.url, Some(&redis_url()), orders());
-    config.query.consistency_timeout = Duration::from_millis(300);
-    let stack = stack_with(config).await;
+    let stack = stack(&db).await;
     let http = client();
     for i in 0..20 {
         let token = place(&http, &stack, &format!("t{i}"), "cust-t", "2").await;
