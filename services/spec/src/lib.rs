@@ -7,7 +7,9 @@ mod error;
 mod fold;
 mod ident;
 mod mapping;
+pub mod partition;
 mod predicate;
+pub mod resource;
 mod sql;
 mod types;
 mod validate;
@@ -18,6 +20,14 @@ pub use error::SpecError;
 pub use fold::{Columns, Conflict, RowOp, fold};
 pub use ident::quote_ident;
 pub use mapping::{ChangeKind, MapError, RowChange};
+pub use partition::planner::{
+    Bound, Calendar, ExistingPartition, Observed, Plan, PlanError, Step, interval_start,
+    default_partition_name, next_start, partition_name, plan,
+};
+pub use partition::types::{
+    DatabaseRef, Interval, PARTITION_POLICY_KIND, PartitionPolicyManifest, PartitionPolicySpec,
+    Retention, RetentionAction, load_partition_policies,
+};
 pub use predicate::render_predicate;
 pub use sql::{
     BulkStatement, ConflictCols, ListSql, create_table_sql, delete_sql, group_ops, index_name,
@@ -26,7 +36,7 @@ pub use sql::{
 pub use types::{
     API_VERSION, Assignment, CacheSpec, ColumnSpec, ColumnType, ErrorPolicy, HandlerSpec,
     IndexColumn, IndexSpec, KIND, ManifestMetadata, Op, OrderBy, ProjectionManifest,
-    ProjectionSpec, QuerySpec, SortOrder, load_manifests,
+    Projection, ProjectionSpec, QuerySpec, SortOrder, load_manifests,
 };
 pub use validate::validate_name;
 pub use value::{parse_param, to_sql_text};

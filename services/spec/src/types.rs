@@ -2,6 +2,7 @@
 //! `Projection` custom resource. Doc comments on fields are user-facing
 //! (they become `kubectl explain` text).
 
+use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
@@ -38,17 +39,40 @@ fn l2_ttl_seconds() -> u64 {
 
 /// A read model built from events: a table, how each event type changes its
 /// rows, its indexes and the list queries clients may run against it.
-#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq)]
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "eventplane.io",
+    version = "v1alpha1",
+    kind = "Projection",
+    namespaced,
+    status = "crate::resource::ProjectionStatus",
+    shortname = "proj",
+    category = "eventplane",
+    doc = "A read model that Eventplane keeps built from the event log, current and served.",
+    derive = "PartialEq",
+    printcolumn(name = "Spec", type_ = "integer", json_path = ".spec.version", description = "version asked for"),
+    printcolumn(name = "Active", type_ = "integer", json_path = ".status.activeVersion", description = "version serving reads"),
+    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
+    printcolumn(name = "Lag", type_ = "number", json_path = ".status.lagSeconds", description = "seconds behind the log"),
+    printcolumn(name = "Replicas", type_ = "integer", json_path = ".status.replicas"),
+    printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
+#[x_kube(validation = Rule::new("self.columns.exists(c, c.name == self.key)").message("key must name one of the columns"))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ProjectionSpec {
     /// Name of the table that holds the read model. Lowercase letters, digits
     /// and underscores, starting with a letter or underscore, at most 48
-    /// characters; must not start with `ep_` or `pg_`.
+    /// characters; must not start with `ep_` or `pg_`. Cannot be changed:
+    /// create a new Projection for a new table.
+    #[schemars(regex(pattern = r"^[a-z_][a-z0-9_]{0,47}$"))]
+    #[x_kube(validation = Rule::new("self == oldSelf").message("table is immutable"))]
     pub table: String,
     /// Version of the read model. Increase it to rebuild the table from the
     /// full event history, for example after changing columns or handlers;
     /// the old version keeps serving reads until the new one has caught up.
     #[serde(default = "one")]
+    #[schemars(range(min = 1))]
     pub version: u32,
     /// Name of the primary-key column. It must be one of `columns`, must not
     /// be of type jsonb, numeric or double, and is never null.
