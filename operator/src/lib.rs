@@ -1,4 +1,11 @@
 //! The Eventplane operator: controllers for `Projection` and
 //! `PartitionPolicy` (group `eventplane.io`, version `v1alpha1`).
 
+pub mod conditions;
+pub mod context;
 pub mod crds;
+pub mod error;
+pub mod leader;
+pub mod metrics;
+pub mod partitionpolicy;
+pub mod run;

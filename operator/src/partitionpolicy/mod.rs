@@ -1,0 +1,28 @@
+//! The PartitionPolicy controller: keeps a table partitioned by interval
+//! through the same planner and executor as `eventplane partitions apply`.
+
+pub mod decide;
+pub mod reconcile;
+
+use std::sync::Arc;
+
+use futures::StreamExt;
+use kube::Api;
+use kube::runtime::Controller;
+use kube::runtime::watcher;
+
+use crate::context::Context;
+use eventplane_spec::PartitionPolicy;
+
+pub async fn run(ctx: Arc<Context>) {
+    let policies: Api<PartitionPolicy> = Api::all(ctx.client.clone());
+    Controller::new(policies, watcher::Config::default().any_semantic())
+        .shutdown_on_signal()
+        .run(reconcile::reconcile, reconcile::error_policy, ctx)
+        .for_each(|result| async move {
+            if let Err(err) = result {
+                tracing::warn!(error = %err, "partitionpolicy reconcile failed");
+            }
+        })
+        .await;
+}

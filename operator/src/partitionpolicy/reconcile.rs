@@ -1,0 +1,107 @@
+//! The thin I/O layer of the PartitionPolicy controller: read the Secret,
+//! connect, run the executor, then write what `decide` says.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use eventplane::partitions::execute::{ApplyOptions, PartitionError, apply};
+use eventplane_spec::PartitionPolicy;
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType};
+use kube::{Api, Resource, ResourceExt};
+use serde_json::json;
+
+use super::decide::{Applied, Decision, Outcome, decide};
+use crate::context::{Context, MANAGER};
+use crate::error::{Error, Result};
+use crate::metrics::ControllerLabels;
+
+const LABELS: ControllerLabels = ControllerLabels { controller: "partitionpolicy" };
+
+pub async fn reconcile(policy: Arc<PartitionPolicy>, ctx: Arc<Context>) -> Result<Action> {
+    let started = Instant::now();
+    ctx.metrics.reconciles.get_or_create(&LABELS).inc();
+    let namespace = policy.namespace().ok_or_else(|| Error::MissingNamespace { kind: "PartitionPolicy", name: policy.name_any() })?;
+    let now = (ctx.now)();
+    let outcome = observe_and_apply(&policy, &namespace, &ctx).await?;
+    let decision = decide(policy.status.as_ref(), policy.metadata.generation, outcome, now);
+    publish(&policy, &ctx, &decision).await?;
+    let api: Api<PartitionPolicy> = Api::namespaced(ctx.client.clone(), &namespace);
+    let patch = json!({
+        "apiVersion": "eventplane.io/v1alpha1",
+        "kind": "PartitionPolicy",
+        "status": decision.status,
+    });
+    api.patch_status(&policy.name_any(), &PatchParams::apply(MANAGER).force(), &Patch::Apply(&patch)).await?;
+    ctx.metrics.duration.get_or_create(&LABELS).observe(started.elapsed().as_secs_f64());
+    Ok(decision.requeue.map(Action::requeue).unwrap_or_else(Action::await_change))
+}
+
+pub fn error_policy(_policy: Arc<PartitionPolicy>, err: &Error, ctx: Arc<Context>) -> Action {
+    ctx.metrics.failures.get_or_create(&LABELS).inc();
+    tracing::warn!(error = %err, "partitionpolicy reconcile failed; retrying");
+    Action::requeue(Duration::from_secs(15))
+}
+
+async fn publish(policy: &PartitionPolicy, ctx: &Context, decision: &Decision) -> Result<()> {
+    let reference = policy.object_ref(&());
+    for event in &decision.events {
+        let event = Event {
+            type_: if event.warning { EventType::Warning } else { EventType::Normal },
+            reason: event.reason.to_string(),
+            note: Some(event.note.chars().take(1000).collect()),
+            action: "Reconcile".into(),
+            secondary: None,
+        };
+        ctx.recorder.publish(&event, &reference).await?;
+    }
+    Ok(())
+}
+
+/// Everything that can go wrong with the policy's content or its database
+/// becomes an `Outcome`; only Kubernetes API failures are errors.
+async fn observe_and_apply(policy: &PartitionPolicy, namespace: &str, ctx: &Context) -> Result<Outcome> {
+    let spec = &policy.spec;
+    if spec.suspend {
+        return Ok(Outcome::Suspended);
+    }
+    if let Err(err) = spec.validate() {
+        return Ok(Outcome::InvalidSpec(err.to_string()));
+    }
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), namespace);
+    let secret_name = &spec.database.secret_name;
+    let Some(secret) = secrets.get_opt(secret_name).await? else {
+        return Ok(Outcome::SecretNotFound { secret: secret_name.clone() });
+    };
+    let url = secret
+        .data
+        .as_ref()
+        .and_then(|d| d.get(&spec.database.key))
+        .and_then(|v| String::from_utf8(v.0.clone()).ok());
+    let Some(url) = url else {
+        return Ok(Outcome::SecretKeyMissing { secret: secret_name.clone(), key: spec.database.key.clone() });
+    };
+    let pool = match ctx.pool(url.trim()).await {
+        Ok(pool) => pool,
+        Err(err) => return Ok(Outcome::DatabaseUnreachable(err.to_string())),
+    };
+    let options = ApplyOptions { dry_run: spec.dry_run, ..ApplyOptions::default() };
+    Ok(match apply(&pool, spec, (ctx.now)(), &options).await {
+        Ok(report) => Outcome::Applied(Applied {
+            plan: report.plan,
+            executed: report.executed,
+            partitions: report.partitions_after,
+            dry_run: spec.dry_run,
+        }),
+        Err(PartitionError::Plan(err)) => Outcome::PlanFailed(err),
+        Err(PartitionError::LockBusy) => Outcome::LockBusy,
+        Err(PartitionError::Database(err)) if is_connection_error(&err) => Outcome::DatabaseUnreachable(err.to_string()),
+        Err(err) => Outcome::DdlFailed { message: err.to_string(), executed: Vec::new() },
+    })
+}
+
+fn is_connection_error(err: &sqlx::Error) -> bool {
+    matches!(err, sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Tls(_))
+}
