@@ -27,7 +27,10 @@ pub mod reason {
 }
 
 pub fn time(t: DateTime<Utc>) -> Time {
-    Time(k8s_openapi::jiff::Timestamp::from_second(t.timestamp()).expect("timestamps of this era are in range"))
+    Time(
+        k8s_openapi::jiff::Timestamp::from_second(t.timestamp())
+            .expect("timestamps of this era are in range"),
+    )
 }
 
 /// Builds a condition; `previous` supplies the last transition time when
@@ -58,17 +61,46 @@ pub fn condition(
 }
 
 /// The three conditions of a resource that is ready (or not, with `reason`).
-pub fn settled(previous: &[Condition], ready: bool, reason: &str, message: &str, generation: Option<i64>, now: DateTime<Utc>) -> Vec<Condition> {
+pub fn settled(
+    previous: &[Condition],
+    ready: bool,
+    reason: &str,
+    message: &str,
+    generation: Option<i64>,
+    now: DateTime<Utc>,
+) -> Vec<Condition> {
     vec![
         condition(previous, READY, ready, reason, message, generation, now),
-        condition(previous, RECONCILING, false, reason::RECONCILED, "", generation, now),
-        condition(previous, STALLED, false, reason::RECONCILED, "", generation, now),
+        condition(
+            previous,
+            RECONCILING,
+            false,
+            reason::RECONCILED,
+            "",
+            generation,
+            now,
+        ),
+        condition(
+            previous,
+            STALLED,
+            false,
+            reason::RECONCILED,
+            "",
+            generation,
+            now,
+        ),
     ]
 }
 
 /// The conditions of a resource that cannot progress until something
 /// changes: not ready, stalled with the reason.
-pub fn stalled(previous: &[Condition], reason: &str, message: &str, generation: Option<i64>, now: DateTime<Utc>) -> Vec<Condition> {
+pub fn stalled(
+    previous: &[Condition],
+    reason: &str,
+    message: &str,
+    generation: Option<i64>,
+    now: DateTime<Utc>,
+) -> Vec<Condition> {
     vec![
         condition(previous, READY, false, reason, message, generation, now),
         condition(previous, RECONCILING, false, reason, "", generation, now),
@@ -86,7 +118,9 @@ mod tests {
 
     #[test]
     fn an_unchanged_status_keeps_its_transition_time() {
-        let t0 = DateTime::parse_from_rfc3339("2026-01-01T00:00:00Z").unwrap().with_timezone(&Utc);
+        let t0 = DateTime::parse_from_rfc3339("2026-01-01T00:00:00Z")
+            .unwrap()
+            .with_timezone(&Utc);
         let t1 = t0 + chrono::Duration::hours(1);
         let first = settled(&[], true, reason::PARTITIONS_CURRENT, "ok", Some(1), t0);
         let again = settled(&first, true, reason::PARTITIONS_CURRENT, "ok", Some(2), t1);

@@ -23,7 +23,10 @@ pub struct LeaseConfig {
 }
 
 fn micro(t: DateTime<Utc>) -> MicroTime {
-    MicroTime(k8s_openapi::jiff::Timestamp::from_microsecond(t.timestamp_micros()).expect("timestamps of this era are in range"))
+    MicroTime(
+        k8s_openapi::jiff::Timestamp::from_microsecond(t.timestamp_micros())
+            .expect("timestamps of this era are in range"),
+    )
 }
 
 fn to_chrono(t: &MicroTime) -> DateTime<Utc> {
@@ -45,21 +48,38 @@ pub fn can_take(spec: Option<&LeaseSpec>, identity: &str, now: DateTime<Utc>) ->
 }
 
 /// The Lease spec after `identity` took or renewed it at `now`.
-pub fn held_by(previous: Option<&LeaseSpec>, config: &LeaseConfig, now: DateTime<Utc>) -> LeaseSpec {
-    let same_holder = previous.and_then(|p| p.holder_identity.as_deref()) == Some(config.identity.as_str());
+pub fn held_by(
+    previous: Option<&LeaseSpec>,
+    config: &LeaseConfig,
+    now: DateTime<Utc>,
+) -> LeaseSpec {
+    let same_holder =
+        previous.and_then(|p| p.holder_identity.as_deref()) == Some(config.identity.as_str());
     let transitions = previous.and_then(|p| p.lease_transitions).unwrap_or(0);
     LeaseSpec {
         holder_identity: Some(config.identity.clone()),
         lease_duration_seconds: Some(config.duration.as_secs() as i32),
-        acquire_time: if same_holder { previous.and_then(|p| p.acquire_time.clone()) } else { Some(micro(now)) },
+        acquire_time: if same_holder {
+            previous.and_then(|p| p.acquire_time.clone())
+        } else {
+            Some(micro(now))
+        },
         renew_time: Some(micro(now)),
-        lease_transitions: Some(if same_holder || previous.is_none() { transitions } else { transitions + 1 }),
+        lease_transitions: Some(if same_holder || previous.is_none() {
+            transitions
+        } else {
+            transitions + 1
+        }),
         ..LeaseSpec::default()
     }
 }
 
 /// One attempt to take or renew the Lease. `Ok(false)`: someone else holds it.
-pub async fn try_acquire(api: &Api<Lease>, config: &LeaseConfig, now: DateTime<Utc>) -> kube::Result<bool> {
+pub async fn try_acquire(
+    api: &Api<Lease>,
+    config: &LeaseConfig,
+    now: DateTime<Utc>,
+) -> kube::Result<bool> {
     let current = api.get_opt(&config.name).await?;
     let previous = current.as_ref().and_then(|l| l.spec.as_ref());
     if !can_take(previous, &config.identity, now) {
@@ -68,14 +88,19 @@ pub async fn try_acquire(api: &Api<Lease>, config: &LeaseConfig, now: DateTime<U
     let lease = Lease {
         metadata: ObjectMeta {
             name: Some(config.name.clone()),
-            resource_version: current.as_ref().and_then(|l| l.metadata.resource_version.clone()),
+            resource_version: current
+                .as_ref()
+                .and_then(|l| l.metadata.resource_version.clone()),
             ..ObjectMeta::default()
         },
         spec: Some(held_by(previous, config, now)),
     };
     let result = match current {
         None => api.create(&PostParams::default(), &lease).await,
-        Some(_) => api.replace(&config.name, &PostParams::default(), &lease).await,
+        Some(_) => {
+            api.replace(&config.name, &PostParams::default(), &lease)
+                .await
+        }
     };
     match result {
         Ok(_) => Ok(true),
@@ -155,7 +180,11 @@ mod tests {
         let taken = held_by(Some(&spec), &config("b"), later);
         assert_eq!(taken.holder_identity.as_deref(), Some("b"));
         assert_eq!(taken.lease_transitions, Some(1));
-        let renewed = held_by(Some(&taken), &config("b"), later + chrono::Duration::seconds(5));
+        let renewed = held_by(
+            Some(&taken),
+            &config("b"),
+            later + chrono::Duration::seconds(5),
+        );
         assert_eq!(renewed.lease_transitions, Some(1));
         assert_eq!(renewed.acquire_time, taken.acquire_time);
     }

@@ -29,11 +29,26 @@ impl Metrics {
         let mut registry = Registry::with_prefix("eventplane_operator");
         let reconciles = Family::<ControllerLabels, Counter>::default();
         let failures = Family::<ControllerLabels, Counter>::default();
-        let duration = Family::<ControllerLabels, Histogram>::new_with_constructor(buckets as fn() -> Histogram);
+        let duration = Family::<ControllerLabels, Histogram>::new_with_constructor(
+            buckets as fn() -> Histogram,
+        );
         registry.register("reconciles", "Reconciles run", reconciles.clone());
-        registry.register("reconcile_failures", "Reconciles that returned an error", failures.clone());
-        registry.register("reconcile_duration_seconds", "Reconcile duration", duration.clone());
-        Arc::new(Metrics { registry, reconciles, failures, duration })
+        registry.register(
+            "reconcile_failures",
+            "Reconciles that returned an error",
+            failures.clone(),
+        );
+        registry.register(
+            "reconcile_duration_seconds",
+            "Reconcile duration",
+            duration.clone(),
+        );
+        Arc::new(Metrics {
+            registry,
+            reconciles,
+            failures,
+            duration,
+        })
     }
 
     pub fn encode(&self) -> String {

@@ -15,16 +15,28 @@ use crate::leader::{self, LeaseConfig};
 use crate::metrics::Metrics;
 
 #[derive(clap::Parser, Debug, Clone)]
-#[command(name = "eventplane-operator", version, about = "Reconciles Projection and PartitionPolicy resources")]
+#[command(
+    name = "eventplane-operator",
+    version,
+    about = "Reconciles Projection and PartitionPolicy resources"
+)]
 pub struct Args {
     /// Address of the metrics and health endpoint.
-    #[arg(long, env = "EVENTPLANE_OPERATOR_LISTEN", default_value = "0.0.0.0:8080")]
+    #[arg(
+        long,
+        env = "EVENTPLANE_OPERATOR_LISTEN",
+        default_value = "0.0.0.0:8080"
+    )]
     pub listen: SocketAddr,
     /// Namespace of the leader-election Lease (normally the operator's own).
     #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
     pub lease_namespace: String,
     /// Name of the leader-election Lease.
-    #[arg(long, env = "EVENTPLANE_LEASE_NAME", default_value = "eventplane-operator")]
+    #[arg(
+        long,
+        env = "EVENTPLANE_LEASE_NAME",
+        default_value = "eventplane-operator"
+    )]
     pub lease_name: String,
     /// This replica's identity in the Lease (normally the pod name).
     #[arg(long, env = "POD_NAME", default_value = "eventplane-operator")]
@@ -44,10 +56,13 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
 
     let app = Router::new()
         .route("/healthz", get(|| async { "ok" }))
-        .route("/metrics", get(move || {
-            let metrics = metrics.clone();
-            async move { metrics.encode() }
-        }));
+        .route(
+            "/metrics",
+            get(move || {
+                let metrics = metrics.clone();
+                async move { metrics.encode() }
+            }),
+        );
     let listener = tokio::net::TcpListener::bind(args.listen).await?;
     tokio::spawn(async move { axum::serve(listener, app).await });
 

@@ -36,14 +36,22 @@ pub struct Applied {
 pub enum Outcome {
     Suspended,
     InvalidSpec(String),
-    SecretNotFound { secret: String },
-    SecretKeyMissing { secret: String, key: String },
+    SecretNotFound {
+        secret: String,
+    },
+    SecretKeyMissing {
+        secret: String,
+        key: String,
+    },
     DatabaseUnreachable(String),
     PlanFailed(PlanError),
     /// The lock is held by another runner (another operator replica or the CLI).
     LockBusy,
     /// A DDL step failed after `executed` had succeeded.
-    DdlFailed { message: String, executed: Vec<Step> },
+    DdlFailed {
+        message: String,
+        executed: Vec<Step>,
+    },
     Applied(Applied),
 }
 
@@ -82,7 +90,12 @@ fn partition_info(p: &ExistingPartition) -> PartitionInfo {
         Bound::Range { from, to } => (Some(rfc3339(*from)), Some(rfc3339(*to))),
         Bound::Default | Bound::Other(_) => (None, None),
     };
-    PartitionInfo { name: p.name.clone(), from, to, row_estimate: p.row_estimate }
+    PartitionInfo {
+        name: p.name.clone(),
+        from,
+        to,
+        row_estimate: p.row_estimate,
+    }
 }
 
 /// When to look again after a successful run: at the next interval
@@ -92,35 +105,87 @@ pub fn requeue_after(plan: &Plan, now: DateTime<Utc>) -> Duration {
     until_boundary.min(RESYNC)
 }
 
-pub fn decide(previous: Option<&PartitionPolicyStatus>, generation: Option<i64>, outcome: Outcome, now: DateTime<Utc>) -> Decision {
-    let before: &[Condition] = previous.map(|s| s.conditions.as_slice()).unwrap_or_default();
+pub fn decide(
+    previous: Option<&PartitionPolicyStatus>,
+    generation: Option<i64>,
+    outcome: Outcome,
+    now: DateTime<Utc>,
+) -> Decision {
+    let before: &[Condition] = previous
+        .map(|s| s.conditions.as_slice())
+        .unwrap_or_default();
     // Keep what we knew about the partitions when this run could not look.
     let mut status = previous.cloned().unwrap_or_default();
     status.observed_generation = generation;
-    let stall = |status: &mut PartitionPolicyStatus, why: &'static str, message: String, retry: Duration, warning: bool| {
+    let stall = |status: &mut PartitionPolicyStatus,
+                 why: &'static str,
+                 message: String,
+                 retry: Duration,
+                 warning: bool| {
         status.conditions = conditions::stalled(before, why, &message, generation, now);
-        status.next_maintenance = Some(rfc3339(now + chrono::Duration::from_std(retry).unwrap_or_default()));
-        let events = if warning { vec![EventSpec { warning: true, reason: why, note: message }] } else { vec![] };
+        status.next_maintenance = Some(rfc3339(
+            now + chrono::Duration::from_std(retry).unwrap_or_default(),
+        ));
+        let events = if warning {
+            vec![EventSpec {
+                warning: true,
+                reason: why,
+                note: message,
+            }]
+        } else {
+            vec![]
+        };
         (events, Some(retry))
     };
     let (events, requeue) = match outcome {
         Outcome::Suspended => {
-            status.conditions = conditions::settled(before, false, reason::SUSPENDED, "spec.suspend is true; no changes are made", generation, now);
+            status.conditions = conditions::settled(
+                before,
+                false,
+                reason::SUSPENDED,
+                "spec.suspend is true; no changes are made",
+                generation,
+                now,
+            );
             status.next_maintenance = None;
             (vec![], None)
         }
-        Outcome::InvalidSpec(message) => stall(&mut status, reason::INVALID_SPEC, message, RETRY_STALLED, true),
+        Outcome::InvalidSpec(message) => stall(
+            &mut status,
+            reason::INVALID_SPEC,
+            message,
+            RETRY_STALLED,
+            true,
+        ),
         Outcome::SecretNotFound { secret } => {
             let message = format!("Secret {secret:?} was not found in the policy's namespace");
-            stall(&mut status, reason::SECRET_NOT_FOUND, message, RETRY_STALLED, true)
+            stall(
+                &mut status,
+                reason::SECRET_NOT_FOUND,
+                message,
+                RETRY_STALLED,
+                true,
+            )
         }
         Outcome::SecretKeyMissing { secret, key } => {
             let message = format!("Secret {secret:?} has no key {key:?}");
-            stall(&mut status, reason::SECRET_KEY_MISSING, message, RETRY_STALLED, true)
+            stall(
+                &mut status,
+                reason::SECRET_KEY_MISSING,
+                message,
+                RETRY_STALLED,
+                true,
+            )
         }
         Outcome::DatabaseUnreachable(message) => {
             let message = format!("cannot connect to the database: {message}");
-            stall(&mut status, reason::DATABASE_UNREACHABLE, message, RETRY_TRANSIENT, true)
+            stall(
+                &mut status,
+                reason::DATABASE_UNREACHABLE,
+                message,
+                RETRY_TRANSIENT,
+                true,
+            )
         }
         Outcome::PlanFailed(err) => {
             let why = match err {
@@ -132,17 +197,56 @@ pub fn decide(previous: Option<&PartitionPolicyStatus>, generation: Option<i64>,
         Outcome::LockBusy => {
             // Someone else is doing the same work right now: not a failure.
             status.conditions = vec![
-                conditions::condition(before, conditions::READY, false, reason::LOCK_BUSY, "another runner holds the partition lock", generation, now),
-                conditions::condition(before, conditions::RECONCILING, true, reason::LOCK_BUSY, "waiting for the partition lock", generation, now),
-                conditions::condition(before, conditions::STALLED, false, reason::LOCK_BUSY, "", generation, now),
+                conditions::condition(
+                    before,
+                    conditions::READY,
+                    false,
+                    reason::LOCK_BUSY,
+                    "another runner holds the partition lock",
+                    generation,
+                    now,
+                ),
+                conditions::condition(
+                    before,
+                    conditions::RECONCILING,
+                    true,
+                    reason::LOCK_BUSY,
+                    "waiting for the partition lock",
+                    generation,
+                    now,
+                ),
+                conditions::condition(
+                    before,
+                    conditions::STALLED,
+                    false,
+                    reason::LOCK_BUSY,
+                    "",
+                    generation,
+                    now,
+                ),
             ];
-            status.next_maintenance = Some(rfc3339(now + chrono::Duration::from_std(RETRY_TRANSIENT).unwrap_or_default()));
+            status.next_maintenance = Some(rfc3339(
+                now + chrono::Duration::from_std(RETRY_TRANSIENT).unwrap_or_default(),
+            ));
             (vec![], Some(RETRY_TRANSIENT))
         }
         Outcome::DdlFailed { message, executed } => {
-            let mut events: Vec<EventSpec> = executed.iter().map(|s| EventSpec { warning: false, reason: step_reason(s), note: s.to_string() }).collect();
+            let mut events: Vec<EventSpec> = executed
+                .iter()
+                .map(|s| EventSpec {
+                    warning: false,
+                    reason: step_reason(s),
+                    note: s.to_string(),
+                })
+                .collect();
             status.last_plan = executed.iter().map(Step::to_string).collect();
-            let (more, requeue) = stall(&mut status, reason::DDL_FAILED, message, RETRY_TRANSIENT, true);
+            let (more, requeue) = stall(
+                &mut status,
+                reason::DDL_FAILED,
+                message,
+                RETRY_TRANSIENT,
+                true,
+            );
             events.extend(more);
             (events, requeue)
         }
@@ -152,16 +256,23 @@ pub fn decide(previous: Option<&PartitionPolicyStatus>, generation: Option<i64>,
             status.premade_until = applied.plan.premade_until.map(rfc3339);
             status.oldest_kept = applied.plan.oldest_kept.map(rfc3339);
             status.notes = applied.plan.notes.clone();
-            status.next_maintenance = Some(rfc3339(now + chrono::Duration::from_std(requeue).unwrap_or_default()));
+            status.next_maintenance = Some(rfc3339(
+                now + chrono::Duration::from_std(requeue).unwrap_or_default(),
+            ));
             let events;
             if applied.dry_run {
                 status.dry_run_plan = applied.plan.steps.iter().map(Step::to_string).collect();
                 let message = format!("dry run: {} step(s) would run", applied.plan.steps.len());
-                status.conditions = conditions::settled(before, true, reason::DRY_RUN, &message, generation, now);
+                status.conditions =
+                    conditions::settled(before, true, reason::DRY_RUN, &message, generation, now);
                 events = if applied.plan.steps.is_empty() {
                     vec![]
                 } else {
-                    vec![EventSpec { warning: false, reason: "DryRunPlanned", note: status.dry_run_plan.join("; ") }]
+                    vec![EventSpec {
+                        warning: false,
+                        reason: "DryRunPlanned",
+                        note: status.dry_run_plan.join("; "),
+                    }]
                 };
             } else {
                 status.dry_run_plan = Vec::new();
@@ -173,11 +284,30 @@ pub fn decide(previous: Option<&PartitionPolicyStatus>, generation: Option<i64>,
                     status.partitions.len(),
                     status.premade_until.as_deref().unwrap_or("-")
                 );
-                status.conditions = conditions::settled(before, true, reason::PARTITIONS_CURRENT, &message, generation, now);
-                events = applied.executed.iter().map(|s| EventSpec { warning: false, reason: step_reason(s), note: s.to_string() }).collect();
+                status.conditions = conditions::settled(
+                    before,
+                    true,
+                    reason::PARTITIONS_CURRENT,
+                    &message,
+                    generation,
+                    now,
+                );
+                events = applied
+                    .executed
+                    .iter()
+                    .map(|s| EventSpec {
+                        warning: false,
+                        reason: step_reason(s),
+                        note: s.to_string(),
+                    })
+                    .collect();
             }
             (events, Some(requeue))
         }
     };
-    Decision { status, events, requeue }
+    Decision {
+        status,
+        events,
+        requeue,
+    }
 }

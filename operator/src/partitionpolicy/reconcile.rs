@@ -18,15 +18,25 @@ use crate::context::{Context, MANAGER};
 use crate::error::{Error, Result};
 use crate::metrics::ControllerLabels;
 
-const LABELS: ControllerLabels = ControllerLabels { controller: "partitionpolicy" };
+const LABELS: ControllerLabels = ControllerLabels {
+    controller: "partitionpolicy",
+};
 
 pub async fn reconcile(policy: Arc<PartitionPolicy>, ctx: Arc<Context>) -> Result<Action> {
     let started = Instant::now();
     ctx.metrics.reconciles.get_or_create(&LABELS).inc();
-    let namespace = policy.namespace().ok_or_else(|| Error::MissingNamespace { kind: "PartitionPolicy", name: policy.name_any() })?;
+    let namespace = policy.namespace().ok_or_else(|| Error::MissingNamespace {
+        kind: "PartitionPolicy",
+        name: policy.name_any(),
+    })?;
     let now = (ctx.now)();
     let outcome = observe_and_apply(&policy, &namespace, &ctx).await?;
-    let decision = decide(policy.status.as_ref(), policy.metadata.generation, outcome, now);
+    let decision = decide(
+        policy.status.as_ref(),
+        policy.metadata.generation,
+        outcome,
+        now,
+    );
     publish(&policy, &ctx, &decision).await?;
     let api: Api<PartitionPolicy> = Api::namespaced(ctx.client.clone(), &namespace);
     let patch = json!({
@@ -34,9 +44,20 @@ pub async fn reconcile(policy: Arc<PartitionPolicy>, ctx: Arc<Context>) -> Resul
         "kind": "PartitionPolicy",
         "status": decision.status,
     });
-    api.patch_status(&policy.name_any(), &PatchParams::apply(MANAGER).force(), &Patch::Apply(&patch)).await?;
-    ctx.metrics.duration.get_or_create(&LABELS).observe(started.elapsed().as_secs_f64());
-    Ok(decision.requeue.map(Action::requeue).unwrap_or_else(Action::await_change))
+    api.patch_status(
+        &policy.name_any(),
+        &PatchParams::apply(MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await?;
+    ctx.metrics
+        .duration
+        .get_or_create(&LABELS)
+        .observe(started.elapsed().as_secs_f64());
+    Ok(decision
+        .requeue
+        .map(Action::requeue)
+        .unwrap_or_else(Action::await_change))
 }
 
 pub fn error_policy(_policy: Arc<PartitionPolicy>, err: &Error, ctx: Arc<Context>) -> Action {
@@ -49,7 +70,11 @@ async fn publish(policy: &PartitionPolicy, ctx: &Context, decision: &Decision) -
     let reference = policy.object_ref(&());
     for event in &decision.events {
         let event = Event {
-            type_: if event.warning { EventType::Warning } else { EventType::Normal },
+            type_: if event.warning {
+                EventType::Warning
+            } else {
+                EventType::Normal
+            },
             reason: event.reason.to_string(),
             note: Some(event.note.chars().take(1000).collect()),
             action: "Reconcile".into(),
@@ -62,7 +87,11 @@ async fn publish(policy: &PartitionPolicy, ctx: &Context, decision: &Decision) -
 
 /// Everything that can go wrong with the policy's content or its database
 /// becomes an `Outcome`; only Kubernetes API failures are errors.
-async fn observe_and_apply(policy: &PartitionPolicy, namespace: &str, ctx: &Context) -> Result<Outcome> {
+async fn observe_and_apply(
+    policy: &PartitionPolicy,
+    namespace: &str,
+    ctx: &Context,
+) -> Result<Outcome> {
     let spec = &policy.spec;
     if spec.suspend {
         return Ok(Outcome::Suspended);
@@ -73,7 +102,9 @@ async fn observe_and_apply(policy: &PartitionPolicy, namespace: &str, ctx: &Cont
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), namespace);
     let secret_name = &spec.database.secret_name;
     let Some(secret) = secrets.get_opt(secret_name).await? else {
-        return Ok(Outcome::SecretNotFound { secret: secret_name.clone() });
+        return Ok(Outcome::SecretNotFound {
+            secret: secret_name.clone(),
+        });
     };
     let url = secret
         .data
@@ -81,13 +112,19 @@ async fn observe_and_apply(policy: &PartitionPolicy, namespace: &str, ctx: &Cont
         .and_then(|d| d.get(&spec.database.key))
         .and_then(|v| String::from_utf8(v.0.clone()).ok());
     let Some(url) = url else {
-        return Ok(Outcome::SecretKeyMissing { secret: secret_name.clone(), key: spec.database.key.clone() });
+        return Ok(Outcome::SecretKeyMissing {
+            secret: secret_name.clone(),
+            key: spec.database.key.clone(),
+        });
     };
     let pool = match ctx.pool(url.trim()).await {
         Ok(pool) => pool,
         Err(err) => return Ok(Outcome::DatabaseUnreachable(err.to_string())),
     };
-    let options = ApplyOptions { dry_run: spec.dry_run, ..ApplyOptions::default() };
+    let options = ApplyOptions {
+        dry_run: spec.dry_run,
+        ..ApplyOptions::default()
+    };
     Ok(match apply(&pool, spec, (ctx.now)(), &options).await {
         Ok(report) => Outcome::Applied(Applied {
             plan: report.plan,
@@ -97,11 +134,22 @@ async fn observe_and_apply(policy: &PartitionPolicy, namespace: &str, ctx: &Cont
         }),
         Err(PartitionError::Plan(err)) => Outcome::PlanFailed(err),
         Err(PartitionError::LockBusy) => Outcome::LockBusy,
-        Err(PartitionError::Database(err)) if is_connection_error(&err) => Outcome::DatabaseUnreachable(err.to_string()),
-        Err(err) => Outcome::DdlFailed { message: err.to_string(), executed: Vec::new() },
+        Err(PartitionError::Database(err)) if is_connection_error(&err) => {
+            Outcome::DatabaseUnreachable(err.to_string())
+        }
+        Err(err) => Outcome::DdlFailed {
+            message: err.to_string(),
+            executed: Vec::new(),
+        },
     })
 }
 
 fn is_connection_error(err: &sqlx::Error) -> bool {
-    matches!(err, sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Tls(_))
+    matches!(
+        err,
+        sqlx::Error::Io(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::Tls(_)
+    )
 }

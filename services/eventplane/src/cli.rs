@@ -37,6 +37,8 @@ pub enum Command {
     Query(QueryRole),
     /// Run every role in one process against local Postgres and Redis.
     Dev(DevRole),
+    /// Plan or apply PartitionPolicy manifests against a database.
+    Partitions(PartitionsArgs),
 }
 
 #[derive(Args, Debug, Clone)]
@@ -220,4 +222,46 @@ pub struct DevRole {
     pub projector: ProjectorArgs,
     #[command(flatten)]
     pub query: QueryArgs,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct PartitionsArgs {
+    #[command(subcommand)]
+    pub command: PartitionsCommand,
+}
+
+#[derive(Subcommand, Debug, Clone)]
+pub enum PartitionsCommand {
+    /// Show what `apply` would change, without changing anything.
+    Plan(PartitionsRun),
+    /// Create, move, detach and drop partitions as the policies say.
+    Apply(PartitionsRun),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct PartitionsRun {
+    /// PartitionPolicy manifest file; several policies may be separated by `---`.
+    #[arg(long, env = "EVENTPLANE_PARTITION_POLICY")]
+    pub policy: PathBuf,
+    #[command(flatten)]
+    pub db: DbArgs,
+    /// Plan as of this instant (RFC 3339) instead of the current time.
+    #[arg(long, env = "EVENTPLANE_PARTITIONS_NOW", value_parser = parse_instant)]
+    pub now: Option<chrono::DateTime<chrono::Utc>>,
+    /// Print the report as JSON.
+    #[arg(long, env = "EVENTPLANE_PARTITIONS_JSON")]
+    pub json: bool,
+    /// Longest a DDL statement waits for a lock before it is retried, in milliseconds.
+    #[arg(
+        long,
+        env = "EVENTPLANE_PARTITIONS_LOCK_TIMEOUT_MS",
+        default_value_t = 2000
+    )]
+    pub lock_timeout_ms: u64,
+}
+
+fn parse_instant(s: &str) -> Result<chrono::DateTime<chrono::Utc>, String> {
+    chrono::DateTime::parse_from_rfc3339(s)
+        .map(|t| t.with_timezone(&chrono::Utc))
+        .map_err(|e| format!("{s:?} is not an RFC 3339 timestamp: {e}"))
 }

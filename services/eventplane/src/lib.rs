@@ -8,6 +8,7 @@ pub mod db;
 pub mod dev;
 pub mod invalidation;
 pub mod metrics;
+pub mod partitions;
 pub mod projections;
 pub mod projector;
 pub mod query;

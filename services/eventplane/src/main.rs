@@ -11,5 +11,6 @@ async fn main() -> anyhow::Result<()> {
         Command::Projector(role) => eventplane::roles::projector(role).await,
         Command::Query(role) => eventplane::roles::query(role).await,
         Command::Dev(role) => eventplane::dev::run(role).await,
+        Command::Partitions(args) => eventplane::partitions::cli::run(args).await,
     }
 }

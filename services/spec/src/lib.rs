@@ -21,12 +21,12 @@ pub use fold::{Columns, Conflict, RowOp, fold};
 pub use ident::quote_ident;
 pub use mapping::{ChangeKind, MapError, RowChange};
 pub use partition::planner::{
-    Bound, Calendar, ExistingPartition, Observed, Plan, PlanError, Step, interval_start,
-    default_partition_name, next_start, partition_name, plan,
+    Bound, Calendar, ExistingPartition, Observed, Plan, PlanError, Step, default_partition_name,
+    interval_start, next_start, partition_name, plan,
 };
 pub use partition::types::{
-    DatabaseRef, Interval, PARTITION_POLICY_KIND, PartitionPolicyManifest, PartitionPolicySpec,
-    Retention, RetentionAction, load_partition_policies,
+    DatabaseRef, Interval, PARTITION_POLICY_KIND, PartitionPolicy, PartitionPolicyManifest,
+    PartitionPolicySpec, Retention, RetentionAction, load_partition_policies,
 };
 pub use predicate::render_predicate;
 pub use sql::{
@@ -35,8 +35,8 @@ pub use sql::{
 };
 pub use types::{
     API_VERSION, Assignment, CacheSpec, ColumnSpec, ColumnType, ErrorPolicy, HandlerSpec,
-    IndexColumn, IndexSpec, KIND, ManifestMetadata, Op, OrderBy, ProjectionManifest,
-    Projection, ProjectionSpec, QuerySpec, SortOrder, load_manifests,
+    IndexColumn, IndexSpec, KIND, ManifestMetadata, Op, OrderBy, Projection, ProjectionManifest,
+    ProjectionSpec, QuerySpec, SortOrder, load_manifests,
 };
 pub use validate::validate_name;
 pub use value::{parse_param, to_sql_text};

@@ -50,13 +50,13 @@ fn l2_ttl_seconds() -> u64 {
     category = "eventplane",
     doc = "A read model that Eventplane keeps built from the event log, current and served.",
     derive = "PartialEq",
-    printcolumn(name = "Spec", type_ = "integer", json_path = ".spec.version", description = "version asked for"),
-    printcolumn(name = "Active", type_ = "integer", json_path = ".status.activeVersion", description = "version serving reads"),
-    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
-    printcolumn(name = "Lag", type_ = "number", json_path = ".status.lagSeconds", description = "seconds behind the log"),
-    printcolumn(name = "Replicas", type_ = "integer", json_path = ".status.replicas"),
-    printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn = r#"{"name":"Spec","type":"integer","jsonPath":".spec.version","description":"version asked for"}"#,
+    printcolumn = r#"{"name":"Active","type":"integer","jsonPath":".status.activeVersion","description":"version serving reads"}"#,
+    printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
+    printcolumn = r#"{"name":"Lag","type":"number","jsonPath":".status.lagSeconds","description":"seconds behind the log"}"#,
+    printcolumn = r#"{"name":"Replicas","type":"integer","jsonPath":".status.replicas"}"#,
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[x_kube(validation = Rule::new("self.columns.exists(c, c.name == self.key)").message("key must name one of the columns"))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -438,7 +438,7 @@ mod tests {
         assert_eq!(m.spec.version, 1);
         assert_eq!(m.spec.columns.len(), 6);
         assert_eq!(m.spec.handlers.len(), 4);
-        assert_eq!(m.spec.indexes.len(), 3);
+        assert_eq!(m.spec.indexes.len(), 4);
         assert_eq!(m.spec.queries.len(), 3);
         assert_eq!(m.spec.cache, CacheSpec::default());
         assert_eq!(m.spec.on_error, ErrorPolicy::DeadLetter);

@@ -132,10 +132,12 @@ impl Tail {
             {
                 invalidator.invalidate(outcome.keys).await;
             }
-            if outcome.full {
+            if outcome.full || outcome.events > 0 {
+                // More may have committed below a newer horizon meanwhile.
+                behind_wait = MIN_BEHIND_WAIT;
                 continue;
             }
-            // The batch reached the horizon. Newer events may be committed
+            // Nothing below the horizon. Newer events may be committed
             // behind a transaction that is still running: no notification
             // will come when it ends, so look again shortly.
             match events_beyond(&self.pool, outcome.checkpoint.tx_id).await {

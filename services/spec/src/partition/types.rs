@@ -2,6 +2,7 @@
 //! at which interval, how far ahead and for how long. Doc comments on fields
 //! are user-facing (they become `kubectl explain` text).
 
+use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
@@ -37,7 +38,24 @@ fn default_time_zone() -> String {
 
 /// Keeps a table range-partitioned by a timestamp column: one partition per
 /// interval, made ahead of time, with optional retention of old partitions.
-#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq)]
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "eventplane.io",
+    version = "v1alpha1",
+    kind = "PartitionPolicy",
+    namespaced,
+    status = "crate::resource::PartitionPolicyStatus",
+    shortname = "pp",
+    category = "eventplane",
+    doc = "Keeps a Postgres table partitioned by time: partitions made ahead, old ones retired.",
+    derive = "PartialEq",
+    printcolumn = r#"{"name":"Table","type":"string","jsonPath":".spec.table"}"#,
+    printcolumn = r#"{"name":"Interval","type":"string","jsonPath":".spec.interval"}"#,
+    printcolumn = r#"{"name":"Premade Until","type":"string","jsonPath":".status.premadeUntil"}"#,
+    printcolumn = r#"{"name":"Oldest Kept","type":"string","jsonPath":".status.oldestKept"}"#,
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct PartitionPolicySpec {
     /// Where the table lives: a Secret in the policy's namespace holding a
@@ -47,9 +65,13 @@ pub struct PartitionPolicySpec {
     /// The partitioned table, optionally schema-qualified (`audit.events`).
     /// Each part: lowercase letters, digits and underscores, not starting
     /// with a digit, at most 48 characters. The table must already exist,
-    /// declared `PARTITION BY RANGE (<column>)`.
+    /// declared `PARTITION BY RANGE (<column>)`. Cannot be changed.
+    #[schemars(regex(pattern = r"^([a-z_][a-z0-9_]{0,47}\.)?[a-z_][a-z0-9_]{0,47}$"))]
+    #[x_kube(validation = Rule::new("self == oldSelf").message("table is immutable; create a new policy"))]
     pub table: String,
-    /// The `timestamptz` column the table is partitioned by.
+    /// The `timestamptz` column the table is partitioned by. Cannot be changed.
+    #[schemars(regex(pattern = r"^[a-z_][a-z0-9_]{0,62}$"))]
+    #[x_kube(validation = Rule::new("self == oldSelf").message("column is immutable"))]
     pub column: String,
     /// Length of one partition: `monthly` (the default), `weekly` (weeks
     /// start on Monday) or `daily`. Boundaries fall on local midnight in
@@ -59,6 +81,7 @@ pub struct PartitionPolicySpec {
     /// How many intervals after the current one get a partition ahead of
     /// time, from 0 to 120 (default 3).
     #[serde(default = "default_premake")]
+    #[schemars(range(max = 120))]
     pub premake: u32,
     /// IANA time zone in which partition boundaries fall on midnight, for
     /// example `Europe/Paris` (default `UTC`). Where midnight does not exist
@@ -115,6 +138,7 @@ pub struct Retention {
     /// whose end is at or before the start of the current interval minus
     /// `keep` intervals is retired; 0 retires every partition before the
     /// current interval.
+    #[schemars(range(max = 10000))]
     pub keep: u32,
     /// `detach` (the default) takes retired partitions out of the table but
     /// keeps them as plain tables, for archiving; `drop` deletes them and
@@ -399,14 +423,18 @@ spec:
 
     #[test]
     fn invalid_values_name_their_field() {
-        let cases: Vec<(&str, Box<dyn Fn(&mut PartitionPolicySpec)>)> = vec![
+        type Change = Box<dyn Fn(&mut PartitionPolicySpec)>;
+        let cases: Vec<(&str, Change)> = vec![
             ("spec.table", Box::new(|s| s.table = "Events".into())),
             ("spec.table", Box::new(|s| s.table = "a.b.c".into())),
             ("spec.table", Box::new(|s| s.table = "pg_catalog.x".into())),
             ("spec.table", Box::new(|s| s.table = "x".repeat(49))),
             ("spec.column", Box::new(|s| s.column = "at; drop".into())),
             ("spec.premake", Box::new(|s| s.premake = 121)),
-            ("spec.timeZone", Box::new(|s| s.time_zone = "Mars/Base".into())),
+            (
+                "spec.timeZone",
+                Box::new(|s| s.time_zone = "Mars/Base".into()),
+            ),
             (
                 "spec.retention.keep",
                 Box::new(|s| {
@@ -439,7 +467,10 @@ spec:
 
     #[test]
     fn two_policies_on_one_table_are_rejected() {
-        let yaml = format!("{MINIMAL}---{}", MINIMAL.replace("name: audit", "name: audit2"));
+        let yaml = format!(
+            "{MINIMAL}---{}",
+            MINIMAL.replace("name: audit", "name: audit2")
+        );
         match load_partition_policies(&yaml) {
             Err(SpecError::Invalid { field, .. }) => assert_eq!(field, "documents[1].spec.table"),
             other => panic!("expected a duplicate-table error, got {other:?}"),

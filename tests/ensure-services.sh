@@ -23,6 +23,8 @@ apt_install() {
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
 }
 
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
 pg_answers() { command -v pg_isready >/dev/null && pg_isready -q -h "$PG_HOST" -p "$PG_PORT"; }
 pg_login_works() { psql -h "$PG_HOST" -p "$PG_PORT" -U postgres -d postgres -Atqc 'select 1' >/dev/null 2>&1; }
 
@@ -53,6 +55,13 @@ pg_trust_loopback() {
 }
 
 ensure_postgres() {
+    if ! command -v psql >/dev/null || ! command -v pg_isready >/dev/null; then
+        if port_open "$PG_PORT"; then
+            # A server runs (perhaps a CI service container); only the client is missing.
+            log "postgres: client tools missing; installing postgresql-client"
+            apt_install postgresql-client
+        fi
+    fi
     if pg_answers; then
         if pg_login_works; then
             log "postgres: reused the server on $PG_HOST:$PG_PORT"
@@ -92,6 +101,10 @@ ensure_postgres() {
 redis_answers() { command -v redis-cli >/dev/null && [ "$(redis-cli -h 127.0.0.1 -p "$REDIS_PORT" ping 2>/dev/null)" = PONG ]; }
 
 ensure_redis() {
+    if ! command -v redis-cli >/dev/null && port_open "$REDIS_PORT"; then
+        log "redis: redis-cli missing; installing redis-tools"
+        apt_install redis-tools
+    fi
     if redis_answers; then
         log "redis: reused the server on 127.0.0.1:$REDIS_PORT"
         return

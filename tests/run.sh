@@ -5,7 +5,7 @@ set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-bash scripts/ensure-services.sh
+bash tests/ensure-services.sh
 if ! command -v cargo >/dev/null && [ -x "${CARGO_HOME:-$HOME/.cargo}/bin/cargo" ]; then
     export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
 fi
@@ -39,7 +39,7 @@ fi
 if [ -f operator/Cargo.toml ]; then
     step "crds are up to date"
     cargo run -q -p eventplane-operator --bin crdgen
-    git diff --exit-code crds/
+    git diff --exit-code crds/ charts/eventplane/crds/
 fi
 
 echo
