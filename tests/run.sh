@@ -42,5 +42,10 @@ if [ -f operator/Cargo.toml ]; then
     git diff --exit-code crds/ charts/eventplane/crds/
 fi
 
+if [ -z "${KUBECONFIG:-}" ]; then
+    echo
+    echo "note: the end-to-end cluster suite (tests/tests/cluster.rs) was skipped: KUBECONFIG is not set"
+fi
+
 echo
 echo "all checks passed"

@@ -60,7 +60,40 @@ pub enum Outcome {
 pub struct EventSpec {
     pub warning: bool,
     pub reason: &'static str,
+    /// What was done, and to which partition for DDL steps: the recorder
+    /// folds repeats of one (reason, action) into a series, so each
+    /// partition keeps an Event of its own.
+    pub action: String,
     pub note: String,
+}
+
+impl EventSpec {
+    fn warning(reason: &'static str, note: String) -> Self {
+        EventSpec {
+            warning: true,
+            reason,
+            action: "Reconcile".into(),
+            note,
+        }
+    }
+
+    fn step(step: &Step) -> Self {
+        EventSpec {
+            warning: false,
+            reason: step_reason(step),
+            action: format!("{}/{}", step_action(step), step.name()),
+            note: step.to_string(),
+        }
+    }
+}
+
+fn step_action(step: &Step) -> &'static str {
+    match step {
+        Step::Create { .. } | Step::CreateDefault { .. } => "Create",
+        Step::MoveFromDefault { .. } => "MoveRows",
+        Step::Detach { .. } => "Detach",
+        Step::Drop { .. } => "Drop",
+    }
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -120,22 +153,12 @@ pub fn decide(
     let stall = |status: &mut PartitionPolicyStatus,
                  why: &'static str,
                  message: String,
-                 retry: Duration,
-                 warning: bool| {
+                 retry: Duration| {
         status.conditions = conditions::stalled(before, why, &message, generation, now);
         status.next_maintenance = Some(rfc3339(
             now + chrono::Duration::from_std(retry).unwrap_or_default(),
         ));
-        let events = if warning {
-            vec![EventSpec {
-                warning: true,
-                reason: why,
-                note: message,
-            }]
-        } else {
-            vec![]
-        };
-        (events, Some(retry))
+        (vec![EventSpec::warning(why, message)], Some(retry))
     };
     let (events, requeue) = match outcome {
         Outcome::Suspended => {
@@ -150,13 +173,9 @@ pub fn decide(
             status.next_maintenance = None;
             (vec![], None)
         }
-        Outcome::InvalidSpec(message) => stall(
-            &mut status,
-            reason::INVALID_SPEC,
-            message,
-            RETRY_STALLED,
-            true,
-        ),
+        Outcome::InvalidSpec(message) => {
+            stall(&mut status, reason::INVALID_SPEC, message, RETRY_STALLED)
+        }
         Outcome::SecretNotFound { secret } => {
             let message = format!("Secret {secret:?} was not found in the policy's namespace");
             stall(
@@ -164,7 +183,6 @@ pub fn decide(
                 reason::SECRET_NOT_FOUND,
                 message,
                 RETRY_STALLED,
-                true,
             )
         }
         Outcome::SecretKeyMissing { secret, key } => {
@@ -174,7 +192,6 @@ pub fn decide(
                 reason::SECRET_KEY_MISSING,
                 message,
                 RETRY_STALLED,
-                true,
             )
         }
         Outcome::DatabaseUnreachable(message) => {
@@ -184,7 +201,6 @@ pub fn decide(
                 reason::DATABASE_UNREACHABLE,
                 message,
                 RETRY_TRANSIENT,
-                true,
             )
         }
         Outcome::PlanFailed(err) => {
@@ -192,7 +208,7 @@ pub fn decide(
                 PlanError::NotPartitioned(_) => reason::TABLE_NOT_PARTITIONED,
                 _ => reason::PLAN_FAILED,
             };
-            stall(&mut status, why, err.to_string(), RETRY_STALLED, true)
+            stall(&mut status, why, err.to_string(), RETRY_STALLED)
         }
         Outcome::LockBusy => {
             // Someone else is doing the same work right now: not a failure.
@@ -231,22 +247,9 @@ pub fn decide(
             (vec![], Some(RETRY_TRANSIENT))
         }
         Outcome::DdlFailed { message, executed } => {
-            let mut events: Vec<EventSpec> = executed
-                .iter()
-                .map(|s| EventSpec {
-                    warning: false,
-                    reason: step_reason(s),
-                    note: s.to_string(),
-                })
-                .collect();
+            let mut events: Vec<EventSpec> = executed.iter().map(|s| EventSpec::step(s)).collect();
             status.last_plan = executed.iter().map(Step::to_string).collect();
-            let (more, requeue) = stall(
-                &mut status,
-                reason::DDL_FAILED,
-                message,
-                RETRY_TRANSIENT,
-                true,
-            );
+            let (more, requeue) = stall(&mut status, reason::DDL_FAILED, message, RETRY_TRANSIENT);
             events.extend(more);
             (events, requeue)
         }
@@ -271,6 +274,7 @@ pub fn decide(
                     vec![EventSpec {
                         warning: false,
                         reason: "DryRunPlanned",
+                        action: "Plan".into(),
                         note: status.dry_run_plan.join("; "),
                     }]
                 };
@@ -295,11 +299,7 @@ pub fn decide(
                 events = applied
                     .executed
                     .iter()
-                    .map(|s| EventSpec {
-                        warning: false,
-                        reason: step_reason(s),
-                        note: s.to_string(),
-                    })
+                    .map(|s| EventSpec::step(s))
                     .collect();
             }
             (events, Some(requeue))

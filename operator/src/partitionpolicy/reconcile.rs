@@ -77,7 +77,7 @@ async fn publish(policy: &PartitionPolicy, ctx: &Context, decision: &Decision) -
             },
             reason: event.reason.to_string(),
             note: Some(event.note.chars().take(1000).collect()),
-            action: "Reconcile".into(),
+            action: event.action.clone(),
             secondary: None,
         };
         ctx.recorder.publish(&event, &reference).await?;

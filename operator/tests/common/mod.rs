@@ -57,19 +57,36 @@ impl ApiServer {
     /// Waits for the next request (at most 10 s) and checks its method and path.
     pub async fn expect(&mut self, method: Method, path: &str) -> Seen {
         let next = tokio::time::timeout(Duration::from_secs(10), self.handle.next_request()).await;
-        let (request, respond) = next.unwrap_or_else(|_| panic!("timed out waiting for {method} {path}")).expect("client still alive");
+        let (request, respond) = next
+            .unwrap_or_else(|_| panic!("timed out waiting for {method} {path}"))
+            .expect("client still alive");
         let seen_method = request.method().clone();
         let seen_path = request.uri().path().to_string();
         let query = request.uri().query().unwrap_or_default().to_string();
         let bytes = request.into_body().collect_bytes().await.unwrap();
-        let body = if bytes.is_empty() { Value::Null } else { serde_json::from_slice(&bytes).unwrap_or(Value::Null) };
-        assert_eq!((&seen_method, seen_path.as_str()), (&method, path), "unexpected request; body: {body}");
-        Seen { method: seen_method, path: seen_path, query, body, respond }
+        let body = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null)
+        };
+        assert_eq!(
+            (&seen_method, seen_path.as_str()),
+            (&method, path),
+            "unexpected request; body: {body}"
+        );
+        Seen {
+            method: seen_method,
+            path: seen_path,
+            query,
+            body,
+            respond,
+        }
     }
 
     /// Asserts that no further request arrives within `wait`.
     pub async fn expect_nothing(&mut self, wait: Duration) {
-        if let Ok(Some((request, _))) = tokio::time::timeout(wait, self.handle.next_request()).await {
+        if let Ok(Some((request, _))) = tokio::time::timeout(wait, self.handle.next_request()).await
+        {
             panic!("unexpected request {} {}", request.method(), request.uri());
         }
     }

@@ -44,6 +44,7 @@ pub async fn run(role: DevRole) -> anyhow::Result<()> {
         query: role.query.config(),
     };
     let stack = Stack::start(config).await?;
+    let maintenance = tokio::spawn(keep_events_partitioned(stack.pool.clone()));
     let base = stack.url("");
     if role.demo_orders > 0 {
         let summary = demo(&base, role.demo_orders, role.demo_clients.max(1)).await?;
@@ -54,8 +55,45 @@ pub async fn run(role: DevRole) -> anyhow::Result<()> {
         return Ok(());
     }
     crate::roles::shutdown_signal().await;
+    maintenance.abort();
     drop(stack);
     Ok(())
+}
+
+/// The local stack's own `events` table follows the bundled PartitionPolicy
+/// example (monthly, three months ahead), through the same planner and
+/// executor the operator uses.
+pub const EVENTS_POLICY: &str = include_str!("../../../crds/examples/partitionpolicy-events.yaml");
+
+/// Re-plans every hour; a month boundary is never more than an hour late
+/// and three months are premade anyway.
+const PARTITION_CHECK: Duration = Duration::from_secs(3600);
+
+async fn keep_events_partitioned(pool: sqlx::PgPool) {
+    let policy = match eventplane_spec::load_partition_policies(EVENTS_POLICY) {
+        Ok(mut policies) => policies.remove(0).spec,
+        Err(err) => {
+            tracing::error!(error = %err, "bundled events partition policy is invalid");
+            return;
+        }
+    };
+    // The local stack keeps everything: retention is for clusters.
+    let policy = eventplane_spec::PartitionPolicySpec {
+        retention: None,
+        ..policy
+    };
+    let options = crate::partitions::ApplyOptions::default();
+    loop {
+        match crate::partitions::apply(&pool, &policy, chrono::Utc::now(), &options).await {
+            Ok(report) => {
+                for step in &report.executed {
+                    tracing::info!(%step, "events partitions");
+                }
+            }
+            Err(err) => tracing::warn!(error = %err, "events partition maintenance failed"),
+        }
+        tokio::time::sleep(PARTITION_CHECK).await;
+    }
 }
 
 fn examples(base: &str) -> String {
