@@ -247,7 +247,7 @@ pub fn decide(
             (vec![], Some(RETRY_TRANSIENT))
         }
         Outcome::DdlFailed { message, executed } => {
-            let mut events: Vec<EventSpec> = executed.iter().map(|s| EventSpec::step(s)).collect();
+            let mut events: Vec<EventSpec> = executed.iter().map(EventSpec::step).collect();
             status.last_plan = executed.iter().map(Step::to_string).collect();
             let (more, requeue) = stall(&mut status, reason::DDL_FAILED, message, RETRY_TRANSIENT);
             events.extend(more);
@@ -296,11 +296,7 @@ pub fn decide(
                     generation,
                     now,
                 );
-                events = applied
-                    .executed
-                    .iter()
-                    .map(|s| EventSpec::step(s))
-                    .collect();
+                events = applied.executed.iter().map(EventSpec::step).collect();
             }
             (events, Some(requeue))
         }
