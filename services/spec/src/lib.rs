@@ -2,6 +2,7 @@
 //! by the projector, the query service and the operator, with its validation
 //! and all the pure logic that turns it into SQL and row changes.
 
+pub mod cluster;
 mod cursor;
 mod error;
 mod fold;
@@ -15,6 +16,7 @@ mod types;
 mod validate;
 mod value;
 
+pub use cluster::{RebuildSpec, ReclaimPolicy, ScalingSpec};
 pub use cursor::{decode_cursor, encode_cursor};
 pub use error::SpecError;
 pub use fold::{Columns, Conflict, RowOp, fold};

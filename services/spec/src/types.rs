@@ -50,6 +50,11 @@ fn l2_ttl_seconds() -> u64 {
     category = "eventplane",
     doc = "A read model that Eventplane keeps built from the event log, current and served.",
     derive = "PartialEq",
+    scale(
+        spec_replicas_path = ".spec.scaling.replicas",
+        status_replicas_path = ".status.replicas",
+        label_selector_path = ".status.selector"
+    ),
     printcolumn = r#"{"name":"Spec","type":"integer","jsonPath":".spec.version","description":"version asked for"}"#,
     printcolumn = r#"{"name":"Active","type":"integer","jsonPath":".status.activeVersion","description":"version serving reads"}"#,
     printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
@@ -59,6 +64,7 @@ fn l2_ttl_seconds() -> u64 {
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[x_kube(validation = Rule::new("self.columns.exists(c, c.name == self.key)").message("key must name one of the columns"))]
+#[x_kube(validation = Rule::new("self.scaling.minReplicas <= self.scaling.maxReplicas").message("scaling.minReplicas must not exceed scaling.maxReplicas"))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ProjectionSpec {
     /// Name of the table that holds the read model. Lowercase letters, digits
@@ -75,7 +81,9 @@ pub struct ProjectionSpec {
     #[schemars(range(min = 1))]
     pub version: u32,
     /// Name of the primary-key column. It must be one of `columns`, must not
-    /// be of type jsonb, numeric or double, and is never null.
+    /// be of type jsonb, numeric or double, and is never null. Cannot be
+    /// changed: readers and caches address rows by it.
+    #[x_kube(validation = Rule::new("self == oldSelf").message("key is immutable"))]
     pub key: String,
     /// The table's columns.
     pub columns: Vec<ColumnSpec>,
@@ -96,6 +104,20 @@ pub struct ProjectionSpec {
     /// projection until the spec or the data is fixed.
     #[serde(default)]
     pub on_error: ErrorPolicy,
+    /// In a cluster: the Secret holding the Postgres URL of the
+    /// projection's tables. Local runs take `--database-url` instead.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub database: Option<crate::DatabaseRef>,
+    /// How rebuild Jobs run.
+    #[serde(default)]
+    pub rebuild: crate::cluster::RebuildSpec,
+    /// What deleting the Projection does to its tables: `Retain` (default)
+    /// or `Delete`.
+    #[serde(default)]
+    pub reclaim_policy: crate::cluster::ReclaimPolicy,
+    /// How the projection's query Deployment is scaled.
+    #[serde(default)]
+    pub scaling: crate::cluster::ScalingSpec,
 }
 
 /// A table column.
