@@ -37,6 +37,8 @@ pub enum Command {
     Query(QueryRole),
     /// Run every role in one process against local Postgres and Redis.
     Dev(DevRole),
+    /// Build a projection's new version from the event log and swap it in.
+    Rebuild(RebuildArgs),
     /// Plan or apply PartitionPolicy manifests against a database.
     Partitions(PartitionsArgs),
 }
@@ -116,6 +118,10 @@ pub struct ProjectorArgs {
     /// Poll interval in milliseconds when no notification arrives.
     #[arg(long, env = "EVENTPLANE_POLL_INTERVAL_MS", default_value_t = 500)]
     pub poll_interval_ms: u64,
+    /// Leave version changes to rebuild Jobs (the operator sets this);
+    /// otherwise the projector rebuilds in the background itself.
+    #[arg(long, env = "EVENTPLANE_NO_REBUILD")]
+    pub no_rebuild: bool,
 }
 
 impl ProjectorArgs {
@@ -123,8 +129,25 @@ impl ProjectorArgs {
         ProjectorConfig {
             batch_size: self.batch_size.max(1),
             poll_interval: Duration::from_millis(self.poll_interval_ms.max(1)),
+            rebuild_in_process: !self.no_rebuild,
         }
     }
+}
+
+/// `eventplane rebuild`: what a rebuild Job runs.
+#[derive(Args, Debug, Clone)]
+pub struct RebuildArgs {
+    #[command(flatten)]
+    pub db: DbArgs,
+    /// Redis URL, to invalidate the projection's caches after the swap.
+    #[arg(long, env = "REDIS_URL")]
+    pub redis_url: Option<String>,
+    /// The Projection manifest (YAML or JSON) whose `spec.version` to build.
+    #[arg(long, env = "EVENTPLANE_PROJECTION_FILE", conflicts_with = "manifest")]
+    pub projection: Option<PathBuf>,
+    /// The manifest itself, as text (how the operator hands it to a Job).
+    #[arg(long, env = "EVENTPLANE_PROJECTION_MANIFEST")]
+    pub manifest: Option<String>,
 }
 
 #[derive(Args, Debug, Clone)]

@@ -14,7 +14,6 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use redis::AsyncCommands;
 use redis::aio::ConnectionManager;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
@@ -74,11 +73,27 @@ struct Pending {
     overflowed: bool,
 }
 
+/// Deletes the changed rows' L2 keys under the projection's current epoch
+/// (bumping it first when asked), bumps the generation and publishes the
+/// message, all in one atomic script: a concurrent epoch bump (a swap by a
+/// rebuild) can never leave keys of the new epoch undeleted.
+/// KEYS: epoch key, generation key. ARGV: bump flag, row-key prefix,
+/// message prefix (JSON up to the epoch), keys as a JSON array, then the
+/// keys themselves.
+const DELIVER: &str = r#"
+local epoch = redis.call('GET', KEYS[1]) or '0'
+if ARGV[1] == '1' then epoch = tostring(redis.call('INCR', KEYS[1])) end
+for i = 5, #ARGV do redis.call('DEL', ARGV[2] .. epoch .. ':row:' .. ARGV[i]) end
+local generation = redis.call('INCR', KEYS[2])
+redis.call('PUBLISH', 'eventplane:invalidate',
+  ARGV[3] .. epoch .. ',"generation":' .. generation .. ',"keys":' .. ARGV[4] .. '}')
+return generation
+"#;
+
 /// The projector's side: one per projection.
 pub struct Invalidator {
     projection: String,
     redis: ConnectionManager,
-    epoch: Mutex<Option<u64>>,
     pending: Mutex<Pending>,
     metrics: Arc<Metrics>,
 }
@@ -88,7 +103,6 @@ impl Invalidator {
         Self {
             projection: projection.to_string(),
             redis,
-            epoch: Mutex::new(None),
             // A new projector cannot know what a previous one failed to
             // deliver: start by orphaning the projection's L2 keys.
             pending: Mutex::new(Pending {
@@ -108,7 +122,20 @@ impl Invalidator {
             pending.overflowed = true;
             pending.keys.clear();
         }
-        match self.deliver(&pending).await {
+        self.flush(&mut pending).await;
+    }
+
+    /// Orphans every cached entry of the projection (after a swap made
+    /// another version active).
+    pub async fn invalidate_all(&self) {
+        let mut pending = self.pending.lock().await;
+        pending.overflowed = true;
+        pending.keys.clear();
+        self.flush(&mut pending).await;
+    }
+
+    async fn flush(&self, pending: &mut Pending) {
+        match self.deliver(pending).await {
             Ok(()) => *pending = Pending::default(),
             Err(err) => {
                 self.metrics.redis_errors.inc();
@@ -119,35 +146,21 @@ impl Invalidator {
 
     async fn deliver(&self, pending: &Pending) -> redis::RedisResult<()> {
         let mut redis = self.redis.clone();
-        let mut epoch = self.epoch.lock().await;
-        if pending.overflowed || epoch.is_none() {
-            let next: u64 = if pending.overflowed {
-                redis.incr(epoch_key(&self.projection), 1).await?
-            } else {
-                redis
-                    .get::<_, Option<u64>>(epoch_key(&self.projection))
-                    .await?
-                    .unwrap_or(0)
-            };
-            *epoch = Some(next);
+        let keys: Vec<&String> = pending.keys.iter().collect();
+        let name = serde_json::to_string(&self.projection).expect("strings serialize");
+        let script = redis::Script::new(DELIVER);
+        let mut invocation = script.prepare_invoke();
+        invocation
+            .key(epoch_key(&self.projection))
+            .key(generation_key(&self.projection))
+            .arg(if pending.overflowed { "1" } else { "0" })
+            .arg(format!("ep:{{{}}}:", self.projection))
+            .arg(format!("{{\"projection\":{name},\"epoch\":"))
+            .arg(serde_json::to_string(&keys).expect("strings serialize"));
+        for key in keys {
+            invocation.arg(key);
         }
-        let epoch = epoch.expect("epoch was just set");
-        let keys: Vec<String> = pending.keys.iter().cloned().collect();
-        let mut pipe = redis::pipe();
-        pipe.atomic();
-        for key in &keys {
-            pipe.del(row_key(&self.projection, epoch, key)).ignore();
-        }
-        pipe.incr(generation_key(&self.projection), 1);
-        let (generation,): (u64,) = pipe.query_async(&mut redis).await?;
-        let message = Message {
-            projection: self.projection.clone(),
-            epoch,
-            generation,
-            keys,
-        };
-        let payload = serde_json::to_string(&message).expect("messages serialize");
-        redis.publish::<_, _, ()>(CHANNEL, payload).await?;
+        let _generation: u64 = invocation.invoke_async(&mut redis).await?;
         Ok(())
     }
 }

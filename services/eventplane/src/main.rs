@@ -11,6 +11,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Projector(role) => eventplane::roles::projector(role).await,
         Command::Query(role) => eventplane::roles::query(role).await,
         Command::Dev(role) => eventplane::dev::run(role).await,
+        Command::Rebuild(args) => eventplane::rebuild::cli(args).await,
         Command::Partitions(args) => eventplane::partitions::cli::run(args).await,
     }
 }

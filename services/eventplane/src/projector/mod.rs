@@ -16,7 +16,7 @@ use tokio::task::JoinHandle;
 use crate::invalidation::Invalidator;
 use crate::metrics::{Metrics, ProjectionLabels};
 use crate::projections::Projection;
-use batch::{apply_batch, ensure_projection};
+use batch::apply_batch;
 
 #[derive(Clone, Debug)]
 pub struct ProjectorConfig {
@@ -24,6 +24,9 @@ pub struct ProjectorConfig {
     pub batch_size: i64,
     /// Poll this often even without a notification.
     pub poll_interval: Duration,
+    /// Rebuild a projection whose spec asks for a new version in this
+    /// process (local runs); in a cluster the operator runs a Job instead.
+    pub rebuild_in_process: bool,
 }
 
 impl Default for ProjectorConfig {
@@ -31,6 +34,7 @@ impl Default for ProjectorConfig {
         Self {
             batch_size: 1000,
             poll_interval: Duration::from_millis(500),
+            rebuild_in_process: true,
         }
     }
 }
@@ -50,19 +54,37 @@ pub async fn start(
     metrics: Arc<Metrics>,
     config: ProjectorConfig,
 ) -> anyhow::Result<Vec<JoinHandle<()>>> {
+    let mut runtimes = Vec::with_capacity(projections.len());
+    let mut rebuilds = Vec::new();
     for projection in projections {
-        ensure_projection(&pool, projection).await?;
+        let (ensured, runtime) = crate::versions::ensure(&pool, projection).await?;
+        if let crate::versions::Ensured::NeedsRebuild { active, wanted } = ensured {
+            tracing::info!(projection = %projection.name, active, wanted, "version change: rebuilding in the background");
+            rebuilds.push(projection.clone());
+        }
+        runtimes.push(runtime);
     }
     let (wake_tx, wake_rx) = watch::channel(0u64);
     let mut handles = vec![tokio::spawn(listen(pool.clone(), wake_tx))];
     handles.push(tokio::spawn(watch_horizon(pool.clone(), metrics.clone())));
-    for projection in projections {
+    if config.rebuild_in_process {
+        for projection in rebuilds {
+            let (pool, redis, metrics) = (pool.clone(), redis.clone(), metrics.clone());
+            handles.push(tokio::spawn(async move {
+                let options = crate::rebuild::RebuildOptions::from_spec(&projection.spec);
+                if let Err(err) = crate::rebuild::run(&pool, &projection, redis, metrics, &options).await {
+                    tracing::error!(projection = %projection.name, error = %err, "rebuild failed; the active version keeps serving");
+                }
+            }));
+        }
+    }
+    for projection in runtimes {
         let invalidator = redis
             .clone()
             .map(|r| Invalidator::new(&projection.name, r, metrics.clone()));
         let task = Tail {
             pool: pool.clone(),
-            projection: projection.clone(),
+            projection,
             invalidator,
             metrics: metrics.clone(),
             config: config.clone(),
@@ -81,15 +103,19 @@ struct Tail {
 }
 
 impl Tail {
-    async fn run(self, mut wake: watch::Receiver<u64>) {
+    async fn run(mut self, mut wake: watch::Receiver<u64>) {
         let labels = ProjectionLabels {
             projection: self.projection.name.clone(),
         };
         let mut behind_wait = MIN_BEHIND_WAIT;
         let mut halted_logged = false;
         loop {
-            let outcome = match apply_batch(&self.pool, &self.projection, self.config.batch_size)
-                .await
+            let outcome = match apply_batch(
+                &self.pool,
+                &mut self.projection,
+                self.config.batch_size,
+            )
+            .await
             {
                 Ok(outcome) => outcome,
                 Err(err) => {

@@ -92,8 +92,8 @@ impl QueryService {
                 .queries
                 .iter()
                 .map(|q| {
-                    let plain = list_sql(&projection.spec, q, &projection.table, false).sql;
-                    let paged = list_sql(&projection.spec, q, &projection.table, true).sql;
+                    let plain = list_sql(&projection.spec, q, &projection.spec.table, false).sql;
+                    let paged = list_sql(&projection.spec, q, &projection.spec.table, true).sql;
                     (q.name.clone(), (plain, paged))
                 })
                 .collect();
@@ -102,7 +102,7 @@ impl QueryService {
                 Served {
                     projection: projection.clone(),
                     cache,
-                    row_sql: row_sql(&projection.spec, &projection.table),
+                    row_sql: row_sql(&projection.spec, &projection.spec.table),
                     list_sql,
                 },
             );
