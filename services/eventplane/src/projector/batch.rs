@@ -128,27 +128,35 @@ pub async fn apply_locked(
     projection: &mut Arc<Projection>,
     limit: i64,
 ) -> sqlx::Result<BatchOutcome> {
-    // For a live projection the active version comes with the checkpoint
-    // lock, so a swap (which holds that lock) is seen atomically.
-    let row: Option<(i64, i64, Option<String>, Option<Value>)> = sqlx::query_as(
-        "SELECT c.tx_id::text::bigint, c.position, c.halted_reason, \
-                CASE WHEN v.version <> $2 THEN v.spec END \
-         FROM projection_checkpoints c \
-         LEFT JOIN projection_versions v ON v.projection = c.projection AND v.state = 'active' \
-         WHERE c.projection = $1 FOR UPDATE OF c",
+    let row: Option<(i64, i64, Option<String>)> = sqlx::query_as(
+        "SELECT tx_id::text::bigint, position, halted_reason FROM projection_checkpoints \
+         WHERE projection = $1 FOR UPDATE",
     )
     .bind(&projection.checkpoint)
-    .bind(projection.spec.version as i32)
     .fetch_optional(&mut *tx)
     .await?;
-    let Some((cp_tx, cp_pos, halted, switched)) = row else {
+    let Some((cp_tx, cp_pos, halted)) = row else {
         return Err(sqlx::Error::RowNotFound);
     };
-    if let Some(spec) = switched.filter(|_| projection.is_live()) {
-        let spec: eventplane_spec::ProjectionSpec =
-            serde_json::from_value(spec).map_err(|e| sqlx::Error::Decode(e.into()))?;
-        tracing::info!(projection = %projection.name, version = spec.version, "following the active version");
-        *projection = Arc::new(Projection::live(projection.name.clone(), spec));
+    if projection.is_live() {
+        // Read after the checkpoint lock, in a statement of its own: a swap
+        // holds that lock until it commits, so this snapshot sees the
+        // version it made active. (Joined into the locking statement, the
+        // version would come from the snapshot taken before the wait.)
+        let switched: Option<Value> = sqlx::query_scalar(
+            "SELECT spec FROM projection_versions \
+             WHERE projection = $1 AND state = 'active' AND version <> $2",
+        )
+        .bind(&projection.name)
+        .bind(projection.spec.version as i32)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if let Some(spec) = switched {
+            let spec: eventplane_spec::ProjectionSpec =
+                serde_json::from_value(spec).map_err(|e| sqlx::Error::Decode(e.into()))?;
+            tracing::info!(projection = %projection.name, version = spec.version, "following the active version");
+            *projection = Arc::new(Projection::live(projection.name.clone(), spec));
+        }
     }
     if let Some(reason) = halted {
         return Ok(BatchOutcome {

@@ -1,0 +1,332 @@
+//! Rebuild and swap against real Postgres, with readers of the stable name
+//! (plain SQL and the query service) running without pause and writers
+//! appending throughout.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use common::*;
+use eventplane::projections::Projection;
+use eventplane::rebuild::{RebuildError, RebuildOptions, run};
+use eventplane::server::{Roles, StackConfig};
+use serde_json::json;
+use sqlx::PgPool;
+
+/// The sample projection with another version number and name, and with
+/// new orders marked `marker` instead of PENDING, so each version's rows
+/// are recognisable.
+fn orders_version(name: &str, table: &str, version: u32, marker: &str) -> Projection {
+    let yaml = eventplane::dev::ORDERS_MANIFEST
+        .replace("name: orders", &format!("name: {name}"))
+        .replace("table: orders", &format!("table: {table}"))
+        .replace("spec:\n", &format!("spec:\n  version: {version}\n"))
+        .replace(
+            "{column: status, value: PENDING}",
+            &format!("{{column: status, value: {marker}}}"),
+        );
+    Projection::from_manifest(eventplane_spec::load_manifests(&yaml).unwrap().remove(0))
+}
+
+async fn caught_up(pool: &PgPool, checkpoint: &str) -> bool {
+    let done: Option<bool> = sqlx::query_scalar(
+        "SELECT NOT EXISTS (SELECT 1 FROM events e WHERE (e.tx_id, e.position) > (c.tx_id, c.position)) \
+         FROM projection_checkpoints c WHERE projection = $1",
+    )
+    .bind(checkpoint)
+    .fetch_optional(pool)
+    .await
+    .unwrap();
+    done == Some(true)
+}
+
+async fn differences(pool: &PgPool, a: &str, b: &str) -> i64 {
+    sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "SELECT count(*) FROM ((SELECT * FROM {a} EXCEPT ALL SELECT * FROM {b}) UNION ALL (SELECT * FROM {b} EXCEPT ALL SELECT * FROM {a})) d"
+    )))
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
+/// Reads the stable name in a loop; counts errors and answers that mix
+/// two versions' markers.
+fn plain_reader(
+    pool: PgPool,
+    stop: Arc<AtomicBool>,
+    errors: Arc<AtomicUsize>,
+    mixed: Arc<AtomicUsize>,
+    reads: Arc<AtomicUsize>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        while !stop.load(Ordering::Relaxed) {
+            let result: Result<Vec<String>, _> =
+                sqlx::query_scalar("SELECT DISTINCT status FROM orders")
+                    .fetch_all(&pool)
+                    .await;
+            match result {
+                Ok(statuses) => {
+                    if statuses.iter().any(|s| s == "PENDING")
+                        && statuses.iter().any(|s| s == "OPEN")
+                    {
+                        mixed.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                Err(err) => {
+                    eprintln!("reader error: {err}");
+                    errors.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            reads.fetch_add(1, Ordering::Relaxed);
+        }
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rebuild_swaps_in_under_readers_and_writers_and_can_swap_back() {
+    let db = TestDb::new().await;
+    let stack = stack(&db).await;
+    let http = client();
+    for i in 0..300 {
+        let (status, _) = append(
+            &http,
+            &stack,
+            &format!("order-r{i}"),
+            json!("no_stream"),
+            vec![placed(&format!("r{i}"), &format!("c{}", i % 9), "3")],
+        )
+        .await;
+        assert_eq!(status, 201);
+        if i % 3 == 0 {
+            append(
+                &http,
+                &stack,
+                &format!("order-r{i}"),
+                json!(1),
+                vec![json!({"type": "OrderPaid", "data": {"orderId": format!("r{i}")}})],
+            )
+            .await;
+        }
+    }
+    let pool = db.pool().await;
+    assert!(eventually(Duration::from_secs(20), || caught_up(&pool, "orders")).await);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let (errors, mixed, reads) = (
+        Arc::new(AtomicUsize::new(0)),
+        Arc::new(AtomicUsize::new(0)),
+        Arc::new(AtomicUsize::new(0)),
+    );
+    let readers: Vec<_> = (0..3)
+        .map(|_| {
+            plain_reader(
+                pool.clone(),
+                stop.clone(),
+                errors.clone(),
+                mixed.clone(),
+                reads.clone(),
+            )
+        })
+        .collect();
+    // The query service reads the stable name too.
+    let http_errors = Arc::new(AtomicUsize::new(0));
+    let service_reader = {
+        let (http, url, stop, http_errors) = (
+            http.clone(),
+            stack.url("/v1/projections/orders/queries/by_customer?customer_id=c1&limit=5"),
+            stop.clone(),
+            http_errors.clone(),
+        );
+        tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                let status = http
+                    .get(&url)
+                    .send()
+                    .await
+                    .map(|r| r.status().as_u16())
+                    .unwrap_or(0);
+                if status != 200 {
+                    http_errors.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        })
+    };
+    // Writers keep going through the rebuild and the swap.
+    let writer = {
+        let (http, base, stop) = (http.clone(), stack.url(""), stop.clone());
+        tokio::spawn(async move {
+            let mut n = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let body = json!({"expectedVersion": "no_stream", "events": [placed(&format!("w{n}"), "c1", "1")]});
+                let response = http
+                    .post(format!("{base}/v1/streams/order-w{n}/events"))
+                    .json(&body)
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(response.status().as_u16(), 201);
+                n += 1;
+            }
+            n
+        })
+    };
+
+    let v2 = orders_version("orders", "orders", 2, "OPEN");
+    let mut options = RebuildOptions::from_spec(&v2.spec);
+    options.batch_size = 100;
+    let report = run(&pool, &v2, None, stack.metrics.clone(), &options)
+        .await
+        .expect("rebuild succeeds");
+    assert!(!report.already_active && !report.swapped_back);
+    assert!(report.events_loaded >= 400, "{report:?}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::Relaxed);
+    let written = writer.await.unwrap();
+    for reader in readers {
+        reader.await.unwrap();
+    }
+    service_reader.await.unwrap();
+    assert!(written > 0, "writers ran during the rebuild");
+    assert!(
+        reads.load(Ordering::Relaxed) > 10,
+        "readers ran during the rebuild"
+    );
+    assert_eq!(
+        errors.load(Ordering::Relaxed),
+        0,
+        "no reader of the stable name saw an error"
+    );
+    assert_eq!(
+        mixed.load(Ordering::Relaxed),
+        0,
+        "no answer mixed two versions"
+    );
+    assert_eq!(
+        http_errors.load(Ordering::Relaxed),
+        0,
+        "the query service never failed"
+    );
+
+    let states: Vec<(i32, String)> = sqlx::query_as("SELECT version, state FROM projection_versions WHERE projection = 'orders' ORDER BY version")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    assert_eq!(states, vec![(1, "retained".into()), (2, "active".into())]);
+
+    // The live projector followed the swap: version 2 holds every event,
+    // including those appended during the rebuild, exactly once. The
+    // reference is version 2 built in one go under another name.
+    let reference = orders_version("orders-check", "orders_check", 2, "OPEN");
+    let mut config = StackConfig::local(&db.url, None, vec![Arc::new(reference)]);
+    config.roles = Roles {
+        command: false,
+        projector: true,
+        query: false,
+    };
+    let check = stack_with(config).await;
+    assert!(eventually(Duration::from_secs(30), || caught_up(&pool, "orders")).await);
+    assert!(eventually(Duration::from_secs(30), || caught_up(&pool, "orders-check")).await);
+    drop(check);
+    let diff: Vec<(String, String)> = sqlx::query_as(
+        "(SELECT 'live', to_jsonb(a)::text FROM (SELECT * FROM orders EXCEPT ALL SELECT * FROM orders_check) a) \
+         UNION ALL (SELECT 'reference', to_jsonb(b)::text FROM (SELECT * FROM orders_check EXCEPT ALL SELECT * FROM orders) b)",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert!(diff.is_empty(), "{diff:#?}");
+    assert_eq!(differences(&pool, "orders", "orders_check").await, 0);
+    let pending: i64 = sqlx::query_scalar("SELECT count(*) FROM orders WHERE status = 'PENDING'")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(pending, 0, "every row comes from version 2");
+
+    // Swap back: version 1 is caught up from where it stopped.
+    let v1 = orders_version("orders", "orders", 1, "PENDING");
+    for i in 0..20 {
+        append(
+            &http,
+            &stack,
+            &format!("order-late{i}"),
+            json!("no_stream"),
+            vec![placed(&format!("late{i}"), "c2", "4")],
+        )
+        .await;
+    }
+    let report = run(
+        &pool,
+        &v1,
+        None,
+        stack.metrics.clone(),
+        &RebuildOptions::from_spec(&v1.spec),
+    )
+    .await
+    .expect("swap back succeeds");
+    assert!(report.swapped_back);
+    let late: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM orders WHERE id LIKE 'late%' AND status = 'PENDING'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        late, 20,
+        "the swapped-back version caught up with events appended since it retired"
+    );
+    let open: i64 = sqlx::query_scalar("SELECT count(*) FROM orders WHERE status = 'OPEN'")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(open, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_concurrent_rebuild_is_refused() {
+    let db = TestDb::new().await;
+    let stack = stack(&db).await;
+    let pool = db.pool().await;
+    let mut holder = pool.acquire().await.unwrap();
+    sqlx::query("SELECT pg_advisory_lock(hashtextextended('eventplane.rebuild:orders', 0))")
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    let v2 = orders_version("orders", "orders", 2, "OPEN");
+    let result = run(
+        &pool,
+        &v2,
+        None,
+        stack.metrics.clone(),
+        &RebuildOptions::from_spec(&v2.spec),
+    )
+    .await;
+    assert!(
+        matches!(result, Err(RebuildError::AlreadyRunning(ref name)) if name == "orders"),
+        "{result:?}"
+    );
+    let versions: i64 = sqlx::query_scalar("SELECT count(*) FROM projection_versions")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(versions, 1, "the refused rebuild touched nothing");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rebuilding_the_active_version_does_nothing() {
+    let db = TestDb::new().await;
+    let stack = stack(&db).await;
+    let pool = db.pool().await;
+    let v1 = orders_version("orders", "orders", 1, "PENDING");
+    let report = run(
+        &pool,
+        &v1,
+        None,
+        stack.metrics.clone(),
+        &RebuildOptions::from_spec(&v1.spec),
+    )
+    .await
+    .unwrap();
+    assert!(report.already_active);
+}
