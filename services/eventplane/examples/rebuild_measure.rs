@@ -24,13 +24,22 @@ struct Args {
     #[arg(long, default_value_t = 10_000)]
     batch_size: i64,
     /// Admin URL; a scratch database is created next to it and dropped.
-    #[arg(long, env = "DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:5432/postgres")]
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/postgres"
+    )]
     database_url: String,
 }
 
 fn orders(version: u32) -> Projection {
-    let yaml = eventplane::dev::ORDERS_MANIFEST.replace("spec:\n", &format!("spec:\n  version: {version}\n"));
-    Projection::from_manifest(eventplane_spec::load_manifests(&yaml).expect("sample is valid").remove(0))
+    let yaml = eventplane::dev::ORDERS_MANIFEST
+        .replace("spec:\n", &format!("spec:\n  version: {version}\n"));
+    Projection::from_manifest(
+        eventplane_spec::load_manifests(&yaml)
+            .expect("sample is valid")
+            .remove(0),
+    )
 }
 
 async fn load_log(pool: &PgPool, events: i64) -> anyhow::Result<()> {
@@ -66,7 +75,10 @@ async fn load_log(pool: &PgPool, events: i64) -> anyhow::Result<()> {
 
 /// The same rows, computed by Postgres alone: one INSERT … SELECT for the
 /// places and one UPDATE … FROM for the payments.
-async fn baseline(pool: &PgPool, spec: &eventplane_spec::ProjectionSpec) -> anyhow::Result<Duration> {
+async fn baseline(
+    pool: &PgPool,
+    spec: &eventplane_spec::ProjectionSpec,
+) -> anyhow::Result<Duration> {
     let ddl = eventplane_spec::create_table_sql(spec, "baseline").remove(0);
     sqlx::query(sqlx::AssertSqlSafe(ddl)).execute(pool).await?;
     let started = Instant::now();
@@ -91,11 +103,17 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let admin = PgPool::connect(&args.database_url).await?;
     let name = format!("ep_rebuild_measure_{}", std::process::id());
-    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}"))).execute(&admin).await?;
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+        .execute(&admin)
+        .await?;
     let mut url = url::Url::parse(&args.database_url)?;
     url.set_path(&name);
     let result = measure(&args, url.as_str()).await;
-    sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE {name} WITH (FORCE)"))).execute(&admin).await?;
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "DROP DATABASE {name} WITH (FORCE)"
+    )))
+    .execute(&admin)
+    .await?;
     result
 }
 
@@ -104,7 +122,11 @@ async fn measure(args: &Args, url: &str) -> anyhow::Result<()> {
     eventplane::db::migrate(&pool).await?;
     let started = Instant::now();
     load_log(&pool, args.events).await?;
-    println!("log: {} events loaded in {:.1} s", args.events, started.elapsed().as_secs_f64());
+    println!(
+        "log: {} events loaded in {:.1} s",
+        args.events,
+        started.elapsed().as_secs_f64()
+    );
 
     let v1 = orders(1);
     eventplane::versions::ensure(&pool, &v1).await?;
@@ -115,17 +137,19 @@ async fn measure(args: &Args, url: &str) -> anyhow::Result<()> {
     let reader = {
         let (pool, stop) = (pool.clone(), stop.clone());
         tokio::spawn(async move {
-            let mut latency = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid bounds");
+            let mut latency =
+                Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid bounds");
             let mut errors = 0u64;
             let mut n = 0u64;
             while !stop.load(Ordering::Relaxed) {
                 n += 1;
                 let t = Instant::now();
                 let id = format!("o{}", n % 100_000 + 1);
-                let result: Result<Option<String>, _> = sqlx::query_scalar("SELECT status FROM orders WHERE id = $1")
-                    .bind(&id)
-                    .fetch_optional(&pool)
-                    .await;
+                let result: Result<Option<String>, _> =
+                    sqlx::query_scalar("SELECT status FROM orders WHERE id = $1")
+                        .bind(&id)
+                        .fetch_optional(&pool)
+                        .await;
                 if result.is_err() {
                     errors += 1;
                 }
@@ -143,7 +167,11 @@ async fn measure(args: &Args, url: &str) -> anyhow::Result<()> {
     let (latency, errors) = reader.await?;
 
     let baseline_rate = args.events as f64 / base.as_secs_f64();
-    println!("baseline INSERT … SELECT + UPDATE … FROM: {:.2} s = {:.0} events/s", base.as_secs_f64(), baseline_rate);
+    println!(
+        "baseline INSERT … SELECT + UPDATE … FROM: {:.2} s = {:.0} events/s",
+        base.as_secs_f64(),
+        baseline_rate
+    );
     println!(
         "rebuild load: {} events in {:.2} s = {:.0} events/s (ratio to baseline {:.2}x); indexes {:.2} s",
         report.events_loaded,
@@ -152,7 +180,10 @@ async fn measure(args: &Args, url: &str) -> anyhow::Result<()> {
         report.events_per_second / baseline_rate,
         report.index_seconds
     );
-    println!("swap: {} attempt(s), view lock held {:.2} ms", report.swap_attempts, report.swap_lock_ms);
+    println!(
+        "swap: {} attempt(s), view lock held {:.2} ms",
+        report.swap_attempts, report.swap_lock_ms
+    );
     println!(
         "readers of the stable name during the rebuild: {} reads, {} errors, p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
         latency.len(),
@@ -161,7 +192,9 @@ async fn measure(args: &Args, url: &str) -> anyhow::Result<()> {
         latency.value_at_quantile(0.99) as f64 / 1000.0,
         latency.max() as f64 / 1000.0
     );
-    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM orders").fetch_one(&pool).await?;
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM orders")
+        .fetch_one(&pool)
+        .await?;
     let same: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM ((SELECT id, status FROM orders EXCEPT SELECT id, status FROM baseline) \
          UNION ALL (SELECT id, status FROM baseline EXCEPT SELECT id, status FROM orders)) d",

@@ -178,7 +178,8 @@ async fn run_locked(
                 .map_err(|e| RebuildError::StoredSpec(version, e.to_string()))?
         }
         Some(row)
-            if row.spec == serde_json::to_value(&projection.spec).expect("specs serialize") =>
+            if row.spec == serde_json::to_value(&projection.spec).expect("specs serialize")
+                && resumable(&mut conn, projection).await? =>
         {
             // A previous attempt stopped part-way: its table and checkpoint
             // moved together, so the load resumes where it stopped.
@@ -202,6 +203,12 @@ async fn run_locked(
 
     let started = Instant::now();
     let mut conn = pool.acquire().await?;
+    sqlx::query(AssertSqlSafe(format!(
+        "ALTER TABLE {} SET LOGGED",
+        quote_ident(&build.table)
+    )))
+    .execute(&mut *conn)
+    .await?;
     for statement in eventplane_spec::index_sql(&build.spec, &build.table) {
         sqlx::query(AssertSqlSafe(statement))
             .execute(&mut *conn)
@@ -227,7 +234,12 @@ async fn run_locked(
 /// its checkpoint.
 async fn start(conn: &mut PgConnection, projection: &Projection) -> Result<(), RebuildError> {
     let build = Projection::build(projection.name.clone(), projection.spec.clone());
-    let create_table = eventplane_spec::create_table_sql(&build.spec, &build.table).remove(0);
+    // Unlogged while it loads: the bulk replay writes no WAL. It is made
+    // logged before the swap; a crash before that empties it, which
+    // `run_locked` detects and answers by starting over.
+    let create_table = eventplane_spec::create_table_sql(&build.spec, &build.table)
+        .remove(0)
+        .replacen("CREATE TABLE", "CREATE UNLOGGED TABLE", 1);
     sqlx::query(AssertSqlSafe(create_table))
         .execute(&mut *conn)
         .await?;
@@ -256,7 +268,26 @@ async fn start(conn: &mut PgConnection, projection: &Projection) -> Result<(), R
     Ok(())
 }
 
-/// Drops a half-built version made from another spec.
+/// Whether a half-built version can be resumed: its unlogged table still
+/// holds what its checkpoint says (a server crash empties unlogged tables).
+async fn resumable(conn: &mut PgConnection, projection: &Projection) -> Result<bool, RebuildError> {
+    let build = Projection::build(projection.name.clone(), projection.spec.clone());
+    let applied: Option<i64> =
+        sqlx::query_scalar("SELECT applied FROM projection_checkpoints WHERE projection = $1")
+            .bind(&build.checkpoint)
+            .fetch_optional(&mut *conn)
+            .await?;
+    let empty: bool = sqlx::query_scalar(AssertSqlSafe(format!(
+        "SELECT NOT EXISTS (SELECT 1 FROM {})",
+        quote_ident(&build.table)
+    )))
+    .fetch_one(&mut *conn)
+    .await?;
+    Ok(applied.is_some() && !(empty && applied > Some(0)))
+}
+
+/// Drops a half-built version made from another spec, or one a crash
+/// emptied.
 async fn discard(conn: &mut PgConnection, projection: &Projection) -> Result<(), RebuildError> {
     let build = Projection::build(projection.name.clone(), projection.spec.clone());
     sqlx::query(AssertSqlSafe(format!(

@@ -142,25 +142,7 @@ async fn write_workload(stack: &eventplane::server::Stack, events: usize) {
 }
 
 async fn assert_tables_equal(pool: &PgPool, a: &str, b: &str) {
-    let diff: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
-        "SELECT count(*) FROM ((SELECT * FROM {a} EXCEPT ALL SELECT * FROM {b}) UNION ALL (SELECT * FROM {b} EXCEPT ALL SELECT * FROM {a})) d"
-    )))
-    .fetch_one(pool)
-    .await
-    .unwrap();
-    assert_eq!(diff, 0, "{a} and {b} differ");
-}
-
-async fn caught_up(pool: &PgPool, projection: &str) -> bool {
-    let done: Option<bool> = sqlx::query_scalar(
-        "SELECT NOT EXISTS (SELECT 1 FROM events e WHERE (e.tx_id, e.position) > (c.tx_id, c.position)) \
-         FROM projection_checkpoints c WHERE projection = $1",
-    )
-    .bind(projection)
-    .fetch_optional(pool)
-    .await
-    .unwrap();
-    done == Some(true)
+    assert_eq!(differences(pool, a, b).await, 0, "{a} and {b} differ");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

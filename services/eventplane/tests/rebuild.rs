@@ -30,27 +30,6 @@ fn orders_version(name: &str, table: &str, version: u32, marker: &str) -> Projec
     Projection::from_manifest(eventplane_spec::load_manifests(&yaml).unwrap().remove(0))
 }
 
-async fn caught_up(pool: &PgPool, checkpoint: &str) -> bool {
-    let done: Option<bool> = sqlx::query_scalar(
-        "SELECT NOT EXISTS (SELECT 1 FROM events e WHERE (e.tx_id, e.position) > (c.tx_id, c.position)) \
-         FROM projection_checkpoints c WHERE projection = $1",
-    )
-    .bind(checkpoint)
-    .fetch_optional(pool)
-    .await
-    .unwrap();
-    done == Some(true)
-}
-
-async fn differences(pool: &PgPool, a: &str, b: &str) -> i64 {
-    sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
-        "SELECT count(*) FROM ((SELECT * FROM {a} EXCEPT ALL SELECT * FROM {b}) UNION ALL (SELECT * FROM {b} EXCEPT ALL SELECT * FROM {a})) d"
-    )))
-    .fetch_one(pool)
-    .await
-    .unwrap()
-}
-
 /// Reads the stable name in a loop; counts errors and answers that mix
 /// two versions' markers.
 fn plain_reader(

@@ -390,37 +390,63 @@ pub struct ManifestMetadata {
     pub namespace: Option<String>,
 }
 
-/// Parses one or more `Projection` manifests (separated by `---`) and
-/// validates each one.
-pub fn load_manifests(yaml: &str) -> Result<Vec<ProjectionManifest>, SpecError> {
-    let manifests: Vec<ProjectionManifest> =
+/// A manifest kind the shared loader reads.
+pub(crate) trait Manifest: serde::de::DeserializeOwned {
+    /// Lowercase noun for messages ("projection").
+    const NOUN: &'static str;
+    fn metadata(&self) -> &ManifestMetadata;
+    /// Checks the header, the name and the spec.
+    fn check(&self) -> Result<(), SpecError>;
+}
+
+/// Parses one or more manifests (separated by `---`), validates each one
+/// and refuses a name used twice; `extra` adds checks across documents.
+/// Error paths stay `spec.…` for the common one-document file; with several
+/// documents they start with `documents[i].`.
+pub(crate) fn load_documents<M: Manifest>(
+    yaml: &str,
+    mut extra: impl FnMut(&M, &str) -> Result<(), SpecError>,
+) -> Result<Vec<M>, SpecError> {
+    let manifests: Vec<M> =
         serde_saphyr::from_multiple(yaml).map_err(|e| SpecError::Yaml(e.to_string()))?;
     if manifests.is_empty() {
-        return Err(SpecError::Yaml("no Projection manifest found".into()));
+        return Err(SpecError::Yaml(format!("no {} manifest found", M::NOUN)));
     }
     let several = manifests.len() > 1;
     let mut names = std::collections::BTreeSet::new();
     for (i, manifest) in manifests.iter().enumerate() {
-        // Paths stay `spec.…` for the common one-document file; with several
-        // documents the user needs to know which one.
         let prefix = if several {
             format!("documents[{i}].")
         } else {
             String::new()
         };
-        manifest.validate().map_err(|e| e.within(&prefix))?;
-        let id = (
-            manifest.metadata.namespace.as_deref(),
-            manifest.metadata.name.as_str(),
-        );
-        if !names.insert(id) {
+        manifest.check().map_err(|e| e.within(&prefix))?;
+        let metadata = manifest.metadata();
+        if !names.insert((metadata.namespace.clone(), metadata.name.clone())) {
             return Err(SpecError::invalid(
                 format!("{prefix}metadata.name"),
-                format!("projection {} is defined twice", manifest.metadata.name),
+                format!("{} {} is defined twice", M::NOUN, metadata.name),
             ));
         }
+        extra(manifest, &prefix)?;
     }
     Ok(manifests)
+}
+
+impl Manifest for ProjectionManifest {
+    const NOUN: &'static str = "projection";
+    fn metadata(&self) -> &ManifestMetadata {
+        &self.metadata
+    }
+    fn check(&self) -> Result<(), SpecError> {
+        self.validate()
+    }
+}
+
+/// Parses one or more `Projection` manifests (separated by `---`) and
+/// validates each one.
+pub fn load_manifests(yaml: &str) -> Result<Vec<ProjectionManifest>, SpecError> {
+    load_documents(yaml, |_: &ProjectionManifest, _| Ok(()))
 }
 
 impl ProjectionManifest {

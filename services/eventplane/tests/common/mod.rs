@@ -158,3 +158,27 @@ pub async fn count(pool: &PgPool, sql: &'static str) -> i64 {
         .await
         .expect("count query")
 }
+
+/// Whether the checkpoint row `checkpoint` has passed every event in the log.
+pub async fn caught_up(pool: &PgPool, checkpoint: &str) -> bool {
+    let done: Option<bool> = sqlx::query_scalar(
+        "SELECT NOT EXISTS (SELECT 1 FROM events e WHERE (e.tx_id, e.position) > (c.tx_id, c.position)) \
+         FROM projection_checkpoints c WHERE projection = $1",
+    )
+    .bind(checkpoint)
+    .fetch_optional(pool)
+    .await
+    .expect("checkpoint query");
+    done == Some(true)
+}
+
+/// Rows in one relation and not the other, both ways (duplicates count).
+pub async fn differences(pool: &PgPool, a: &str, b: &str) -> i64 {
+    sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "SELECT count(*) FROM ((SELECT * FROM {a} EXCEPT ALL SELECT * FROM {b}) \
+         UNION ALL (SELECT * FROM {b} EXCEPT ALL SELECT * FROM {a})) d"
+    )))
+    .fetch_one(pool)
+    .await
+    .expect("difference query")
+}

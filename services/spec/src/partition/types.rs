@@ -293,38 +293,24 @@ impl PartitionPolicyManifest {
     }
 }
 
+impl crate::types::Manifest for PartitionPolicyManifest {
+    const NOUN: &'static str = "partition policy";
+    fn metadata(&self) -> &ManifestMetadata {
+        &self.metadata
+    }
+    fn check(&self) -> Result<(), SpecError> {
+        self.validate()
+    }
+}
+
 /// Parses one or more `PartitionPolicy` manifests (separated by `---`) and
 /// validates each one.
 pub fn load_partition_policies(yaml: &str) -> Result<Vec<PartitionPolicyManifest>, SpecError> {
-    let manifests: Vec<PartitionPolicyManifest> =
-        serde_saphyr::from_multiple(yaml).map_err(|e| SpecError::Yaml(e.to_string()))?;
-    if manifests.is_empty() {
-        return Err(SpecError::Yaml("no PartitionPolicy manifest found".into()));
-    }
-    let several = manifests.len() > 1;
-    let mut names = std::collections::BTreeSet::new();
     let mut tables = std::collections::BTreeSet::new();
-    for (i, manifest) in manifests.iter().enumerate() {
-        // Paths stay `spec.…` for the common one-document file; with several
-        // documents the user needs to know which one.
-        let prefix = if several {
-            format!("documents[{i}].")
-        } else {
-            String::new()
-        };
-        manifest.validate().map_err(|e| e.within(&prefix))?;
-        let namespace = manifest.metadata.namespace.as_deref();
-        if !names.insert((namespace, manifest.metadata.name.as_str())) {
-            return Err(SpecError::invalid(
-                format!("{prefix}metadata.name"),
-                format!(
-                    "partition policy {} is defined twice",
-                    manifest.metadata.name
-                ),
-            ));
-        }
+    crate::types::load_documents(yaml, |manifest: &PartitionPolicyManifest, prefix| {
         // Two policies on one table would fight over its partitions.
-        if !tables.insert((namespace, manifest.spec.table.as_str())) {
+        let namespace = manifest.metadata.namespace.clone();
+        if !tables.insert((namespace, manifest.spec.table.clone())) {
             return Err(SpecError::invalid(
                 format!("{prefix}spec.table"),
                 format!(
@@ -333,8 +319,8 @@ pub fn load_partition_policies(yaml: &str) -> Result<Vec<PartitionPolicyManifest
                 ),
             ));
         }
-    }
-    Ok(manifests)
+        Ok(())
+    })
 }
 
 #[cfg(test)]
