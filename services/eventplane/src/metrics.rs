@@ -84,6 +84,8 @@ pub struct Metrics {
     pub horizon_age_seconds: Gauge<f64, AtomicU64>,
     pub pool_connections: Family<PoolLabels, Gauge>,
     pub jobs_processed: Counter,
+    /// Pools whose usage is read at scrape time.
+    pools: std::sync::Mutex<Vec<(&'static str, sqlx::PgPool)>>,
 }
 
 fn latency_buckets() -> Histogram {
@@ -114,6 +116,7 @@ impl Metrics {
             horizon_age_seconds: Gauge::default(),
             pool_connections: Family::default(),
             jobs_processed: Counter::default(),
+            pools: Default::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -204,24 +207,26 @@ impl Metrics {
         self.query_latency.get_or_create(&labels).observe(seconds);
     }
 
-    pub fn record_pool(&self, name: &'static str, pool: &sqlx::PgPool) {
-        let idle = pool.num_idle() as i64;
-        let size = pool.size() as i64;
-        self.pool_connections
-            .get_or_create(&PoolLabels {
-                pool: name,
-                state: "idle",
-            })
-            .set(idle);
-        self.pool_connections
-            .get_or_create(&PoolLabels {
-                pool: name,
-                state: "busy",
-            })
-            .set(size - idle);
+    /// Reports `pool`'s idle and busy connections under `name` at every
+    /// scrape.
+    pub fn watch_pool(&self, name: &'static str, pool: &sqlx::PgPool) {
+        self.pools
+            .lock()
+            .expect("not poisoned")
+            .push((name, pool.clone()));
     }
 
     pub fn encode(&self) -> String {
+        for (name, pool) in self.pools.lock().expect("not poisoned").iter() {
+            let idle = pool.num_idle() as i64;
+            let size = i64::from(pool.size());
+            let gauge = |state| {
+                self.pool_connections
+                    .get_or_create(&PoolLabels { pool: name, state })
+            };
+            gauge("idle").set(idle);
+            gauge("busy").set(size - idle);
+        }
         for (layer, counts) in CACHE_LAYERS.iter().zip(&self.cache_counts) {
             self.cache_hit_rate
                 .get_or_create(&CacheLabels { cache_layer: layer })

@@ -103,6 +103,7 @@ impl Stack {
             crate::db::connect(&config.database_url, config.db_max_connections, "primary").await?;
         crate::db::migrate(&pool).await?;
         let metrics = Metrics::new();
+        metrics.watch_pool("primary", &pool);
         let mut tasks = Vec::new();
         let mut app = Router::new()
             .route("/healthz", get(|| async { "ok" }))
@@ -149,7 +150,11 @@ impl Stack {
         let mut subscription = None;
         if config.roles.query {
             let read_pool = match &config.read_database_url {
-                Some(url) => crate::db::connect(url, config.read_max_connections, "read").await?,
+                Some(url) => {
+                    let read = crate::db::connect(url, config.read_max_connections, "read").await?;
+                    metrics.watch_pool("read", &read);
+                    read
+                }
                 None => pool.clone(),
             };
             let service = QueryService::new(

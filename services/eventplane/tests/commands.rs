@@ -379,3 +379,41 @@ async fn a_failing_async_job_reports_its_error() {
         .collect();
     assert_eq!(streams.len(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_carry_the_seed_names_and_pool_usage() {
+    let db = TestDb::new().await;
+    let stack = stack(&db).await;
+    let http = client();
+    let (status, _) = append(
+        &http,
+        &stack,
+        "m-1",
+        json!("no_stream"),
+        vec![placed("m1", "c", "1")],
+    )
+    .await;
+    assert_eq!(status, 201);
+    get(&http, &stack, "/v1/projections/orders/rows/m1").await;
+    let text = http
+        .get(stack.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for expected in [
+        "command_latency_bucket{le=",
+        "command_type=\"append\"",
+        "query_latency_count{query_type=\"row\"}",
+        "cache_hit_rate{cache_layer=\"l1\"}",
+        "db_pool_connections{pool=\"primary\",state=\"idle\"}",
+        "command_batch_size_count",
+    ] {
+        assert!(
+            text.contains(expected),
+            "/metrics lacks {expected}:\n{text}"
+        );
+    }
+}

@@ -233,7 +233,6 @@ async fn watch_horizon(pool: PgPool, metrics: Arc<Metrics>) {
         if let Ok(age) = age {
             metrics.horizon_age_seconds.set(age.unwrap_or(0.0));
         }
-        metrics.record_pool("primary", &pool);
         tokio::time::sleep(Duration::from_secs(5)).await;
     }
 }
