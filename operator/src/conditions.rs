@@ -24,6 +24,17 @@ pub mod reason {
     pub const DDL_FAILED: &str = "DdlFailed";
     pub const LOCK_BUSY: &str = "LockBusy";
     pub const RECONCILED: &str = "Reconciled";
+    // Projection reasons.
+    pub const DATABASE_NOT_SET: &str = "DatabaseNotSet";
+    pub const DATABASE_ERROR: &str = "DatabaseError";
+    pub const VERSION_CURRENT: &str = "VersionCurrent";
+    pub const CREATING: &str = "Creating";
+    pub const REBUILDING: &str = "Rebuilding";
+    pub const CATCHING_UP: &str = "CatchingUp";
+    pub const SWAPPING: &str = "Swapping";
+    pub const PREVIOUS_REBUILD_STOPPING: &str = "PreviousRebuildStopping";
+    pub const REBUILD_FAILED: &str = "RebuildFailed";
+    pub const PROJECTION_HALTED: &str = "ProjectionHalted";
 }
 
 pub fn time(t: DateTime<Utc>) -> Time {

@@ -8,4 +8,5 @@ pub mod error;
 pub mod leader;
 pub mod metrics;
 pub mod partitionpolicy;
+pub mod projection;
 pub mod run;

@@ -13,6 +13,7 @@ use kube::{Api, Client};
 use crate::context::Context;
 use crate::leader::{self, LeaseConfig};
 use crate::metrics::Metrics;
+use crate::projection::JobConfig;
 
 #[derive(clap::Parser, Debug, Clone)]
 #[command(
@@ -47,6 +48,21 @@ pub struct Args {
     /// Log as JSON lines.
     #[arg(long, env = "EVENTPLANE_LOG_JSON")]
     pub log_json: bool,
+    /// Image of rebuild Jobs: it runs `eventplane rebuild`.
+    #[arg(long, env = "EVENTPLANE_IMAGE")]
+    pub image: String,
+    /// Secret, in each Projection's namespace, whose `--redis-secret-key`
+    /// holds the Redis URL given to rebuild Jobs (so a swap invalidates the
+    /// caches). Optional: without it a Job runs without Redis.
+    #[arg(
+        long,
+        env = "EVENTPLANE_REDIS_SECRET",
+        default_value = "eventplane-redis"
+    )]
+    pub redis_secret: String,
+    /// Key of the Redis URL in `--redis-secret`.
+    #[arg(long, env = "EVENTPLANE_REDIS_SECRET_KEY", default_value = "url")]
+    pub redis_secret_key: String,
 }
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
@@ -76,7 +92,12 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     if !args.no_leader_election {
         leader::acquire(&leases, &lease).await?;
     }
-    let controllers = controllers(ctx);
+    let jobs = JobConfig {
+        image: args.image.clone(),
+        redis_secret: args.redis_secret.clone(),
+        redis_key: args.redis_secret_key.clone(),
+    };
+    let controllers = controllers(ctx, jobs);
     if args.no_leader_election {
         controllers.await;
         return Ok(());
@@ -87,6 +108,10 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     }
 }
 
-async fn controllers(ctx: Arc<Context>) {
-    crate::partitionpolicy::run(ctx).await;
+/// Both controllers, side by side; returns when both have shut down.
+async fn controllers(ctx: Arc<Context>, jobs: JobConfig) {
+    tokio::join!(
+        crate::partitionpolicy::run(ctx.clone()),
+        crate::projection::run(ctx, jobs),
+    );
 }

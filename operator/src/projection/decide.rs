@@ -1,0 +1,1186 @@
+//! The Projection controller's decisions, as pure functions: from the
+//! resource and what a reconcile observed (the version registry, the
+//! rebuild Jobs, the lag, the query plans) to the actions to take, the
+//! status to write, the Events to emit and when to look again.
+
+use std::time::Duration;
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use eventplane_spec::ProjectionSpec;
+use eventplane_spec::resource::{
+    BuildProgress, Phase, ProjectionStatus, QueryCheck, RetainedVersion,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+
+use super::job::{self, JobState, RebuildJob};
+use crate::conditions::{self, DEGRADED, READY, RECONCILING, STALLED, reason};
+
+/// Look again this often while a rebuild runs, to keep its progress in the
+/// status current (Job changes trigger a reconcile on their own).
+pub const WHILE_BUILDING: Duration = Duration::from_secs(10);
+/// Soon after an outcome that settles within seconds: a swap being
+/// recorded, a cancelled Job's pods stopping.
+pub const SHORTLY: Duration = Duration::from_secs(5);
+/// Look again this often when nothing is under way, to refresh the lag and
+/// the query plans.
+pub const WHEN_READY: Duration = Duration::from_secs(60);
+/// Retry of problems that may clear by themselves (database down).
+pub const RETRY_TRANSIENT: Duration = Duration::from_secs(30);
+/// Retry of problems that need someone to act (missing Secret, bad spec,
+/// failed rebuild).
+pub const RETRY_STALLED: Duration = Duration::from_secs(120);
+
+/// Event reasons (Kubernetes Events, not conditions).
+pub mod event {
+    pub const PENDING: &str = "Pending";
+    pub const BUILDING: &str = "Building";
+    pub const CATCHING_UP: &str = "CatchingUp";
+    pub const SWAPPING: &str = "Swapping";
+    pub const READY: &str = "Ready";
+    pub const REBUILD_FAILED: &str = "RebuildFailed";
+    pub const REBUILD_CANCELLED: &str = "RebuildCancelled";
+    pub const QUERY_SCANS_WHOLE_TABLE: &str = "QueryScansWholeTable";
+    pub const VERSION_DROPPED: &str = "VersionDropped";
+    pub const TABLES_DROPPED: &str = "TablesDropped";
+    pub const TABLES_LEFT_BEHIND: &str = "TablesLeftBehind";
+    pub const SCALED: &str = "Scaled";
+}
+
+/// One version in the registry, as plain data.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Version {
+    pub version: u32,
+    pub table: String,
+    pub state: VersionState,
+    pub events_done: i64,
+    pub events_total: i64,
+    pub retired_at: Option<DateTime<Utc>>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VersionState {
+    Building,
+    Active,
+    Retained,
+}
+
+impl VersionState {
+    pub fn parse(state: &str) -> Option<VersionState> {
+        match state {
+            "building" => Some(VersionState::Building),
+            "active" => Some(VersionState::Active),
+            "retained" => Some(VersionState::Retained),
+            _ => None,
+        }
+    }
+}
+
+/// The live version's progress against the log.
+#[derive(Clone, Debug, PartialEq, Default)]
+pub struct Lag {
+    pub seconds: f64,
+    pub events: i64,
+    /// Set when the live projector stopped on an event it cannot apply.
+    pub halted: Option<String>,
+}
+
+/// What a reconcile saw in the database and the cluster.
+#[derive(Clone, Debug, PartialEq, Default)]
+pub struct Observed {
+    pub versions: Vec<Version>,
+    /// Every rebuild Job of this projection, whatever its version.
+    pub jobs: Vec<RebuildJob>,
+    pub lag: Option<Lag>,
+    pub queries: Vec<QueryCheck>,
+}
+
+/// Why a reconcile could not observe the projection.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Problem {
+    InvalidSpec(String),
+    DatabaseNotSet,
+    SecretNotFound { secret: String },
+    SecretKeyMissing { secret: String, key: String },
+    DatabaseUnreachable(String),
+    DatabaseError(String),
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Observation {
+    Problem(Problem),
+    Seen(Observed),
+}
+
+/// The resource as `decide` needs it.
+#[derive(Clone, Copy, Debug)]
+pub struct Input<'a> {
+    pub name: &'a str,
+    pub spec: &'a ProjectionSpec,
+    pub generation: Option<i64>,
+    pub previous: Option<&'a ProjectionStatus>,
+    pub now: DateTime<Utc>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Action {
+    /// Create (server-side apply) the rebuild Job of this version.
+    CreateJob { version: u32 },
+    /// Delete a rebuild Job that is no longer wanted, waiting for its pods.
+    DeleteJob { name: String },
+    /// Drop retained versions retired before the cutoff.
+    DropExpired { cutoff: DateTime<Utc> },
+}
+
+/// A Kubernetes Event to emit.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EventSpec {
+    pub warning: bool,
+    pub reason: &'static str,
+    /// Distinct per subject (phase and version, Job, query): the recorder
+    /// folds repeats of one (reason, action) into a series.
+    pub action: String,
+    pub note: String,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Plan {
+    pub actions: Vec<Action>,
+    pub status: ProjectionStatus,
+    pub events: Vec<EventSpec>,
+    pub requeue: Duration,
+}
+
+fn rfc3339(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::Secs, true)
+}
+
+fn hours(h: u32) -> chrono::Duration {
+    chrono::Duration::hours(i64::from(h))
+}
+
+pub fn decide(input: Input<'_>, observation: Observation) -> Plan {
+    match observation {
+        Observation::Problem(problem) => stalled(input, problem),
+        Observation::Seen(observed) => seen(input, observed),
+    }
+}
+
+impl Problem {
+    /// The condition reason, the message for users and when to retry.
+    pub fn describe(&self) -> (&'static str, String, Duration) {
+        match self {
+            Problem::InvalidSpec(message) => (reason::INVALID_SPEC, message.clone(), RETRY_STALLED),
+            Problem::DatabaseNotSet => (
+                reason::DATABASE_NOT_SET,
+                "spec.database is not set: name the Secret that holds the Postgres URL of the projection's tables".to_string(),
+                RETRY_STALLED,
+            ),
+            Problem::SecretNotFound { secret } => (
+                reason::SECRET_NOT_FOUND,
+                format!("Secret {secret:?} was not found in the projection's namespace"),
+                RETRY_STALLED,
+            ),
+            Problem::SecretKeyMissing { secret, key } => (
+                reason::SECRET_KEY_MISSING,
+                format!("Secret {secret:?} has no key {key:?}"),
+                RETRY_STALLED,
+            ),
+            Problem::DatabaseUnreachable(message) => (
+                reason::DATABASE_UNREACHABLE,
+                format!("cannot connect to the database: {message}"),
+                RETRY_TRANSIENT,
+            ),
+            Problem::DatabaseError(message) => (
+                reason::DATABASE_ERROR,
+                format!("database error: {message}"),
+                RETRY_TRANSIENT,
+            ),
+        }
+    }
+}
+
+fn stalled(input: Input<'_>, problem: Problem) -> Plan {
+    let before = previous_conditions(input);
+    let (why, message, retry) = problem.describe();
+    // Keep what was known about the versions: this run could not look.
+    let mut status = input.previous.cloned().unwrap_or_default();
+    status.observed_generation = input.generation;
+    if status.phase.is_none() {
+        status.phase = Some(Phase::Pending);
+    }
+    let mut conditions = conditions::stalled(before, why, &message, input.generation, input.now);
+    if let Some(degraded) = conditions::find(before, DEGRADED) {
+        conditions.push(degraded.clone());
+    }
+    status.conditions = conditions;
+    Plan {
+        actions: Vec::new(),
+        status,
+        events: vec![EventSpec {
+            warning: true,
+            reason: why,
+            action: "Reconcile".into(),
+            note: message,
+        }],
+        requeue: retry,
+    }
+}
+
+fn previous_conditions<'a>(input: Input<'a>) -> &'a [Condition] {
+    input
+        .previous
+        .map(|s| s.conditions.as_slice())
+        .unwrap_or_default()
+}
+
+/// Why a Job is in the way of the wanted rebuild, if it is.
+fn unwanted(
+    job: &RebuildJob,
+    wanted: u32,
+    hash: &str,
+    active: Option<u32>,
+    row: Option<&Version>,
+) -> Option<String> {
+    if job.deleting {
+        return None;
+    }
+    if job.version != Some(wanted) {
+        // A finished Job of another version does no harm; its TTL removes it.
+        return (!job.finished()).then(|| {
+            format!(
+                "version {} is no longer wanted (spec.version is {wanted})",
+                job.version
+                    .map_or_else(|| "?".to_string(), |v| v.to_string())
+            )
+        });
+    }
+    if active == Some(wanted) {
+        return None;
+    }
+    if job.spec_hash.as_deref().is_some_and(|h| h != hash) {
+        return Some(format!(
+            "the spec of version {wanted} changed since the Job was created"
+        ));
+    }
+    // A Job that built this version before it was swapped out again (a
+    // swap back within the Job's TTL): its work is done and undone.
+    if job.state == JobState::Succeeded
+        && let (Some(row), Some(finished)) = (row, job.finished_at)
+        && row.state == VersionState::Retained
+        && row.retired_at.is_some_and(|retired| retired >= finished)
+    {
+        return Some(format!(
+            "version {wanted} was retired after this Job built it; it is built again"
+        ));
+    }
+    None
+}
+
+/// Estimated seconds until the load is done, from the rate since the Job
+/// started.
+fn eta(row: &Version, started: Option<DateTime<Utc>>, now: DateTime<Utc>) -> Option<i64> {
+    let elapsed = (now - started?).as_seconds_f64();
+    if row.events_done <= 0 || elapsed <= 0.0 || row.events_done >= row.events_total {
+        return None;
+    }
+    let rate = row.events_done as f64 / elapsed;
+    Some(((row.events_total - row.events_done) as f64 / rate).ceil() as i64)
+}
+
+/// The condition set of an observed projection.
+struct Standing {
+    phase: Phase,
+    reason: &'static str,
+    message: String,
+    requeue: Duration,
+}
+
+fn seen(input: Input<'_>, observed: Observed) -> Plan {
+    let spec = input.spec;
+    let now = input.now;
+    let wanted = spec.version;
+    let hash = job::spec_hash(spec);
+    let job_name = job::job_name(input.name, wanted);
+    let active = observed
+        .versions
+        .iter()
+        .find(|v| v.state == VersionState::Active);
+    let active_version = active.map(|v| v.version);
+    let wanted_row = observed.versions.iter().find(|v| v.version == wanted);
+
+    let mut actions = Vec::new();
+    let mut events = Vec::new();
+    let mut cancelled: Vec<&RebuildJob> = Vec::new();
+    for job in &observed.jobs {
+        if let Some(why) = unwanted(job, wanted, &hash, active_version, wanted_row) {
+            actions.push(Action::DeleteJob {
+                name: job.name.clone(),
+            });
+            events.push(EventSpec {
+                warning: false,
+                reason: event::REBUILD_CANCELLED,
+                action: format!("Cancel/{}", job.name),
+                note: format!("deleted rebuild Job {}: {why}", job.name),
+            });
+            cancelled.push(job);
+        }
+    }
+    let in_way = |job: &&RebuildJob| job.deleting || cancelled.iter().any(|c| c.name == job.name);
+    // Jobs that must be gone before another rebuild starts: two rebuilds of
+    // one projection never run at once, and a Job name is reused only once
+    // the old Job has left.
+    let blockers: Vec<&RebuildJob> = observed
+        .jobs
+        .iter()
+        .filter(in_way)
+        .filter(|j| !j.finished() || j.name == job_name)
+        .collect();
+    let current = observed
+        .jobs
+        .iter()
+        .filter(|j| !in_way(j))
+        .find(|j| j.version == Some(wanted) && j.name == job_name);
+    let unfinished = observed.jobs.iter().any(|j| !j.finished());
+
+    let progress = |job: Option<&RebuildJob>| {
+        let row = wanted_row;
+        BuildProgress {
+            version: wanted,
+            table: eventplane::projections::version_table(&spec.table, wanted),
+            job: Some(job_name.clone()),
+            events_done: row.map_or(0, |r| r.events_done),
+            events_total: row.map_or(0, |r| r.events_total),
+            eta_seconds: row.and_then(|r| eta(r, job.and_then(|j| j.started_at), now)),
+        }
+    };
+    let serving = active.map_or_else(
+        || "no version serves reads yet".to_string(),
+        |a| format!("version {} keeps serving", a.version),
+    );
+
+    let mut building = None;
+    let mut failure: Option<(String, String)> = None;
+    let standing = if active_version == Some(wanted) {
+        if current.is_some_and(|j| !j.finished()) {
+            building = Some(progress(current));
+            Standing {
+                phase: Phase::Swapping,
+                reason: reason::SWAPPING,
+                message: format!("version {wanted} is active; its rebuild Job is finishing"),
+                requeue: SHORTLY,
+            }
+        } else {
+            Standing {
+                phase: Phase::Ready,
+                reason: reason::VERSION_CURRENT,
+                message: format!("version {wanted} is active"),
+                requeue: WHEN_READY,
+            }
+        }
+    } else if active.is_none() {
+        Standing {
+            phase: Phase::Pending,
+            reason: reason::CREATING,
+            message: "the first version is being created".into(),
+            requeue: SHORTLY,
+        }
+    } else {
+        match current {
+            None if !blockers.is_empty() => {
+                building = Some(progress(None));
+                let names: Vec<&str> = blockers.iter().map(|j| j.name.as_str()).collect();
+                Standing {
+                    phase: Phase::Building,
+                    reason: reason::PREVIOUS_REBUILD_STOPPING,
+                    message: format!(
+                        "waiting for rebuild Job {} to stop before rebuilding version {wanted}; {serving}",
+                        names.join(", ")
+                    ),
+                    requeue: SHORTLY,
+                }
+            }
+            None => {
+                actions.push(Action::CreateJob { version: wanted });
+                building = Some(progress(None));
+                Standing {
+                    phase: Phase::Building,
+                    reason: reason::REBUILDING,
+                    message: format!("rebuilding version {wanted} with Job {job_name}; {serving}"),
+                    requeue: WHILE_BUILDING,
+                }
+            }
+            Some(job) => match &job.state {
+                JobState::Running => {
+                    let progress = progress(Some(job));
+                    let loaded = wanted_row.is_some_and(|r| {
+                        r.state != VersionState::Building || r.events_done >= r.events_total
+                    });
+                    let standing = if loaded {
+                        Standing {
+                            phase: Phase::CatchingUp,
+                            reason: reason::CATCHING_UP,
+                            message: format!(
+                                "version {wanted} is loaded and catching up with the log; {serving}"
+                            ),
+                            requeue: WHILE_BUILDING,
+                        }
+                    } else {
+                        Standing {
+                            phase: Phase::Building,
+                            reason: reason::REBUILDING,
+                            message: format!(
+                                "loading version {wanted}: {} of {} events; {serving}",
+                                progress.events_done, progress.events_total
+                            ),
+                            requeue: WHILE_BUILDING,
+                        }
+                    };
+                    building = Some(progress);
+                    standing
+                }
+                JobState::Succeeded => {
+                    building = Some(progress(Some(job)));
+                    Standing {
+                        phase: Phase::Swapping,
+                        reason: reason::SWAPPING,
+                        message: format!(
+                            "rebuild Job {} finished; waiting for version {wanted} to show as active",
+                            job.name
+                        ),
+                        requeue: SHORTLY,
+                    }
+                }
+                JobState::Failed {
+                    reason: why,
+                    message,
+                } => {
+                    building = Some(progress(Some(job)));
+                    let detail = if message.is_empty() {
+                        why.clone()
+                    } else {
+                        format!("{why}: {message}")
+                    };
+                    let text = format!(
+                        "rebuild Job {} of version {wanted} failed ({detail}); {serving}. \
+                         See `kubectl logs job/{}`. Fix the spec, or delete the Job to retry; \
+                         a failed Job is removed after {} minutes and the rebuild then retried",
+                        job.name,
+                        job.name,
+                        job::TTL_AFTER_FINISHED / 60
+                    );
+                    failure = Some((why.clone(), text.clone()));
+                    Standing {
+                        phase: Phase::Failed,
+                        reason: reason::REBUILD_FAILED,
+                        message: text,
+                        requeue: RETRY_STALLED,
+                    }
+                }
+            },
+        }
+    };
+
+    // Retention: only when no rebuild runs, so a swap back never races the
+    // drop of the version it swaps in.
+    let cutoff = now - hours(spec.rebuild.retain_previous_hours);
+    let expired = |v: &&Version| {
+        v.state == VersionState::Retained && v.retired_at.is_some_and(|t| t < cutoff)
+    };
+    if !unfinished
+        && standing.phase == Phase::Ready
+        && observed.versions.iter().any(|v| expired(&v))
+    {
+        actions.push(Action::DropExpired { cutoff });
+    }
+
+    let previous = input.previous;
+    let before = previous_conditions(input);
+    let generation = input.generation;
+    let in_progress = matches!(
+        standing.phase,
+        Phase::Pending | Phase::Building | Phase::CatchingUp | Phase::Swapping
+    );
+    let halted = observed.lag.as_ref().and_then(|l| l.halted.clone());
+    let degraded = match (&failure, &halted) {
+        (Some((why, text)), _) => {
+            conditions::condition(before, DEGRADED, true, why, text.clone(), generation, now)
+        }
+        (None, Some(halted)) => conditions::condition(
+            before,
+            DEGRADED,
+            true,
+            reason::PROJECTION_HALTED,
+            format!("the live projector stopped on an event: {halted}"),
+            generation,
+            now,
+        ),
+        (None, None) => conditions::condition(
+            before,
+            DEGRADED,
+            false,
+            reason::RECONCILED,
+            "",
+            generation,
+            now,
+        ),
+    };
+    let conditions = vec![
+        conditions::condition(
+            before,
+            READY,
+            standing.phase == Phase::Ready,
+            standing.reason,
+            standing.message.clone(),
+            generation,
+            now,
+        ),
+        conditions::condition(
+            before,
+            RECONCILING,
+            in_progress,
+            if in_progress {
+                standing.reason
+            } else {
+                reason::RECONCILED
+            },
+            if in_progress {
+                standing.message.clone()
+            } else {
+                String::new()
+            },
+            generation,
+            now,
+        ),
+        conditions::condition(
+            before,
+            STALLED,
+            standing.phase == Phase::Failed,
+            if standing.phase == Phase::Failed {
+                standing.reason
+            } else {
+                reason::RECONCILED
+            },
+            if standing.phase == Phase::Failed {
+                standing.message.clone()
+            } else {
+                String::new()
+            },
+            generation,
+            now,
+        ),
+        degraded,
+    ];
+
+    // An Event when the phase changes, or the version it is about does.
+    let about = |status: Option<&ProjectionStatus>| {
+        status.map(|s| {
+            (
+                s.phase,
+                s.building.as_ref().map(|b| b.version).or(s.active_version),
+            )
+        })
+    };
+    let status = ProjectionStatus {
+        observed_generation: generation,
+        phase: Some(standing.phase),
+        active_version,
+        active_table: active.map(|a| a.table.clone()),
+        building,
+        retained: observed
+            .versions
+            .iter()
+            .filter(|v| v.state == VersionState::Retained && !expired(v))
+            .map(|v| RetainedVersion {
+                version: v.version,
+                table: v.table.clone(),
+                retired_at: v.retired_at.map(rfc3339).unwrap_or_default(),
+            })
+            .collect(),
+        lag_seconds: observed.lag.as_ref().map(|l| l.seconds),
+        lag_events: observed.lag.as_ref().map(|l| l.events),
+        replicas: previous.and_then(|p| p.replicas),
+        selector: previous.and_then(|p| p.selector.clone()),
+        queries: observed.queries.clone(),
+        conditions,
+    };
+    if about(previous) != about(Some(&status)) {
+        let subject = status
+            .building
+            .as_ref()
+            .map(|b| b.version)
+            .or(status.active_version)
+            .unwrap_or(wanted);
+        let (warning, why) = match standing.phase {
+            Phase::Pending => (false, event::PENDING),
+            Phase::Building => (false, event::BUILDING),
+            Phase::CatchingUp => (false, event::CATCHING_UP),
+            Phase::Swapping => (false, event::SWAPPING),
+            Phase::Ready => (false, event::READY),
+            Phase::Failed => (true, event::REBUILD_FAILED),
+        };
+        events.push(EventSpec {
+            warning,
+            reason: why,
+            action: format!("{why}/v{subject}"),
+            note: standing.message.clone(),
+        });
+    }
+    for query in status.queries.iter().filter(|q| q.full_scan) {
+        let before = previous.and_then(|p| p.queries.iter().find(|q2| q2.name == query.name));
+        if !before.is_some_and(|b| b.full_scan) {
+            events.push(EventSpec {
+                warning: true,
+                reason: event::QUERY_SCANS_WHOLE_TABLE,
+                action: format!("Explain/{}", query.name),
+                note: format!(
+                    "list query {:?} reads the whole table ({}); add an index on its filters and order",
+                    query.name, query.plan
+                ),
+            });
+        }
+    }
+    Plan {
+        actions,
+        status,
+        events,
+        requeue: standing.requeue,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    const ORDERS: &str = include_str!("../../../services/spec/examples/orders.yaml");
+
+    fn now() -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339("2026-03-01T12:00:00Z")
+            .unwrap()
+            .with_timezone(&Utc)
+    }
+
+    fn ago(seconds: i64) -> DateTime<Utc> {
+        now() - chrono::Duration::seconds(seconds)
+    }
+
+    fn spec(version: u32) -> ProjectionSpec {
+        let mut spec = eventplane_spec::load_manifests(ORDERS)
+            .unwrap()
+            .remove(0)
+            .spec;
+        spec.version = version;
+        spec.database = Some(serde_json::from_value(json!({"secretName": "orders-db"})).unwrap());
+        spec
+    }
+
+    fn version(v: u32, state: VersionState, done: i64, total: i64) -> Version {
+        Version {
+            version: v,
+            table: format!("orders_v{v}"),
+            state,
+            events_done: done,
+            events_total: total,
+            retired_at: (state == VersionState::Retained).then(|| ago(3600)),
+        }
+    }
+
+    fn active(v: u32) -> Version {
+        version(v, VersionState::Active, 0, 0)
+    }
+
+    fn job(v: u32, state: JobState, spec: &ProjectionSpec) -> RebuildJob {
+        RebuildJob {
+            name: job::job_name("orders", v),
+            version: Some(v),
+            spec_hash: Some(job::spec_hash(spec)),
+            state,
+            started_at: Some(ago(100)),
+            finished_at: None,
+            deleting: false,
+        }
+    }
+
+    fn failed() -> JobState {
+        JobState::Failed {
+            reason: "BackoffLimitExceeded".into(),
+            message: "Job has reached the specified backoff limit".into(),
+        }
+    }
+
+    fn run(spec: &ProjectionSpec, previous: Option<&ProjectionStatus>, observed: Observed) -> Plan {
+        decide(
+            Input {
+                name: "orders",
+                spec,
+                generation: Some(4),
+                previous,
+                now: now(),
+            },
+            Observation::Seen(observed),
+        )
+    }
+
+    fn condition<'a>(plan: &'a Plan, type_: &str) -> &'a Condition {
+        conditions::find(&plan.status.conditions, type_).unwrap()
+    }
+
+    fn reasons(plan: &Plan) -> Vec<&'static str> {
+        plan.events.iter().map(|e| e.reason).collect()
+    }
+
+    /// One row per phase transition: what was observed → the phase, the
+    /// actions and the Events.
+    #[test]
+    fn phase_transitions() {
+        let s2 = spec(2);
+        struct Case {
+            name: &'static str,
+            previous: Option<Phase>,
+            versions: Vec<Version>,
+            jobs: Vec<RebuildJob>,
+            phase: Phase,
+            actions: Vec<Action>,
+            events: Vec<&'static str>,
+            requeue: Duration,
+        }
+        let cases = vec![
+            Case {
+                name: "no active version yet",
+                previous: None,
+                versions: vec![],
+                jobs: vec![],
+                phase: Phase::Pending,
+                actions: vec![],
+                events: vec![event::PENDING],
+                requeue: SHORTLY,
+            },
+            Case {
+                name: "version bumped: a Job is created",
+                previous: Some(Phase::Ready),
+                versions: vec![active(1)],
+                jobs: vec![],
+                phase: Phase::Building,
+                actions: vec![Action::CreateJob { version: 2 }],
+                events: vec![event::BUILDING],
+                requeue: WHILE_BUILDING,
+            },
+            Case {
+                name: "Job running, loading",
+                previous: Some(Phase::Building),
+                versions: vec![active(1), version(2, VersionState::Building, 10, 100)],
+                jobs: vec![job(2, JobState::Running, &s2)],
+                phase: Phase::Building,
+                actions: vec![],
+                events: vec![],
+                requeue: WHILE_BUILDING,
+            },
+            Case {
+                name: "loaded, catching up",
+                previous: Some(Phase::Building),
+                versions: vec![active(1), version(2, VersionState::Building, 100, 100)],
+                jobs: vec![job(2, JobState::Running, &s2)],
+                phase: Phase::CatchingUp,
+                actions: vec![],
+                events: vec![event::CATCHING_UP],
+                requeue: WHILE_BUILDING,
+            },
+            Case {
+                name: "Job done, registry not yet showing it",
+                previous: Some(Phase::CatchingUp),
+                versions: vec![active(1), version(2, VersionState::Building, 100, 100)],
+                jobs: vec![job(2, JobState::Succeeded, &s2)],
+                phase: Phase::Swapping,
+                actions: vec![],
+                events: vec![event::SWAPPING],
+                requeue: SHORTLY,
+            },
+            Case {
+                name: "swapped",
+                previous: Some(Phase::Swapping),
+                versions: vec![version(1, VersionState::Retained, 0, 0), active(2)],
+                jobs: vec![job(2, JobState::Succeeded, &s2)],
+                phase: Phase::Ready,
+                actions: vec![],
+                events: vec![event::READY],
+                requeue: WHEN_READY,
+            },
+            Case {
+                name: "Job failed",
+                previous: Some(Phase::Building),
+                versions: vec![active(1), version(2, VersionState::Building, 10, 100)],
+                jobs: vec![job(2, failed(), &s2)],
+                phase: Phase::Failed,
+                actions: vec![],
+                events: vec![event::REBUILD_FAILED],
+                requeue: RETRY_STALLED,
+            },
+            Case {
+                name: "back to a retained version: a rebuild like any other",
+                previous: Some(Phase::Ready),
+                versions: vec![version(2, VersionState::Retained, 100, 100), active(3)],
+                jobs: vec![],
+                phase: Phase::Building,
+                actions: vec![Action::CreateJob { version: 2 }],
+                events: vec![event::BUILDING],
+                requeue: WHILE_BUILDING,
+            },
+        ];
+        for case in cases {
+            let previous = case.previous.map(|phase| ProjectionStatus {
+                phase: Some(phase),
+                active_version: Some(1),
+                building: (phase != Phase::Ready).then(|| BuildProgress {
+                    version: 2,
+                    ..BuildProgress::default()
+                }),
+                ..ProjectionStatus::default()
+            });
+            let plan = run(
+                &s2,
+                previous.as_ref(),
+                Observed {
+                    versions: case.versions,
+                    jobs: case.jobs,
+                    ..Observed::default()
+                },
+            );
+            assert_eq!(plan.status.phase, Some(case.phase), "{}", case.name);
+            assert_eq!(plan.actions, case.actions, "{}", case.name);
+            assert_eq!(reasons(&plan), case.events, "{}", case.name);
+            assert_eq!(plan.requeue, case.requeue, "{}", case.name);
+            assert_eq!(plan.status.observed_generation, Some(4));
+        }
+    }
+
+    #[test]
+    fn building_reports_progress_and_an_eta() {
+        let s2 = spec(2);
+        let plan = run(
+            &s2,
+            None,
+            Observed {
+                versions: vec![active(1), version(2, VersionState::Building, 250, 1000)],
+                jobs: vec![job(2, JobState::Running, &s2)],
+                ..Observed::default()
+            },
+        );
+        let building = plan.status.building.clone().unwrap();
+        assert_eq!(building.version, 2);
+        assert_eq!(building.table, "orders_v2");
+        assert_eq!(building.job.as_deref(), Some("orders-rebuild-v2"));
+        assert_eq!((building.events_done, building.events_total), (250, 1000));
+        // 250 events in 100 s: 750 to go at 2.5/s.
+        assert_eq!(building.eta_seconds, Some(300));
+        assert_eq!(plan.status.active_version, Some(1));
+        assert_eq!(condition(&plan, READY).status, "False");
+        assert_eq!(condition(&plan, RECONCILING).status, "True");
+        assert_eq!(condition(&plan, RECONCILING).reason, reason::REBUILDING);
+        assert!(
+            condition(&plan, READY)
+                .message
+                .contains("version 1 keeps serving")
+        );
+    }
+
+    #[test]
+    fn a_failed_job_degrades_with_its_reason_and_the_old_version_serves() {
+        let s2 = spec(2);
+        let plan = run(
+            &s2,
+            None,
+            Observed {
+                versions: vec![active(1)],
+                jobs: vec![job(2, failed(), &s2)],
+                ..Observed::default()
+            },
+        );
+        assert_eq!(plan.status.phase, Some(Phase::Failed));
+        assert_eq!(plan.status.active_version, Some(1));
+        assert!(
+            plan.actions.is_empty(),
+            "a failed Job is not retried at once"
+        );
+        let degraded = condition(&plan, DEGRADED);
+        assert_eq!(
+            (degraded.status.as_str(), degraded.reason.as_str()),
+            ("True", "BackoffLimitExceeded")
+        );
+        assert!(degraded.message.contains("version 1 keeps serving"));
+        assert_eq!(condition(&plan, STALLED).status, "True");
+        assert_eq!(condition(&plan, READY).status, "False");
+        assert!(plan.events[0].warning);
+        assert_eq!(plan.events[0].action, "RebuildFailed/v2");
+
+        // Reported once: the next reconcile sees the same phase.
+        let again = run(
+            &s2,
+            Some(&plan.status),
+            Observed {
+                versions: vec![active(1)],
+                jobs: vec![job(2, failed(), &s2)],
+                ..Observed::default()
+            },
+        );
+        assert!(again.events.is_empty());
+        assert_eq!(
+            condition(&again, DEGRADED).last_transition_time,
+            condition(&plan, DEGRADED).last_transition_time
+        );
+    }
+
+    #[test]
+    fn a_spec_fix_after_a_failed_job_replaces_the_job() {
+        let old = spec(2);
+        let mut fixed = spec(2);
+        fixed.handlers.pop();
+        let plan = run(
+            &fixed,
+            None,
+            Observed {
+                versions: vec![active(1)],
+                jobs: vec![job(2, failed(), &old)],
+                ..Observed::default()
+            },
+        );
+        assert_eq!(
+            plan.actions,
+            vec![Action::DeleteJob {
+                name: "orders-rebuild-v2".into()
+            }]
+        );
+        assert_eq!(plan.status.phase, Some(Phase::Building));
+        assert_eq!(
+            condition(&plan, READY).reason,
+            reason::PREVIOUS_REBUILD_STOPPING
+        );
+        assert_eq!(plan.requeue, SHORTLY);
+    }
+
+    #[test]
+    fn a_version_change_during_a_rebuild_cancels_the_job_then_starts_the_new_one() {
+        let s2 = spec(2);
+        let s3 = spec(3);
+        let observed = Observed {
+            versions: vec![active(1), version(2, VersionState::Building, 10, 100)],
+            jobs: vec![job(2, JobState::Running, &s2)],
+            ..Observed::default()
+        };
+        let plan = run(&s3, None, observed.clone());
+        assert_eq!(
+            plan.actions,
+            vec![Action::DeleteJob {
+                name: "orders-rebuild-v2".into()
+            }]
+        );
+        assert_eq!(plan.events[0].reason, event::REBUILD_CANCELLED);
+        assert_eq!(plan.events[0].action, "Cancel/orders-rebuild-v2");
+        assert_eq!(plan.status.phase, Some(Phase::Building));
+        assert_eq!(plan.status.building.as_ref().unwrap().version, 3);
+
+        // Its pods still stopping: wait, do not start a second rebuild.
+        let mut stopping = observed.clone();
+        stopping.jobs[0].deleting = true;
+        let plan = run(&s3, Some(&plan.status), stopping);
+        assert!(plan.actions.is_empty());
+        assert!(plan.events.is_empty());
+
+        // Gone: the new Job.
+        let mut gone = observed;
+        gone.jobs.clear();
+        let plan = run(&s3, Some(&plan.status), gone);
+        assert_eq!(plan.actions, vec![Action::CreateJob { version: 3 }]);
+        assert_eq!(
+            plan.status.building.unwrap().job.as_deref(),
+            Some("orders-rebuild-v3")
+        );
+    }
+
+    #[test]
+    fn the_job_of_a_version_built_then_retired_is_replaced_on_swap_back() {
+        let s2 = spec(2);
+        let mut done = job(2, JobState::Succeeded, &s2);
+        done.finished_at = Some(ago(7200));
+        let plan = run(
+            &s2,
+            None,
+            Observed {
+                versions: vec![version(2, VersionState::Retained, 100, 100), active(3)],
+                jobs: vec![done],
+                ..Observed::default()
+            },
+        );
+        assert_eq!(
+            plan.actions,
+            vec![Action::DeleteJob {
+                name: "orders-rebuild-v2".into()
+            }]
+        );
+    }
+
+    #[test]
+    fn ready_steady_state_does_nothing() {
+        let s1 = spec(1);
+        let observed = Observed {
+            versions: vec![active(1)],
+            lag: Some(Lag {
+                seconds: 0.2,
+                events: 3,
+                halted: None,
+            }),
+            queries: vec![QueryCheck {
+                name: "by_customer".into(),
+                full_scan: false,
+                cost: 4.2,
+                plan: "Index Scan".into(),
+            }],
+            ..Observed::default()
+        };
+        let first = run(&s1, None, observed.clone());
+        assert_eq!(reasons(&first), vec![event::READY]);
+        let plan = run(&s1, Some(&first.status), observed);
+        assert!(plan.actions.is_empty());
+        assert!(plan.events.is_empty());
+        assert_eq!(plan.status, first.status);
+        assert_eq!(plan.requeue, WHEN_READY);
+        assert_eq!(condition(&plan, READY).status, "True");
+        assert_eq!(condition(&plan, RECONCILING).status, "False");
+        assert_eq!(condition(&plan, STALLED).status, "False");
+        assert_eq!(condition(&plan, DEGRADED).status, "False");
+        assert_eq!(plan.status.lag_seconds, Some(0.2));
+        assert_eq!(plan.status.lag_events, Some(3));
+    }
+
+    #[test]
+    fn a_full_scan_is_reported_once_per_change() {
+        let s1 = spec(1);
+        let scan = |full_scan| Observed {
+            versions: vec![active(1)],
+            queries: vec![QueryCheck {
+                name: "recent".into(),
+                full_scan,
+                cost: 40.0,
+                plan: "Seq Scan on orders_v1".into(),
+            }],
+            ..Observed::default()
+        };
+        let first = run(&s1, None, scan(true));
+        assert_eq!(
+            reasons(&first),
+            vec![event::READY, event::QUERY_SCANS_WHOLE_TABLE]
+        );
+        assert_eq!(first.events[1].action, "Explain/recent");
+        assert!(first.events[1].warning);
+        assert_eq!(condition(&first, DEGRADED).status, "False");
+        let same = run(&s1, Some(&first.status), scan(true));
+        assert!(same.events.is_empty());
+        let fixed = run(&s1, Some(&same.status), scan(false));
+        assert!(fixed.events.is_empty());
+        let again = run(&s1, Some(&fixed.status), scan(true));
+        assert_eq!(reasons(&again), vec![event::QUERY_SCANS_WHOLE_TABLE]);
+    }
+
+    #[test]
+    fn expired_versions_are_dropped_when_no_rebuild_runs() {
+        let s3 = spec(3);
+        let mut old = version(1, VersionState::Retained, 0, 0);
+        old.retired_at = Some(ago(25 * 3600));
+        let kept = version(2, VersionState::Retained, 0, 0);
+        let observed = Observed {
+            versions: vec![old, kept, active(3)],
+            ..Observed::default()
+        };
+        let plan = run(&s3, None, observed.clone());
+        assert_eq!(
+            plan.actions,
+            vec![Action::DropExpired {
+                cutoff: now() - chrono::Duration::hours(24)
+            }]
+        );
+        assert_eq!(plan.status.retained.len(), 1);
+        assert_eq!(plan.status.retained[0].version, 2);
+        assert_eq!(plan.status.retained[0].retired_at, "2026-03-01T11:00:00Z");
+
+        let mut busy = observed;
+        busy.jobs.push(job(2, JobState::Running, &spec(2)));
+        let plan = run(&s3, None, busy);
+        assert!(
+            !plan
+                .actions
+                .iter()
+                .any(|a| matches!(a, Action::DropExpired { .. }))
+        );
+    }
+
+    #[test]
+    fn a_halted_projector_degrades_a_ready_projection() {
+        let plan = run(
+            &spec(1),
+            None,
+            Observed {
+                versions: vec![active(1)],
+                lag: Some(Lag {
+                    seconds: 30.0,
+                    events: 9,
+                    halted: Some("missing /data/orderId".into()),
+                }),
+                ..Observed::default()
+            },
+        );
+        let degraded = condition(&plan, DEGRADED);
+        assert_eq!(degraded.status, "True");
+        assert_eq!(degraded.reason, reason::PROJECTION_HALTED);
+        assert_eq!(condition(&plan, READY).status, "True");
+    }
+
+    #[test]
+    fn problems_stall_and_keep_what_was_known() {
+        let s1 = spec(1);
+        let ready = run(
+            &s1,
+            None,
+            Observed {
+                versions: vec![active(1)],
+                ..Observed::default()
+            },
+        );
+        let plan = decide(
+            Input {
+                name: "orders",
+                spec: &s1,
+                generation: Some(5),
+                previous: Some(&ready.status),
+                now: now(),
+            },
+            Observation::Problem(Problem::SecretNotFound {
+                secret: "orders-db".into(),
+            }),
+        );
+        assert_eq!(plan.status.active_version, Some(1));
+        assert_eq!(plan.status.phase, Some(Phase::Ready));
+        assert_eq!(plan.status.observed_generation, Some(5));
+        let stalled = condition(&plan, STALLED);
+        assert_eq!(
+            (stalled.status.as_str(), stalled.reason.as_str()),
+            ("True", reason::SECRET_NOT_FOUND)
+        );
+        assert_eq!(condition(&plan, READY).status, "False");
+        assert_eq!(condition(&plan, DEGRADED).status, "False");
+        assert_eq!(plan.requeue, RETRY_STALLED);
+        assert!(plan.events[0].warning);
+        assert!(plan.actions.is_empty());
+
+        let fresh = decide(
+            Input {
+                name: "orders",
+                spec: &s1,
+                generation: Some(1),
+                previous: None,
+                now: now(),
+            },
+            Observation::Problem(Problem::DatabaseUnreachable("refused".into())),
+        );
+        assert_eq!(fresh.status.phase, Some(Phase::Pending));
+        assert_eq!(fresh.requeue, RETRY_TRANSIENT);
+    }
+}

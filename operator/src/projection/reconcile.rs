@@ -1,0 +1,547 @@
+//! The thin I/O layer of the Projection controller: the finalizer, reading
+//! the Secret, the version registry, the Jobs, the lag and the query plans;
+//! then carrying out what `decide` says and writing the status.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use eventplane::projections::Projection as Runtime;
+use eventplane::versions;
+use eventplane_spec::resource::{Phase, ProjectionStatus};
+use eventplane_spec::{Projection, ReclaimPolicy};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType};
+use kube::runtime::finalizer::{self, finalizer};
+use kube::{Api, Resource, ResourceExt};
+use serde_json::json;
+use sqlx::PgPool;
+
+use super::decide::{
+    self, EventSpec, Input, Lag, Observation, Observed, Problem, Version, VersionState, event,
+};
+use super::{State, explain, job, scaling};
+use crate::context::{Context, MANAGER};
+use crate::error::Error;
+use crate::metrics::ControllerLabels;
+
+pub const FINALIZER: &str = "eventplane.io/cleanup";
+
+/// How long a deletion with `reclaimPolicy: Delete` keeps retrying an
+/// unreachable database before it lets the Projection go and leaves the
+/// tables behind: a namespace deletion must not hang forever.
+pub const CLEANUP_GIVE_UP: chrono::Duration = chrono::Duration::minutes(10);
+
+const LABELS: ControllerLabels = ControllerLabels {
+    controller: "projection",
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProjectionError {
+    #[error(transparent)]
+    Operator(#[from] Error),
+    /// Deletion waits for the tables to be dropped.
+    #[error("tables of projection {name} not dropped yet: {why}")]
+    CleanupPending { name: String, why: String },
+}
+
+impl From<kube::Error> for ProjectionError {
+    fn from(err: kube::Error) -> Self {
+        ProjectionError::Operator(Error::Kube(err))
+    }
+}
+
+pub type ReconcileError = finalizer::Error<ProjectionError>;
+
+pub async fn reconcile(
+    projection: Arc<Projection>,
+    state: Arc<State>,
+) -> Result<Action, ReconcileError> {
+    let started = Instant::now();
+    let ctx = &state.ctx;
+    ctx.metrics.reconciles.get_or_create(&LABELS).inc();
+    let Some(namespace) = projection.namespace() else {
+        return Err(finalizer::Error::ApplyFailed(
+            Error::MissingNamespace {
+                kind: "Projection",
+                name: projection.name_any(),
+            }
+            .into(),
+        ));
+    };
+    let api: Api<Projection> = Api::namespaced(ctx.client.clone(), &namespace);
+    let result = finalizer(&api, FINALIZER, projection, |event| async {
+        match event {
+            finalizer::Event::Apply(p) => apply(&p, &namespace, &state).await,
+            finalizer::Event::Cleanup(p) => cleanup(&p, &namespace, &state).await,
+        }
+    })
+    .await;
+    ctx.metrics
+        .duration
+        .get_or_create(&LABELS)
+        .observe(started.elapsed().as_secs_f64());
+    result
+}
+
+pub fn error_policy(
+    _projection: Arc<Projection>,
+    err: &ReconcileError,
+    state: Arc<State>,
+) -> Action {
+    // Waiting for a deletion's cleanup is expected, not a failure.
+    if let finalizer::Error::CleanupFailed(ProjectionError::CleanupPending { .. }) = err {
+        tracing::info!(error = %err, "projection cleanup pending; retrying");
+    } else {
+        state.ctx.metrics.failures.get_or_create(&LABELS).inc();
+        tracing::warn!(error = %err, "projection reconcile failed; retrying");
+    }
+    Action::requeue(Duration::from_secs(15))
+}
+
+async fn publish(
+    ctx: &Context,
+    projection: &Projection,
+    events: &[EventSpec],
+) -> Result<(), kube::Error> {
+    let reference = projection.object_ref(&());
+    for event in events {
+        let event = Event {
+            type_: if event.warning {
+                EventType::Warning
+            } else {
+                EventType::Normal
+            },
+            reason: event.reason.to_string(),
+            note: Some(event.note.chars().take(1000).collect()),
+            action: event.action.clone(),
+            secondary: None,
+        };
+        ctx.recorder.publish(&event, &reference).await?;
+    }
+    Ok(())
+}
+
+async fn apply(
+    projection: &Projection,
+    namespace: &str,
+    state: &State,
+) -> Result<Action, ProjectionError> {
+    let ctx = &state.ctx;
+    let name = projection.name_any();
+    let now = (ctx.now)();
+    let (observation, pool) = match observe(projection, namespace, state).await? {
+        Ok((observed, pool)) => (Observation::Seen(observed), Some(pool)),
+        Err(problem) => (Observation::Problem(problem), None),
+    };
+    let seen = matches!(observation, Observation::Seen(_));
+    let mut plan = decide::decide(
+        Input {
+            name: &name,
+            spec: &projection.spec,
+            generation: projection.metadata.generation,
+            previous: projection.status.as_ref(),
+            now,
+        },
+        observation,
+    );
+
+    let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), namespace);
+    let mut events = std::mem::take(&mut plan.events);
+    for action in &plan.actions {
+        match action {
+            decide::Action::DeleteJob { name } => {
+                match jobs.delete(name, &DeleteParams::foreground()).await {
+                    Ok(_) => {}
+                    Err(kube::Error::Api(status)) if status.code == 404 => {}
+                    Err(err) => return Err(err.into()),
+                }
+            }
+            decide::Action::CreateJob { version } => {
+                let Some(manifest) = job::build(projection, &state.jobs) else {
+                    tracing::warn!(projection = %name, version, "no rebuild Job without a database and a uid");
+                    continue;
+                };
+                jobs.patch(
+                    &job::job_name(&name, *version),
+                    &PatchParams::apply(MANAGER).force(),
+                    &Patch::Apply(&manifest),
+                )
+                .await?;
+            }
+            decide::Action::DropExpired { cutoff } => {
+                let Some(pool) = &pool else { continue };
+                match versions::drop_expired(pool, &name, *cutoff).await {
+                    Ok(tables) => events.extend(tables.into_iter().map(|table| EventSpec {
+                        warning: false,
+                        reason: event::VERSION_DROPPED,
+                        action: format!("Drop/{table}"),
+                        note: format!("dropped table {table}: retired longer than spec.rebuild.retainPreviousHours ago"),
+                    })),
+                    Err(err) => {
+                        tracing::warn!(projection = %name, error = %err, "dropping expired versions failed")
+                    }
+                }
+            }
+        }
+    }
+    publish(ctx, projection, &events).await?;
+
+    if seen {
+        scale(projection, namespace, state, &mut plan.status, now).await?;
+    }
+
+    let api: Api<Projection> = Api::namespaced(ctx.client.clone(), namespace);
+    let patch = json!({
+        "apiVersion": "eventplane.io/v1alpha1",
+        "kind": "Projection",
+        "status": plan.status,
+    });
+    api.patch_status(
+        &name,
+        &PatchParams::apply(MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await?;
+    Ok(Action::requeue(plan.requeue))
+}
+
+/// The database URL from the Secret the spec names.
+async fn database_url(
+    projection: &Projection,
+    namespace: &str,
+    ctx: &Context,
+) -> Result<Result<String, Problem>, kube::Error> {
+    let Some(database) = &projection.spec.database else {
+        return Ok(Err(Problem::DatabaseNotSet));
+    };
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), namespace);
+    let Some(secret) = secrets.get_opt(&database.secret_name).await? else {
+        return Ok(Err(Problem::SecretNotFound {
+            secret: database.secret_name.clone(),
+        }));
+    };
+    let url = secret
+        .data
+        .as_ref()
+        .and_then(|d| d.get(&database.key))
+        .and_then(|v| String::from_utf8(v.0.clone()).ok());
+    Ok(url
+        .map(|u| u.trim().to_string())
+        .ok_or_else(|| Problem::SecretKeyMissing {
+            secret: database.secret_name.clone(),
+            key: database.key.clone(),
+        }))
+}
+
+fn database_problem(err: &anyhow::Error) -> Problem {
+    match err.downcast_ref::<sqlx::Error>() {
+        Some(sqlx) if is_connection_error(sqlx) => Problem::DatabaseUnreachable(err.to_string()),
+        _ => Problem::DatabaseError(format!("{err:#}")),
+    }
+}
+
+fn is_connection_error(err: &sqlx::Error) -> bool {
+    matches!(
+        err,
+        sqlx::Error::Io(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::Tls(_)
+    )
+}
+
+/// Everything wrong with the projection's content or its database becomes
+/// a `Problem`; only Kubernetes API failures are errors.
+async fn observe(
+    projection: &Projection,
+    namespace: &str,
+    state: &State,
+) -> Result<Result<(Observed, PgPool), Problem>, kube::Error> {
+    let ctx = &state.ctx;
+    let name = projection.name_any();
+    let spec = &projection.spec;
+    if let Err(err) = eventplane_spec::validate_name(&name).and_then(|()| spec.validate()) {
+        return Ok(Err(Problem::InvalidSpec(err.to_string())));
+    }
+    let url = match database_url(projection, namespace, ctx).await? {
+        Ok(url) => url,
+        Err(problem) => return Ok(Err(problem)),
+    };
+    let pool = match ctx.pool(&url).await {
+        Ok(pool) => pool,
+        Err(err) => return Ok(Err(Problem::DatabaseUnreachable(err.to_string()))),
+    };
+    let registry = match read_registry(projection, &pool, &url, state).await {
+        Ok(found) => found,
+        Err(err) => return Ok(Err(database_problem(&err))),
+    };
+    let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), namespace);
+    let listed = jobs
+        .list(&ListParams::default().labels(&job::selector(&name)))
+        .await?;
+    let observed = Observed {
+        jobs: listed.items.iter().map(job::observe).collect(),
+        ..registry
+    };
+    Ok(Ok((observed, pool)))
+}
+
+/// The database side: schema, first version, the registry, lag, plans.
+async fn read_registry(
+    projection: &Projection,
+    pool: &PgPool,
+    url: &str,
+    state: &State,
+) -> anyhow::Result<Observed> {
+    let name = projection.name_any();
+    // The projection's bookkeeping tables come with the service schema; a
+    // Projection may be created before any service has started.
+    if !state.migrated.lock().await.contains(url) {
+        eventplane::db::migrate(pool).await?;
+        state.migrated.lock().await.insert(url.to_string());
+    }
+    let (_, runtime) =
+        versions::ensure(pool, &Runtime::live(name.clone(), projection.spec.clone())).await?;
+    let rows = versions::list(pool, &name).await?;
+    let lag = eventplane::projector::status::status(pool, &runtime)
+        .await?
+        .map(|s| Lag {
+            seconds: s.lag_seconds,
+            events: s.lag_events,
+            halted: s.halted_reason,
+        });
+    let queries = explain_queries(pool, &runtime).await;
+    Ok(Observed {
+        versions: rows
+            .iter()
+            .filter_map(|row| {
+                Some(Version {
+                    version: u32::try_from(row.version).ok()?,
+                    table: row.table_name.clone(),
+                    state: VersionState::parse(&row.state)?,
+                    events_done: row.events_done,
+                    events_total: row.events_total,
+                    retired_at: row.retired_at,
+                })
+            })
+            .collect(),
+        lag,
+        queries,
+        jobs: Vec::new(),
+    })
+}
+
+/// The active version's queries, planned against the stable name. A query
+/// that cannot be planned is logged and left out; it does not hold up the
+/// rest of the reconcile.
+async fn explain_queries(
+    pool: &PgPool,
+    runtime: &Runtime,
+) -> Vec<eventplane_spec::resource::QueryCheck> {
+    match explain::check_queries(pool, &runtime.spec, &runtime.spec.table, &runtime.table).await {
+        Ok(checks) => checks,
+        Err(err) => {
+            tracing::warn!(projection = %runtime.name, error = %err, "explaining list queries failed");
+            Vec::new()
+        }
+    }
+}
+
+/// Read-path scaling: the Deployment named in `spec.scaling.deployment`
+/// (by default `<projection>-query`), if it exists.
+async fn scale(
+    projection: &Projection,
+    namespace: &str,
+    state: &State,
+    status: &mut ProjectionStatus,
+    now: DateTime<Utc>,
+) -> Result<(), kube::Error> {
+    let ctx = &state.ctx;
+    let name = projection.name_any();
+    let target = projection
+        .spec
+        .scaling
+        .deployment
+        .clone()
+        .unwrap_or_else(|| format!("{name}-query"));
+    let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), namespace);
+    let Some(deployment) = deployments.get_opt(&target).await? else {
+        status.replicas = None;
+        status.selector = None;
+        return Ok(());
+    };
+    let selector = deployment
+        .spec
+        .selector
+        .match_labels
+        .as_ref()
+        .map(|labels| {
+            labels
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>()
+                .join(",")
+        })
+        .unwrap_or_default();
+    let current = deployment.spec.replicas.unwrap_or(1);
+    status.selector = Some(selector.clone()).filter(|s| !s.is_empty());
+    status.replicas = Some(current);
+    if selector.is_empty() {
+        return Ok(());
+    }
+    let key = format!("{namespace}/{name}");
+    let mut memory = state.scaling.lock().await.remove(&key).unwrap_or_default();
+    let (mut signals, scrape) =
+        scaling::observe(&ctx.client, namespace, &selector, memory.scrape.as_ref()).await;
+    signals.lag_seconds = status.lag_seconds;
+    signals.rebuilding = matches!(status.phase, Some(Phase::Building | Phase::CatchingUp));
+    let decision = scaling::desired_replicas(
+        &projection.spec.scaling,
+        &signals,
+        &mut memory.history,
+        now,
+        current,
+    );
+    memory.scrape = Some(scrape);
+    state.scaling.lock().await.insert(key, memory);
+    match scaling::apply_replicas(&ctx.client, namespace, &target, decision.replicas).await {
+        Ok(scaling::ApplyOutcome::Applied { from, to }) => {
+            status.replicas = Some(to);
+            let note = format!(
+                "{target}: {from} → {to} replicas ({}: {})",
+                decision.reason, decision.message
+            );
+            publish(
+                ctx,
+                projection,
+                &[EventSpec {
+                    warning: false,
+                    reason: event::SCALED,
+                    action: format!("Scale/{target}"),
+                    note,
+                }],
+            )
+            .await?;
+        }
+        Ok(scaling::ApplyOutcome::OwnedBy(owner)) => {
+            tracing::debug!(projection = %name, deployment = %target, %owner, "replicas owned by another manager; not scaling");
+        }
+        Ok(scaling::ApplyOutcome::Unchanged | scaling::ApplyOutcome::Missing) => {}
+        Err(err) => {
+            tracing::warn!(projection = %name, deployment = %target, error = %err, "scaling failed");
+        }
+    }
+    Ok(())
+}
+
+/// Deletion. `Retain` lets the Projection go at once; `Delete` first stops
+/// any rebuild and drops every table, but gives up (with a Warning) once
+/// the deletion is older than [`CLEANUP_GIVE_UP`].
+async fn cleanup(
+    projection: &Projection,
+    namespace: &str,
+    state: &State,
+) -> Result<Action, ProjectionError> {
+    if projection.spec.reclaim_policy == ReclaimPolicy::Retain {
+        return Ok(Action::await_change());
+    }
+    let ctx = &state.ctx;
+    let name = projection.name_any();
+    let now = (ctx.now)();
+    let deleted_at = projection
+        .metadata
+        .deletion_timestamp
+        .as_ref()
+        .and_then(|t| DateTime::from_timestamp(t.0.as_second(), 0))
+        .unwrap_or(now);
+    match drop_tables(projection, namespace, state).await? {
+        Ok(tables) => {
+            let note = if tables.is_empty() {
+                "reclaimPolicy is Delete; no tables to drop".to_string()
+            } else {
+                format!("reclaimPolicy is Delete; dropped {}", tables.join(", "))
+            };
+            publish(
+                ctx,
+                projection,
+                &[EventSpec {
+                    warning: false,
+                    reason: event::TABLES_DROPPED,
+                    action: "Cleanup".into(),
+                    note,
+                }],
+            )
+            .await?;
+            Ok(Action::await_change())
+        }
+        Err(why) if now - deleted_at >= CLEANUP_GIVE_UP => {
+            let note = format!(
+                "reclaimPolicy is Delete, but the tables of {name} (view {} and its versions) were left behind: {why}",
+                projection.spec.table
+            );
+            publish(
+                ctx,
+                projection,
+                &[EventSpec {
+                    warning: true,
+                    reason: event::TABLES_LEFT_BEHIND,
+                    action: "Cleanup".into(),
+                    note,
+                }],
+            )
+            .await?;
+            Ok(Action::await_change())
+        }
+        Err(why) => Err(ProjectionError::CleanupPending { name, why }),
+    }
+}
+
+/// Stops running rebuilds, then drops every version's table. The inner
+/// error says why it cannot be done yet.
+async fn drop_tables(
+    projection: &Projection,
+    namespace: &str,
+    state: &State,
+) -> Result<Result<Vec<String>, String>, kube::Error> {
+    let ctx = &state.ctx;
+    let name = projection.name_any();
+    let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), namespace);
+    let running: Vec<job::RebuildJob> = jobs
+        .list(&ListParams::default().labels(&job::selector(&name)))
+        .await?
+        .items
+        .iter()
+        .map(job::observe)
+        .filter(|j| !j.finished())
+        .collect();
+    if !running.is_empty() {
+        for job in running.iter().filter(|j| !j.deleting) {
+            match jobs.delete(&job.name, &DeleteParams::foreground()).await {
+                Ok(_) => {}
+                Err(kube::Error::Api(status)) if status.code == 404 => {}
+                Err(err) => return Err(err),
+            }
+        }
+        let names: Vec<&str> = running.iter().map(|j| j.name.as_str()).collect();
+        return Ok(Err(format!(
+            "waiting for rebuild Job {} to stop",
+            names.join(", ")
+        )));
+    }
+    let url = match database_url(projection, namespace, ctx).await? {
+        Ok(url) => url,
+        Err(problem) => return Ok(Err(problem.describe().1)),
+    };
+    let pool = match ctx.pool(&url).await {
+        Ok(pool) => pool,
+        Err(err) => return Ok(Err(format!("cannot connect to the database: {err}"))),
+    };
+    Ok(versions::drop_all(&pool, &name, &projection.spec.table)
+        .await
+        .map_err(|err| format!("dropping the tables failed: {err}")))
+}
