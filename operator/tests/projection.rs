@@ -116,6 +116,12 @@ fn spec(version: u32, extra: Value) -> ProjectionSpec {
     .unwrap();
     spec["version"] = json!(version);
     spec["database"] = json!({"secretName": "orders-db"});
+    // Without the index that serves `recent`, so one declared query scans
+    // the whole table and the warning path is exercised.
+    spec["indexes"]
+        .as_array_mut()
+        .unwrap()
+        .retain(|index| index["name"] != "by_created");
     for (k, v) in extra.as_object().unwrap() {
         spec[k] = v.clone();
     }

@@ -178,7 +178,8 @@ async fn run_locked(
                 .map_err(|e| RebuildError::StoredSpec(version, e.to_string()))?
         }
         Some(row)
-            if row.spec == serde_json::to_value(&projection.spec).expect("specs serialize")
+            if content(&row.spec)
+                == content(&serde_json::to_value(&projection.spec).expect("specs serialize"))
                 && resumable(&mut conn, projection).await? =>
         {
             // A previous attempt stopped part-way: its table and checkpoint
@@ -266,6 +267,26 @@ async fn start(conn: &mut PgConnection, projection: &Projection) -> Result<(), R
     .execute(&mut *conn)
     .await?;
     Ok(())
+}
+
+/// The parts of a spec that decide a version's rows: a half-built version
+/// is resumed only if these are unchanged (scaling, caching, queries and the
+/// like may change while it loads).
+fn content(spec: &serde_json::Value) -> serde_json::Value {
+    let mut spec = spec.clone();
+    if let Some(fields) = spec.as_object_mut() {
+        for operational in [
+            "scaling",
+            "reclaimPolicy",
+            "database",
+            "rebuild",
+            "cache",
+            "queries",
+        ] {
+            fields.remove(operational);
+        }
+    }
+    spec
 }
 
 /// Whether a half-built version can be resumed: its unlogged table still

@@ -476,6 +476,7 @@ mod tests {
                 r#"CREATE INDEX IF NOT EXISTS "orders_v2_covering" ON "orders_v2" ("id") INCLUDE ("total", "status")"#,
                 r#"CREATE INDEX IF NOT EXISTS "orders_v2_pending" ON "orders_v2" ("created_at") WHERE ("status" = 'PENDING')"#,
                 r#"CREATE INDEX IF NOT EXISTS "orders_v2_by_customer" ON "orders_v2" ("customer_id", "created_at" DESC)"#,
+                r#"CREATE INDEX IF NOT EXISTS "orders_v2_by_created" ON "orders_v2" ("created_at" DESC)"#,
             ]
         );
         assert_eq!(index_sql(&sample(), "orders_v2"), sql[1..]);

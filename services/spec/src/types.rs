@@ -486,7 +486,7 @@ mod tests {
         assert_eq!(m.spec.version, 1);
         assert_eq!(m.spec.columns.len(), 6);
         assert_eq!(m.spec.handlers.len(), 4);
-        assert_eq!(m.spec.indexes.len(), 4);
+        assert_eq!(m.spec.indexes.len(), 5);
         assert_eq!(m.spec.queries.len(), 3);
         assert_eq!(m.spec.cache, CacheSpec::default());
         assert_eq!(m.spec.on_error, ErrorPolicy::DeadLetter);
