@@ -19,6 +19,7 @@ use crate::projector::{self, ProjectorConfig};
 use crate::query::{self, QueryConfig, QueryService};
 use crate::store::Appender;
 use crate::store::jobs;
+use crate::store::notify::CommitSignal;
 
 #[derive(Clone, Debug)]
 pub struct Roles {
@@ -121,13 +122,20 @@ impl Stack {
         };
 
         if config.roles.command {
-            let (appender, committers) =
-                Appender::start(pool.clone(), config.command.group_commit(), metrics.clone());
+            let (signal, notifier) = CommitSignal::start(pool.clone());
+            tasks.push(notifier);
+            let (appender, committers) = Appender::start(
+                pool.clone(),
+                config.command.group_commit(),
+                metrics.clone(),
+                signal.clone(),
+            );
             tasks.extend(committers);
             tasks.extend(jobs::start_workers(
                 pool.clone(),
                 config.command.job_workers,
                 metrics.clone(),
+                signal,
             ));
             let state = CommandState {
                 pool: pool.clone(),

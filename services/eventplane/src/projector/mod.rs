@@ -204,7 +204,7 @@ async fn listen(pool: PgPool, wake: watch::Sender<u64>) {
     loop {
         let result: sqlx::Result<()> = async {
             let mut listener = PgListener::connect_with(&pool).await?;
-            listener.listen("eventplane_events").await?;
+            listener.listen(crate::store::notify::CHANNEL).await?;
             // Anything committed while we were not listening is picked up
             // by this wake-up.
             wake.send_modify(|n| *n += 1);

@@ -190,16 +190,6 @@ async fn write_accepted(
         .collect();
     let (ids, new_versions): (Vec<&str>, Vec<i64>) =
         touched.iter().map(|s| (*s, versions[*s])).unzip();
-    sqlx::query(
-        "UPDATE streams SET version = u.version, updated_at = now() \
-         FROM unnest($1::text[], $2::bigint[]) AS u(stream_id, version) \
-         WHERE streams.stream_id = u.stream_id",
-    )
-    .bind(&ids)
-    .bind(&new_versions)
-    .execute(&mut *conn)
-    .await?;
-
     let total: usize = accepted
         .iter()
         .map(|a| requests[a.index].events.len())
@@ -222,8 +212,13 @@ async fn write_accepted(
     // Positions are drawn after the sort, so they follow request order and,
     // within a stream, version order: the projector's (tx_id, position)
     // order is then the stream order.
+    // One round trip: the stream versions move in the same statement.
     let rows: Vec<(String, i64, i64, i64)> = sqlx::query_as(
-        "INSERT INTO events (position, stream_id, stream_version, event_type, data, metadata) \
+        "WITH bumped AS ( \
+             UPDATE streams SET version = b.version, updated_at = now() \
+             FROM unnest($6::text[], $7::bigint[]) AS b(stream_id, version) \
+             WHERE streams.stream_id = b.stream_id) \
+         INSERT INTO events (position, stream_id, stream_version, event_type, data, metadata) \
          SELECT nextval('events_position_seq'), u.s, u.v, u.t, u.d, u.m \
          FROM unnest($1::text[], $2::bigint[], $3::text[], $4::jsonb[], $5::jsonb[]) \
               WITH ORDINALITY AS u(s, v, t, d, m, ord) \
@@ -235,6 +230,8 @@ async fn write_accepted(
     .bind(&types)
     .bind(data.iter().map(sqlx::types::Json).collect::<Vec<_>>())
     .bind(metadata.iter().map(sqlx::types::Json).collect::<Vec<_>>())
+    .bind(&ids)
+    .bind(&new_versions)
     .fetch_all(&mut *conn)
     .await?;
 

@@ -13,6 +13,7 @@ use tokio::task::JoinHandle;
 
 use super::append::{Outcome, append_in_tx};
 use super::model::AppendRequest;
+use super::notify::CommitSignal;
 use crate::metrics::Metrics;
 
 #[derive(Clone, Debug)]
@@ -67,6 +68,7 @@ impl Appender {
         pool: PgPool,
         config: GroupCommitConfig,
         metrics: Arc<Metrics>,
+        signal: CommitSignal,
     ) -> (Self, Vec<JoinHandle<()>>) {
         let (tx, rx) = mpsc::channel(config.queue);
         let rx = Arc::new(Mutex::new(rx));
@@ -77,6 +79,7 @@ impl Appender {
                     pool.clone(),
                     config.clone(),
                     metrics.clone(),
+                    signal.clone(),
                 ))
             })
             .collect();
@@ -120,6 +123,7 @@ async fn committer(
     pool: PgPool,
     config: GroupCommitConfig,
     metrics: Arc<Metrics>,
+    signal: CommitSignal,
 ) {
     while let Some(batch) = next_batch(&rx, &config).await {
         metrics.command_batch_size.observe(batch.len() as f64);
@@ -127,6 +131,9 @@ async fn committer(
         let result = commit_with_retry(&pool, &requests).await;
         match result {
             Ok(outcomes) => {
+                if outcomes.iter().any(|o| o.is_ok()) {
+                    signal.committed();
+                }
                 for (pending, outcome) in batch.into_iter().zip(outcomes) {
                     let _ = pending.reply.send(Ok(outcome));
                 }

@@ -17,6 +17,7 @@ use uuid::Uuid;
 
 use super::append::append_in_tx;
 use super::model::AppendRequest;
+use super::notify::CommitSignal;
 use crate::api_error::ApiError;
 use crate::metrics::Metrics;
 
@@ -184,18 +185,25 @@ async fn record_failed_attempt(pool: &PgPool, id: Uuid) -> sqlx::Result<()> {
 
 /// Starts `workers` job runners, woken by `NOTIFY eventplane_jobs` and by a
 /// periodic poll in case a notification was missed.
-pub fn start_workers(pool: PgPool, workers: usize, metrics: Arc<Metrics>) -> Vec<JoinHandle<()>> {
+pub fn start_workers(
+    pool: PgPool,
+    workers: usize,
+    metrics: Arc<Metrics>,
+    signal: CommitSignal,
+) -> Vec<JoinHandle<()>> {
     let wake = Arc::new(Notify::new());
     let mut handles = vec![tokio::spawn(listen(pool.clone(), wake.clone()))];
     for _ in 0..workers {
         let pool = pool.clone();
         let wake = wake.clone();
         let metrics = metrics.clone();
+        let signal = signal.clone();
         handles.push(tokio::spawn(async move {
             loop {
                 match run_one(&pool).await {
                     Ok(true) => {
                         metrics.jobs_processed.inc();
+                        signal.committed();
                         continue;
                     }
                     Ok(false) => {}

@@ -5,6 +5,7 @@ pub mod append;
 pub mod group_commit;
 pub mod jobs;
 pub mod model;
+pub mod notify;
 pub mod read;
 
 pub use append::{AppendError, append_in_tx};
