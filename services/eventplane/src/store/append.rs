@@ -36,7 +36,17 @@ pub async fn append_in_tx(
     conn: &mut PgConnection,
     requests: &[&AppendRequest],
 ) -> Result<Vec<Outcome>, sqlx::Error> {
-    let digests: Vec<Vec<u8>> = requests.iter().map(|r| r.digest()).collect();
+    // Only requests with an idempotency key are ever compared.
+    let digests: Vec<Vec<u8>> = requests
+        .iter()
+        .map(|r| {
+            if r.idempotency_key.is_some() {
+                r.digest()
+            } else {
+                Vec::new()
+            }
+        })
+        .collect();
     let stored = lock_idempotency_keys(conn, requests).await?;
     let mut versions = lock_streams(conn, requests, &stored).await?;
 
