@@ -5,6 +5,7 @@ pub mod conditions;
 pub mod context;
 pub mod crds;
 pub mod error;
+pub mod events;
 pub mod leader;
 pub mod metrics;
 pub mod partitionpolicy;

@@ -2,6 +2,7 @@
 //! a reconcile observed and did (an `Outcome`) to the status to write, the
 //! Events to emit and when to look again.
 
+pub use crate::events::EventSpec;
 use std::time::Duration;
 
 use chrono::{DateTime, SecondsFormat, Utc};
@@ -53,18 +54,6 @@ pub enum Outcome {
         executed: Vec<Step>,
     },
     Applied(Applied),
-}
-
-/// A Kubernetes Event to emit.
-#[derive(Clone, Debug, PartialEq)]
-pub struct EventSpec {
-    pub warning: bool,
-    pub reason: &'static str,
-    /// What was done, and to which partition for DDL steps: the recorder
-    /// folds repeats of one (reason, action) into a series, so each
-    /// partition keeps an Event of its own.
-    pub action: String,
-    pub note: String,
 }
 
 impl EventSpec {

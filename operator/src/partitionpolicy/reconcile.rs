@@ -9,11 +9,10 @@ use eventplane_spec::PartitionPolicy;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::Action;
-use kube::runtime::events::{Event, EventType};
-use kube::{Api, Resource, ResourceExt};
+use kube::{Api, ResourceExt};
 use serde_json::json;
 
-use super::decide::{Applied, Decision, Outcome, decide};
+use super::decide::{Applied, Outcome, decide};
 use crate::context::{Context, MANAGER};
 use crate::error::{Error, Result};
 use crate::metrics::ControllerLabels;
@@ -37,7 +36,7 @@ pub async fn reconcile(policy: Arc<PartitionPolicy>, ctx: Arc<Context>) -> Resul
         outcome,
         now,
     );
-    publish(&policy, &ctx, &decision).await?;
+    crate::events::publish(&ctx.recorder, &*policy, &decision.events).await?;
     let api: Api<PartitionPolicy> = Api::namespaced(ctx.client.clone(), &namespace);
     let patch = json!({
         "apiVersion": "eventplane.io/v1alpha1",
@@ -64,25 +63,6 @@ pub fn error_policy(_policy: Arc<PartitionPolicy>, err: &Error, ctx: Arc<Context
     ctx.metrics.failures.get_or_create(&LABELS).inc();
     tracing::warn!(error = %err, "partitionpolicy reconcile failed; retrying");
     Action::requeue(Duration::from_secs(15))
-}
-
-async fn publish(policy: &PartitionPolicy, ctx: &Context, decision: &Decision) -> Result<()> {
-    let reference = policy.object_ref(&());
-    for event in &decision.events {
-        let event = Event {
-            type_: if event.warning {
-                EventType::Warning
-            } else {
-                EventType::Normal
-            },
-            reason: event.reason.to_string(),
-            note: Some(event.note.chars().take(1000).collect()),
-            action: event.action.clone(),
-            secondary: None,
-        };
-        ctx.recorder.publish(&event, &reference).await?;
-    }
-    Ok(())
 }
 
 /// Everything that can go wrong with the policy's content or its database

@@ -3,6 +3,7 @@
 //! rebuild Jobs, the lag, the query plans) to the actions to take, the
 //! status to write, the Events to emit and when to look again.
 
+pub use crate::events::EventSpec;
 use std::time::Duration;
 
 use chrono::{DateTime, SecondsFormat, Utc};
@@ -129,17 +130,6 @@ pub enum Action {
     DeleteJob { name: String },
     /// Drop retained versions retired before the cutoff.
     DropExpired { cutoff: DateTime<Utc> },
-}
-
-/// A Kubernetes Event to emit.
-#[derive(Clone, Debug, PartialEq)]
-pub struct EventSpec {
-    pub warning: bool,
-    pub reason: &'static str,
-    /// Distinct per subject (phase and version, Job, query): the recorder
-    /// folds repeats of one (reason, action) into a series.
-    pub action: String,
-    pub note: String,
 }
 
 #[derive(Clone, Debug, PartialEq)]

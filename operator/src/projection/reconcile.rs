@@ -2,6 +2,7 @@
 //! the Secret, the version registry, the Jobs, the lag and the query plans;
 //! then carrying out what `decide` says and writing the status.
 
+use crate::events::publish;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -15,9 +16,8 @@ use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
-use kube::runtime::events::{Event, EventType};
 use kube::runtime::finalizer::{self, finalizer};
-use kube::{Api, Resource, ResourceExt};
+use kube::{Api, ResourceExt};
 use serde_json::json;
 use sqlx::PgPool;
 
@@ -103,29 +103,6 @@ pub fn error_policy(
     Action::requeue(Duration::from_secs(15))
 }
 
-async fn publish(
-    ctx: &Context,
-    projection: &Projection,
-    events: &[EventSpec],
-) -> Result<(), kube::Error> {
-    let reference = projection.object_ref(&());
-    for event in events {
-        let event = Event {
-            type_: if event.warning {
-                EventType::Warning
-            } else {
-                EventType::Normal
-            },
-            reason: event.reason.to_string(),
-            note: Some(event.note.chars().take(1000).collect()),
-            action: event.action.clone(),
-            secondary: None,
-        };
-        ctx.recorder.publish(&event, &reference).await?;
-    }
-    Ok(())
-}
-
 async fn apply(
     projection: &Projection,
     namespace: &str,
@@ -189,7 +166,7 @@ async fn apply(
             }
         }
     }
-    publish(ctx, projection, &events).await?;
+    publish(&ctx.recorder, projection, &events).await?;
 
     if seen {
         scale(projection, namespace, state, &mut plan.status, now).await?;
@@ -417,7 +394,7 @@ async fn scale(
                 decision.reason, decision.message
             );
             publish(
-                ctx,
+                &ctx.recorder,
                 projection,
                 &[EventSpec {
                     warning: false,
@@ -467,7 +444,7 @@ async fn cleanup(
                 format!("reclaimPolicy is Delete; dropped {}", tables.join(", "))
             };
             publish(
-                ctx,
+                &ctx.recorder,
                 projection,
                 &[EventSpec {
                     warning: false,
@@ -485,7 +462,7 @@ async fn cleanup(
                 projection.spec.table
             );
             publish(
-                ctx,
+                &ctx.recorder,
                 projection,
                 &[EventSpec {
                     warning: true,
