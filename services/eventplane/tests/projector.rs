@@ -228,7 +228,7 @@ async fn a_projector_process_killed_mid_batch_recovers_exactly() {
                 "--listen",
                 "127.0.0.1:0",
                 "--batch-size",
-                "20",
+                "5",
                 "--projections",
             ])
             .arg(&manifest)
