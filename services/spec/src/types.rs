@@ -476,6 +476,29 @@ mod tests {
     const ORDERS: &str = include_str!("../examples/orders.yaml");
 
     #[test]
+    fn the_cluster_example_is_the_sample_plus_cluster_sections() {
+        let cluster = load_manifests(include_str!(
+            "../../../crds/examples/projection-orders.yaml"
+        ))
+        .unwrap()
+        .remove(0);
+        let local = load_manifests(ORDERS).unwrap().remove(0);
+        assert_eq!(cluster.spec.columns, local.spec.columns);
+        assert_eq!(cluster.spec.handlers, local.spec.handlers);
+        assert_eq!(cluster.spec.indexes, local.spec.indexes);
+        assert_eq!(cluster.spec.queries, local.spec.queries);
+        assert_eq!(
+            cluster
+                .spec
+                .database
+                .as_ref()
+                .map(|d| d.secret_name.as_str()),
+            Some("eventplane-db")
+        );
+        assert_eq!(cluster.spec.scaling.max_replicas, 6);
+    }
+
+    #[test]
     fn sample_manifest_loads_and_validates() {
         let manifests = load_manifests(ORDERS).unwrap();
         assert_eq!(manifests.len(), 1);
