@@ -102,9 +102,85 @@ pub async fn horizon(conn: &mut PgConnection) -> sqlx::Result<i64> {
         .await
 }
 
-struct DeadLetter<'a> {
-    event: &'a TailEvent,
+/// An event that could not be mapped, with the reason.
+struct DeadLetter {
+    position: i64,
+    tx_id: i64,
+    stream_id: String,
+    event_type: String,
     reason: String,
+}
+
+/// A batch mapped and folded into bulk statements: pure work, so a rebuild
+/// can prepare the next batch while the current one is written.
+pub struct Prepared {
+    statements: Vec<(eventplane_spec::BulkStatement, Vec<Vec<Option<String>>>)>,
+    keys: Vec<String>,
+    dead: Vec<DeadLetter>,
+    halted: Option<String>,
+    /// Events applied or dead-lettered (those before a halting event).
+    consumed: usize,
+    last: Option<Checkpoint>,
+    first_recorded: Option<chrono::DateTime<chrono::Utc>>,
+    last_recorded: Option<chrono::DateTime<chrono::Utc>>,
+    /// The read returned as many events as it asked for.
+    pub full: bool,
+}
+
+impl Prepared {
+    /// Where the next read starts.
+    pub fn next_read(&self, after: Checkpoint) -> Checkpoint {
+        self.last.unwrap_or(after)
+    }
+
+    pub fn halted(&self) -> bool {
+        self.halted.is_some()
+    }
+}
+
+/// Maps `events` with `projection`'s handlers and folds them per key.
+pub fn prepare(projection: &Projection, events: &[TailEvent], limit: i64) -> Prepared {
+    let mut changes: Vec<RowChange> = Vec::with_capacity(events.len());
+    let mut dead = Vec::new();
+    let mut halted = None;
+    let mut consumed = 0;
+    for event in events {
+        match projection.spec.map_event(&event.envelope()) {
+            Ok(Some(change)) => changes.push(change),
+            Ok(None) => {}
+            Err(err) => match projection.spec.on_error {
+                ErrorPolicy::DeadLetter => dead.push(DeadLetter {
+                    position: event.position,
+                    tx_id: event.tx_id,
+                    stream_id: event.stream_id.clone(),
+                    event_type: event.event_type.clone(),
+                    reason: err.to_string(),
+                }),
+                ErrorPolicy::Halt => {
+                    halted = Some(format!(
+                        "event at position {} ({} on stream {}): {err}",
+                        event.position, event.event_type, event.stream_id
+                    ));
+                    break;
+                }
+            },
+        }
+        consumed += 1;
+    }
+    let applied = &events[..consumed];
+    let ops = fold(changes);
+    let keys = ops.iter().map(|(key, _)| key.clone()).collect();
+    Prepared {
+        statements: group_ops(&projection.spec, &projection.table, ops),
+        keys,
+        dead,
+        halted,
+        consumed,
+        last: applied.last().map(TailEvent::checkpoint),
+        first_recorded: applied.first().map(|e| e.recorded_at),
+        last_recorded: applied.last().map(|e| e.recorded_at),
+        full: events.len() as i64 == limit,
+    }
 }
 
 /// Applies one batch in a transaction of its own. A live projection
@@ -171,53 +247,35 @@ pub async fn apply_locked(
     let horizon = horizon(&mut *tx).await?;
     let event_types = projection.spec.event_types();
     let events = read_tail(&mut *tx, checkpoint, horizon, &event_types, limit).await?;
-    let full = events.len() as i64 == limit;
 
-    let mut changes: Vec<RowChange> = Vec::with_capacity(events.len());
-    let mut dead: Vec<DeadLetter> = Vec::new();
-    let mut halted = None;
-    let mut consumed = 0;
-    for event in &events {
-        match projection.spec.map_event(&event.envelope()) {
-            Ok(Some(change)) => changes.push(change),
-            Ok(None) => {}
-            Err(err) => match projection.spec.on_error {
-                ErrorPolicy::DeadLetter => dead.push(DeadLetter {
-                    event,
-                    reason: err.to_string(),
-                }),
-                ErrorPolicy::Halt => {
-                    halted = Some(format!(
-                        "event at position {} ({} on stream {}): {err}",
-                        event.position, event.event_type, event.stream_id
-                    ));
-                    break;
-                }
-            },
-        }
-        consumed += 1;
-    }
-    let applied = &events[..consumed];
+    let prepared = prepare(projection, &events, limit);
+    write(tx, projection, checkpoint, horizon, prepared).await
+}
 
-    let ops = fold(changes);
-    let keys: Vec<String> = ops.iter().map(|(key, _)| key.clone()).collect();
-    for (statement, columns) in group_ops(&projection.spec, &projection.table, ops) {
+/// Writes a prepared batch read after `checkpoint` and below `horizon`, and
+/// advances the checkpoint, inside the caller's transaction (which holds
+/// the checkpoint's lock).
+pub async fn write(
+    tx: &mut PgConnection,
+    projection: &Projection,
+    checkpoint: Checkpoint,
+    horizon: i64,
+    prepared: Prepared,
+) -> sqlx::Result<BatchOutcome> {
+    for (statement, columns) in prepared.statements {
         let mut query = sqlx::query(AssertSqlSafe(statement.sql));
         for column in columns {
             query = query.bind(column);
         }
         query.execute(&mut *tx).await?;
     }
-    write_dead_letters(&mut *tx, &projection.checkpoint, &dead).await?;
+    write_dead_letters(&mut *tx, &projection.checkpoint, &prepared.dead).await?;
 
     // A short batch read everything below the horizon: the checkpoint can
     // move up to it, so the next read skips what other projections' events
     // left behind.
-    let next = if halted.is_some() || full {
-        applied
-            .last()
-            .map(TailEvent::checkpoint)
-            .unwrap_or(checkpoint)
+    let next = if prepared.halted.is_some() || prepared.full {
+        prepared.last.unwrap_or(checkpoint)
     } else {
         Checkpoint {
             tx_id: horizon,
@@ -225,7 +283,6 @@ pub async fn apply_locked(
         }
         .max(checkpoint)
     };
-    let last_event_at = applied.last().map(|e| e.recorded_at);
     sqlx::query(
         "UPDATE projection_checkpoints SET tx_id = $2::text::xid8, position = $3, \
              last_event_at = COALESCE($4, last_event_at), applied = applied + $5, halted_reason = $6, updated_at = now() \
@@ -234,23 +291,23 @@ pub async fn apply_locked(
     .bind(&projection.checkpoint)
     .bind(next.tx_id.to_string())
     .bind(next.position)
-    .bind(last_event_at)
-    .bind(applied.len() as i64)
-    .bind(&halted)
+    .bind(prepared.last_recorded)
+    .bind(prepared.consumed as i64)
+    .bind(&prepared.halted)
     .execute(&mut *tx)
     .await?;
 
     let now = chrono::Utc::now();
-    let max_lag_seconds = applied
-        .first()
-        .map(|e| (now - e.recorded_at).num_microseconds().unwrap_or(0) as f64 / 1e6)
+    let max_lag_seconds = prepared
+        .first_recorded
+        .map(|t| (now - t).num_microseconds().unwrap_or(0) as f64 / 1e6)
         .unwrap_or(0.0);
     Ok(BatchOutcome {
-        events: applied.len(),
-        full,
-        keys,
-        dead_letters: dead.len(),
-        halted,
+        events: prepared.consumed,
+        full: prepared.full,
+        keys: prepared.keys,
+        dead_letters: prepared.dead.len(),
+        halted: prepared.halted,
         max_lag_seconds,
         checkpoint: next,
     })
@@ -259,15 +316,15 @@ pub async fn apply_locked(
 async fn write_dead_letters(
     conn: &mut PgConnection,
     projection: &str,
-    dead: &[DeadLetter<'_>],
+    dead: &[DeadLetter],
 ) -> sqlx::Result<()> {
     if dead.is_empty() {
         return Ok(());
     }
-    let positions: Vec<i64> = dead.iter().map(|d| d.event.position).collect();
-    let tx_ids: Vec<String> = dead.iter().map(|d| d.event.tx_id.to_string()).collect();
-    let streams: Vec<&str> = dead.iter().map(|d| d.event.stream_id.as_str()).collect();
-    let types: Vec<&str> = dead.iter().map(|d| d.event.event_type.as_str()).collect();
+    let positions: Vec<i64> = dead.iter().map(|d| d.position).collect();
+    let tx_ids: Vec<String> = dead.iter().map(|d| d.tx_id.to_string()).collect();
+    let streams: Vec<&str> = dead.iter().map(|d| d.stream_id.as_str()).collect();
+    let types: Vec<&str> = dead.iter().map(|d| d.event_type.as_str()).collect();
     let reasons: Vec<&str> = dead.iter().map(|d| d.reason.as_str()).collect();
     sqlx::query(
         "INSERT INTO projection_dead_letters (projection, position, tx_id, stream_id, event_type, reason) \
