@@ -33,7 +33,10 @@ use sqlx::{AssertSqlSafe, PgConnection, PgPool};
 use crate::invalidation::Invalidator;
 use crate::metrics::Metrics;
 use crate::projections::Projection;
-use crate::projector::batch::{apply_batch, apply_locked};
+use crate::projector::batch::{
+    BatchOutcome, Checkpoint, Prepared, apply_batch, apply_locked, horizon, prepare, read_tail,
+    write,
+};
 use crate::versions;
 
 #[derive(Clone, Debug)]
@@ -330,34 +333,119 @@ async fn discard(conn: &mut PgConnection, projection: &Projection) -> Result<(),
 }
 
 /// Replays the log into the new version until it reaches the horizon;
-/// returns the events applied.
+/// returns the events applied. Everything below the horizon seen at the
+/// start is read and mapped one batch ahead of the writes (two cores at
+/// work instead of one); ordinary batches then take it up to the current
+/// horizon.
 async fn load(
     pool: &PgPool,
     build: &mut Arc<Projection>,
     options: &RebuildOptions,
 ) -> Result<i64, RebuildError> {
-    let mut loaded = 0i64;
+    let mut loaded = prefetched_load(pool, build, options).await?;
     loop {
         let outcome = apply_batch(pool, build, options.batch_size).await?;
-        if let Some(reason) = outcome.halted {
-            return Err(RebuildError::Halted {
-                version: build.spec.version,
-                reason,
-            });
-        }
-        loaded += outcome.events as i64;
-        sqlx::query(
-            "UPDATE projection_versions SET events_done = events_done + $3 WHERE projection = $1 AND version = $2",
-        )
-        .bind(&build.name)
-        .bind(build.spec.version as i32)
-        .bind(outcome.events as i64)
-        .execute(pool)
-        .await?;
+        loaded += progress(pool, build, &outcome).await?;
         if !outcome.full {
             return Ok(loaded);
         }
     }
+}
+
+/// Records a batch's progress; a halt ends the rebuild.
+async fn progress(
+    pool: &PgPool,
+    build: &Projection,
+    outcome: &BatchOutcome,
+) -> Result<i64, RebuildError> {
+    if let Some(reason) = &outcome.halted {
+        return Err(RebuildError::Halted {
+            version: build.spec.version,
+            reason: reason.clone(),
+        });
+    }
+    sqlx::query(
+        "UPDATE projection_versions SET events_done = events_done + $3 WHERE projection = $1 AND version = $2",
+    )
+    .bind(&build.name)
+    .bind(build.spec.version as i32)
+    .bind(outcome.events as i64)
+    .execute(pool)
+    .await?;
+    Ok(outcome.events as i64)
+}
+
+async fn prefetched_load(
+    pool: &PgPool,
+    build: &Arc<Projection>,
+    options: &RebuildOptions,
+) -> Result<i64, RebuildError> {
+    let mut conn = pool.acquire().await?;
+    let horizon = horizon(&mut conn).await?;
+    let (tx_id, position): (i64, i64) = sqlx::query_as(
+        "SELECT tx_id::text::bigint, position FROM projection_checkpoints WHERE projection = $1",
+    )
+    .bind(&build.checkpoint)
+    .fetch_one(&mut *conn)
+    .await?;
+    let start = Checkpoint { tx_id, position };
+
+    // The reader runs one batch ahead; the channel's bound keeps it there.
+    let (ahead, mut batches) = tokio::sync::mpsc::channel::<sqlx::Result<Prepared>>(1);
+    let reader = {
+        let build = build.clone();
+        let limit = options.batch_size;
+        tokio::spawn(async move {
+            let types = build.spec.event_types();
+            let mut after = start;
+            loop {
+                let events = match read_tail(&mut conn, after, horizon, &types, limit).await {
+                    Ok(events) => events,
+                    Err(err) => {
+                        let _ = ahead.send(Err(err)).await;
+                        return;
+                    }
+                };
+                let prepared = prepare(&build, &events, limit);
+                after = prepared.next_read(after);
+                let last = !prepared.full || prepared.halted();
+                if ahead.send(Ok(prepared)).await.is_err() || last {
+                    return;
+                }
+            }
+        })
+    };
+
+    let mut expected = start;
+    let mut loaded = 0;
+    while let Some(prepared) = batches.recv().await {
+        let prepared = prepared?;
+        let mut tx = pool.begin().await?;
+        let (tx_id, position): (i64, i64) = sqlx::query_as(
+            "SELECT tx_id::text::bigint, position FROM projection_checkpoints WHERE projection = $1 FOR UPDATE",
+        )
+        .bind(&build.checkpoint)
+        .fetch_one(&mut *tx)
+        .await?;
+        if (Checkpoint { tx_id, position }) != expected {
+            // Only this rebuild writes its checkpoint (the advisory lock);
+            // anything else means the batches read ahead are stale.
+            reader.abort();
+            return Err(RebuildError::Database(sqlx::Error::Protocol(format!(
+                "checkpoint of {} moved under the rebuild",
+                build.checkpoint
+            ))));
+        }
+        let outcome = write(&mut tx, build, expected, horizon, prepared).await?;
+        tx.commit().await?;
+        loaded += progress(pool, build, &outcome).await?;
+        expected = outcome.checkpoint;
+        if !outcome.full {
+            break;
+        }
+    }
+    let _ = reader.await;
+    Ok(loaded)
 }
 
 /// Every event of the projection's types up to the checkpoint was applied
