@@ -309,3 +309,101 @@ async fn rebuilding_the_active_version_does_nothing() {
     .unwrap();
     assert!(report.already_active);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_local_projector_started_with_a_higher_version_rebuilds_in_the_background() {
+    let db = TestDb::new().await;
+    let http = client();
+    {
+        let stack = stack(&db).await;
+        for i in 0..30 {
+            let (status, _) = append(
+                &http,
+                &stack,
+                &format!("order-b{i}"),
+                json!("no_stream"),
+                vec![placed(&format!("b{i}"), "c", "1")],
+            )
+            .await;
+            assert_eq!(status, 201);
+        }
+        let pool = db.pool().await;
+        assert!(eventually(Duration::from_secs(10), || caught_up(&pool, "orders")).await);
+    }
+    // Restart with the spec at version 2: the old version keeps serving
+    // while the new one is built, then it is swapped in.
+    let v2 = orders_version("orders", "orders", 2, "OPEN");
+    let stack = stack_with(StackConfig::local(
+        &db.url,
+        Some(&redis_url()),
+        vec![Arc::new(v2)],
+    ))
+    .await;
+    let pool = db.pool().await;
+    let swapped = eventually(Duration::from_secs(20), || {
+        let pool = &pool;
+        async move {
+            let active: Option<i32> = sqlx::query_scalar("SELECT version FROM projection_versions WHERE projection = 'orders' AND state = 'active'")
+                .fetch_optional(pool)
+                .await
+                .unwrap();
+            active == Some(2)
+        }
+    })
+    .await;
+    assert!(swapped, "version 2 became active");
+    let (status, row, _) = get(&http, &stack, "/v1/projections/orders/rows/b7").await;
+    assert_eq!(status, 200);
+    assert_eq!(row["status"], "OPEN");
+    let (status, _) = append(
+        &http,
+        &stack,
+        "order-b99",
+        json!("no_stream"),
+        vec![placed("b99", "c", "1")],
+    )
+    .await;
+    assert_eq!(status, 201);
+    assert!(
+        eventually(Duration::from_secs(10), || row_is(&pool, "b99", "OPEN")).await,
+        "the live projector follows version 2"
+    );
+}
+
+async fn row_is(pool: &PgPool, id: &str, status: &str) -> bool {
+    let found: Option<String> = sqlx::query_scalar("SELECT status FROM orders WHERE id = $1")
+        .bind(id)
+        .fetch_optional(pool)
+        .await
+        .unwrap();
+    found.as_deref() == Some(status)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_from_before_versioning_is_adopted_as_its_first_version() {
+    let db = TestDb::new().await;
+    let pool = db.pool().await;
+    eventplane::db::migrate(&pool).await.unwrap();
+    let spec = orders_version("orders", "orders", 1, "PENDING").spec;
+    for statement in eventplane_spec::create_table_sql(&spec, "orders") {
+        sqlx::query(sqlx::AssertSqlSafe(statement))
+            .execute(&pool)
+            .await
+            .unwrap();
+    }
+    sqlx::query("INSERT INTO orders (id, status, customer_id, created_at) VALUES ('old-1', 'PAID', 'c', now())")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let _stack = stack(&db).await;
+    let kind: String =
+        sqlx::query_scalar("SELECT relkind::text FROM pg_class WHERE relname = 'orders'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(kind, "v", "the stable name became a view");
+    assert!(
+        row_is(&pool, "old-1", "PAID").await,
+        "the old rows are the first version's"
+    );
+}
