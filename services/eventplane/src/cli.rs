@@ -168,6 +168,10 @@ pub struct QueryArgs {
         default_value_t = 5000
     )]
     pub consistency_timeout_ms: u64,
+    /// Reads at least this slow, in milliseconds, are counted
+    /// (`slow_queries_total`) and logged with their plan.
+    #[arg(long, env = "EVENTPLANE_SLOW_QUERY_MS", default_value_t = 100)]
+    pub slow_query_ms: u64,
 }
 
 impl QueryArgs {
@@ -175,6 +179,7 @@ impl QueryArgs {
         QueryConfig {
             l1_capacity_bytes: self.l1_capacity_bytes,
             consistency_timeout: Duration::from_millis(self.consistency_timeout_ms),
+            slow_query: Duration::from_millis(self.slow_query_ms),
         }
     }
 }

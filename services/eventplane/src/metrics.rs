@@ -72,6 +72,7 @@ pub struct Metrics {
     pub commands_total: Family<CommandLabels, Counter>,
     pub command_batch_size: Histogram,
     pub query_latency: Family<QueryLabels, Histogram>,
+    pub slow_queries: Family<QueryLabels, Counter>,
     pub cache_hit_rate: Family<CacheLabels, Gauge<f64, AtomicU64>>,
     /// l1, l2, l3 in that order.
     pub cache_counts: [LayerCounts; 3],
@@ -105,6 +106,7 @@ impl Metrics {
             commands_total: Family::default(),
             command_batch_size: size_buckets(),
             query_latency: Family::new_with_constructor(latency_buckets),
+            slow_queries: Family::default(),
             cache_hit_rate: Family::default(),
             cache_counts: Default::default(),
             redis_errors: Counter::default(),
@@ -138,6 +140,11 @@ impl Metrics {
             "query_latency",
             "Query latency in seconds",
             m.query_latency.clone(),
+        );
+        registry.register(
+            "slow_queries",
+            "Reads at or above the slow-query threshold (logged with their plan)",
+            m.slow_queries.clone(),
         );
         registry.register(
             "cache_hit_rate",

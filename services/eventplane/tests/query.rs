@@ -487,3 +487,30 @@ async fn concurrent_misses_on_one_key_load_once() {
     let loads = layers.iter().filter(|l| l.as_str() != "l1").count();
     assert_eq!(loads, 1, "one load, the rest waited for it: {layers:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_over_the_slow_query_threshold_are_counted() {
+    let db = TestDb::new().await;
+    let mut config = StackConfig::local(&db.url, None, orders());
+    config.query.slow_query = Duration::ZERO;
+    let stack = stack_with(config).await;
+    let http = client();
+    place(&http, &stack, "s1", "cust-s", "1").await;
+    get(&http, &stack, "/v1/projections/orders/rows/s1").await;
+    get(
+        &http,
+        &stack,
+        "/v1/projections/orders/queries/by_customer?customer_id=cust-s",
+    )
+    .await;
+    let text = stack.metrics.encode();
+    for query_type in ["row", "list"] {
+        let line = format!("slow_queries_total{{query_type=\"{query_type}\"}} ");
+        let count: f64 = text
+            .lines()
+            .find_map(|l| l.strip_prefix(&line))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0.0);
+        assert!(count >= 1.0, "{query_type} reads were counted:\n{text}");
+    }
+}

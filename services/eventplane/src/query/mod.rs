@@ -5,6 +5,7 @@
 
 pub mod cache;
 pub mod consistency;
+pub mod slow;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -47,6 +48,8 @@ pub struct QueryService {
     pub bus: Arc<CacheBus>,
     pub metrics: Arc<Metrics>,
     pub consistency_timeout: Duration,
+    /// Reads at least this slow are counted and logged with their plan.
+    pub slow_query: Duration,
     /// The invalidation subscription, if Redis is configured.
     pub subscription: Option<Arc<tokio::task::JoinHandle<()>>>,
 }
@@ -57,6 +60,8 @@ pub struct QueryConfig {
     pub l1_capacity_bytes: u64,
     /// Longest a read with a token waits for the projection.
     pub consistency_timeout: Duration,
+    /// Reads at least this slow are counted and logged with their plan.
+    pub slow_query: Duration,
 }
 
 impl Default for QueryConfig {
@@ -64,6 +69,7 @@ impl Default for QueryConfig {
         Self {
             l1_capacity_bytes: 64 << 20,
             consistency_timeout: Duration::from_secs(5),
+            slow_query: Duration::from_millis(100),
         }
     }
 }
@@ -119,6 +125,7 @@ impl QueryService {
             bus,
             metrics,
             consistency_timeout: config.consistency_timeout,
+            slow_query: config.slow_query,
             subscription,
         }
     }
@@ -196,10 +203,12 @@ async fn get_row(
         let sql = served.row_sql.clone();
         let key = key.clone();
         move || async move {
-            let row: Option<Value> = sqlx::query_scalar(AssertSqlSafe(sql))
+            let started = Instant::now();
+            let row: Option<Value> = sqlx::query_scalar(AssertSqlSafe(sql.clone()))
                 .bind(&key)
                 .fetch_optional(&service.read_pool)
                 .await?;
+            slow::check(&service, "row", &sql, vec![key], started.elapsed());
             Ok::<Cached, sqlx::Error>(Arc::new(row.map(|v| v.to_string())))
         }
     };
@@ -380,7 +389,8 @@ async fn run_query(
         let limit = list.limit;
         move || async move {
             let sql = if cursor.is_some() { paged } else { plain };
-            let mut q = sqlx::query_scalar::<_, Value>(AssertSqlSafe(sql));
+            let started = Instant::now();
+            let mut q = sqlx::query_scalar::<_, Value>(AssertSqlSafe(sql.clone()));
             for value in filters.iter().chain(cursor.iter().flatten()) {
                 q = q.bind(value);
             }
@@ -388,6 +398,13 @@ async fn run_query(
                 .bind(i64::from(limit) + 1)
                 .fetch_all(&service.read_pool)
                 .await?;
+            let mut params: Vec<String> = filters
+                .iter()
+                .chain(cursor.iter().flatten())
+                .cloned()
+                .collect();
+            params.push((i64::from(limit) + 1).to_string());
+            slow::check(&service, "list", &sql, params, started.elapsed());
             let next = if rows.len() > limit as usize {
                 rows.truncate(limit as usize);
                 rows.last().map(|last| encode_cursor(&spec, &query, last))
