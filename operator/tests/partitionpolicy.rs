@@ -31,65 +31,23 @@ fn fixed_now() -> DateTime<Utc> {
         .with_timezone(&Utc)
 }
 
-fn admin_url() -> String {
-    std::env::var("DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+/// A database of the test's own with `ddl` run in it.
+async fn database(ddl: &str) -> common::TestDb {
+    let db = common::TestDb::new().await;
+    sqlx::raw_sql(sqlx::AssertSqlSafe(ddl.to_string()))
+        .execute(&db.pool().await)
+        .await
+        .unwrap();
+    db
 }
 
-/// A database of the test's own, with `ddl` run in it.
-struct Db {
-    name: String,
-    url: String,
-}
-
-impl Db {
-    async fn new(ddl: &str) -> Db {
-        let name = format!("ep_op_{}", uuid::Uuid::new_v4().simple());
-        let admin = PgPool::connect(&admin_url()).await.unwrap();
-        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
-            .execute(&admin)
-            .await
-            .unwrap();
-        let mut url = url::Url::parse(&admin_url()).unwrap();
-        url.set_path(&name);
-        let db = Db {
-            name,
-            url: url.to_string(),
-        };
-        let pool = PgPool::connect(&db.url).await.unwrap();
-        sqlx::raw_sql(sqlx::AssertSqlSafe(ddl.to_string()))
-            .execute(&pool)
-            .await
-            .unwrap();
-        db
-    }
-
-    async fn partitions(&self) -> Vec<String> {
-        let pool = PgPool::connect(&self.url).await.unwrap();
-        sqlx::query_scalar("SELECT c.relname::text FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid WHERE c.relkind = 'r' ORDER BY 1")
-            .fetch_all(&pool)
-            .await
-            .unwrap()
-    }
-}
-
-impl Drop for Db {
-    fn drop(&mut self) {
-        let name = self.name.clone();
-        let _ = std::thread::spawn(move || {
-            tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap()
-                .block_on(async {
-                    if let Ok(admin) = PgPool::connect(&admin_url()).await {
-                        let drop = format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)");
-                        let _ = sqlx::query(sqlx::AssertSqlSafe(drop)).execute(&admin).await;
-                    }
-                })
-        })
-        .join();
-    }
+/// The tables attached as partitions, by name.
+async fn partitions(db: &common::TestDb) -> Vec<String> {
+    let pool = PgPool::connect(&db.url).await.unwrap();
+    sqlx::query_scalar("SELECT c.relname::text FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid WHERE c.relkind = 'r' ORDER BY 1")
+        .fetch_all(&pool)
+        .await
+        .unwrap()
 }
 
 const PARTITIONED: &str = "CREATE TABLE events (id bigint NOT NULL, at timestamptz NOT NULL, PRIMARY KEY (id, at)) PARTITION BY RANGE (at)";
@@ -162,7 +120,7 @@ async fn expect_event(server: &mut ApiServer, kind: &str, reason: &str) -> Value
 
 #[tokio::test]
 async fn a_policy_gets_its_partitions_one_event_per_ddl_step_and_a_ready_status() {
-    let db = Db::new(PARTITIONED).await;
+    let db = database(PARTITIONED).await;
     let (ctx, mut server) = fixed_context();
     let run = tokio::spawn(reconcile(policy(json!({})), ctx));
 
@@ -196,7 +154,7 @@ async fn a_policy_gets_its_partitions_one_event_per_ddl_step_and_a_ready_status(
     // Due again at the month boundary (two minutes away) plus slack.
     assert_eq!(action, Action::requeue(Duration::from_secs(125)));
     assert_eq!(
-        db.partitions().await,
+        partitions(&db).await,
         vec!["events_p2026_11", "events_p2026_12", "events_p2027_01"]
     );
 
@@ -221,7 +179,7 @@ async fn a_policy_gets_its_partitions_one_event_per_ddl_step_and_a_ready_status(
 
 #[tokio::test]
 async fn a_dry_run_reports_the_plan_and_changes_nothing() {
-    let db = Db::new(PARTITIONED).await;
+    let db = database(PARTITIONED).await;
     let (ctx, mut server) = fixed_context();
     let run = tokio::spawn(reconcile(
         policy(json!({"dryRun": true, "retention": {"keep": 0, "action": "drop"}})),
@@ -242,7 +200,7 @@ async fn a_dry_run_reports_the_plan_and_changes_nothing() {
     run.await.unwrap().unwrap();
     assert_eq!(status["dryRunPlan"].as_array().unwrap().len(), 3);
     assert_eq!(condition(&status, "Ready")["reason"], "DryRun");
-    assert!(db.partitions().await.is_empty(), "a dry run makes no DDL");
+    assert!(partitions(&db).await.is_empty(), "a dry run makes no DDL");
 }
 
 #[tokio::test]
@@ -306,7 +264,7 @@ async fn an_unreachable_database_stalls_and_is_retried_soon() {
 
 #[tokio::test]
 async fn an_unpartitioned_table_stalls_with_the_fix_in_the_message() {
-    let db = Db::new("CREATE TABLE events (id bigint, at timestamptz)").await;
+    let db = database("CREATE TABLE events (id bigint, at timestamptz)").await;
     let (ctx, mut server) = fixed_context();
     let run = tokio::spawn(reconcile(policy(json!({})), ctx));
     server

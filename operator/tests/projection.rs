@@ -17,7 +17,6 @@ use eventplane_spec::{Projection, ProjectionSpec};
 use http::{Method, StatusCode};
 use kube::runtime::controller::Action;
 use serde_json::{Value, json};
-use sqlx::PgPool;
 
 const NS: &str = "shop";
 const ORDERS: &str = include_str!("../../services/spec/examples/orders.yaml");
@@ -34,39 +33,17 @@ fn fixed_now() -> DateTime<Utc> {
         .with_timezone(&Utc)
 }
 
-fn admin_url() -> String {
-    std::env::var("DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+type Db = common::TestDb;
+
+/// What these tests need of their database beyond creating it.
+trait ProjectionDb: Sized {
+    async fn with_version_1(self) -> Self;
+    async fn relations(&self) -> Vec<(String, String)>;
 }
 
-/// A database of the test's own, dropped afterwards.
-struct Db {
-    name: String,
-    url: String,
-}
-
-impl Db {
-    async fn new() -> Db {
-        let name = format!("ep_proj_{}", uuid::Uuid::new_v4().simple());
-        let admin = PgPool::connect(&admin_url()).await.unwrap();
-        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
-            .execute(&admin)
-            .await
-            .unwrap();
-        let mut url = url::Url::parse(&admin_url()).unwrap();
-        url.set_path(&name);
-        Db {
-            name,
-            url: url.to_string(),
-        }
-    }
-
-    async fn pool(&self) -> PgPool {
-        PgPool::connect(&self.url).await.unwrap()
-    }
-
+impl ProjectionDb for Db {
     /// The projection's first version, as the services would have made it.
-    async fn with_version_1(self) -> Db {
+    async fn with_version_1(self) -> Self {
         let pool = self.pool().await;
         eventplane::db::migrate(&pool).await.unwrap();
         let live = eventplane::projections::Projection::live("orders".into(), spec(1, json!({})));
@@ -84,25 +61,6 @@ impl Db {
         .fetch_all(&self.pool().await)
         .await
         .unwrap()
-    }
-}
-
-impl Drop for Db {
-    fn drop(&mut self) {
-        let name = self.name.clone();
-        let _ = std::thread::spawn(move || {
-            tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap()
-                .block_on(async {
-                    if let Ok(admin) = PgPool::connect(&admin_url()).await {
-                        let drop = format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)");
-                        let _ = sqlx::query(sqlx::AssertSqlSafe(drop)).execute(&admin).await;
-                    }
-                })
-        })
-        .join();
     }
 }
 
