@@ -7,8 +7,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use kube::Client;
+use eventplane_spec::DatabaseRef;
+use k8s_openapi::api::core::v1::Secret;
 use kube::runtime::events::{Recorder, Reporter};
+use kube::{Api, Client};
 use sqlx::PgPool;
 use tokio::sync::Mutex;
 
@@ -58,4 +60,50 @@ impl Context {
         pools.insert(url.to_string(), pool.clone());
         Ok(pool)
     }
+}
+
+/// Why a database URL could not be read from its Secret.
+#[derive(Clone, Debug, PartialEq)]
+pub enum SecretProblem {
+    NotFound { secret: String },
+    KeyMissing { secret: String, key: String },
+}
+
+impl Context {
+    /// The Postgres URL in the Secret `database` names, in `namespace`.
+    pub async fn database_url(
+        &self,
+        namespace: &str,
+        database: &DatabaseRef,
+    ) -> kube::Result<Result<String, SecretProblem>> {
+        let secrets: Api<Secret> = Api::namespaced(self.client.clone(), namespace);
+        let Some(secret) = secrets.get_opt(&database.secret_name).await? else {
+            return Ok(Err(SecretProblem::NotFound {
+                secret: database.secret_name.clone(),
+            }));
+        };
+        let url = secret
+            .data
+            .as_ref()
+            .and_then(|d| d.get(&database.key))
+            .and_then(|v| String::from_utf8(v.0.clone()).ok());
+        Ok(url
+            .map(|u| u.trim().to_string())
+            .ok_or_else(|| SecretProblem::KeyMissing {
+                secret: database.secret_name.clone(),
+                key: database.key.clone(),
+            }))
+    }
+}
+
+/// Errors that mean the database could not be reached (as opposed to a
+/// statement it refused).
+pub fn is_connection_error(err: &sqlx::Error) -> bool {
+    matches!(
+        err,
+        sqlx::Error::Io(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::Tls(_)
+    )
 }

@@ -6,14 +6,13 @@ use std::time::{Duration, Instant};
 
 use eventplane::partitions::execute::{ApplyOptions, PartitionError, apply};
 use eventplane_spec::PartitionPolicy;
-use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::{Api, ResourceExt};
 use serde_json::json;
 
 use super::decide::{Applied, Outcome, decide};
-use crate::context::{Context, MANAGER};
+use crate::context::{Context, MANAGER, SecretProblem, is_connection_error};
 use crate::error::{Error, Result};
 use crate::metrics::ControllerLabels;
 
@@ -79,25 +78,14 @@ async fn observe_and_apply(
     if let Err(err) = spec.validate() {
         return Ok(Outcome::InvalidSpec(err.to_string()));
     }
-    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), namespace);
-    let secret_name = &spec.database.secret_name;
-    let Some(secret) = secrets.get_opt(secret_name).await? else {
-        return Ok(Outcome::SecretNotFound {
-            secret: secret_name.clone(),
-        });
+    let url = match ctx.database_url(namespace, &spec.database).await? {
+        Ok(url) => url,
+        Err(SecretProblem::NotFound { secret }) => return Ok(Outcome::SecretNotFound { secret }),
+        Err(SecretProblem::KeyMissing { secret, key }) => {
+            return Ok(Outcome::SecretKeyMissing { secret, key });
+        }
     };
-    let url = secret
-        .data
-        .as_ref()
-        .and_then(|d| d.get(&spec.database.key))
-        .and_then(|v| String::from_utf8(v.0.clone()).ok());
-    let Some(url) = url else {
-        return Ok(Outcome::SecretKeyMissing {
-            secret: secret_name.clone(),
-            key: spec.database.key.clone(),
-        });
-    };
-    let pool = match ctx.pool(url.trim()).await {
+    let pool = match ctx.pool(&url).await {
         Ok(pool) => pool,
         Err(err) => return Ok(Outcome::DatabaseUnreachable(err.to_string())),
     };
@@ -122,14 +110,4 @@ async fn observe_and_apply(
             executed: Vec::new(),
         },
     })
-}
-
-fn is_connection_error(err: &sqlx::Error) -> bool {
-    matches!(
-        err,
-        sqlx::Error::Io(_)
-            | sqlx::Error::PoolTimedOut
-            | sqlx::Error::PoolClosed
-            | sqlx::Error::Tls(_)
-    )
 }

@@ -13,7 +13,6 @@ use eventplane_spec::resource::{Phase, ProjectionStatus};
 use eventplane_spec::{Projection, ReclaimPolicy};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::Secret;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::finalizer::{self, finalizer};
@@ -25,7 +24,7 @@ use super::decide::{
     self, EventSpec, Input, Lag, Observation, Observed, Problem, Version, VersionState, event,
 };
 use super::{State, explain, job, scaling};
-use crate::context::{Context, MANAGER};
+use crate::context::{Context, MANAGER, SecretProblem, is_connection_error};
 use crate::error::Error;
 use crate::metrics::ControllerLabels;
 
@@ -196,22 +195,12 @@ async fn database_url(
     let Some(database) = &projection.spec.database else {
         return Ok(Err(Problem::DatabaseNotSet));
     };
-    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), namespace);
-    let Some(secret) = secrets.get_opt(&database.secret_name).await? else {
-        return Ok(Err(Problem::SecretNotFound {
-            secret: database.secret_name.clone(),
-        }));
-    };
-    let url = secret
-        .data
-        .as_ref()
-        .and_then(|d| d.get(&database.key))
-        .and_then(|v| String::from_utf8(v.0.clone()).ok());
-    Ok(url
-        .map(|u| u.trim().to_string())
-        .ok_or_else(|| Problem::SecretKeyMissing {
-            secret: database.secret_name.clone(),
-            key: database.key.clone(),
+    Ok(ctx
+        .database_url(namespace, database)
+        .await?
+        .map_err(|problem| match problem {
+            SecretProblem::NotFound { secret } => Problem::SecretNotFound { secret },
+            SecretProblem::KeyMissing { secret, key } => Problem::SecretKeyMissing { secret, key },
         }))
 }
 
@@ -220,16 +209,6 @@ fn database_problem(err: &anyhow::Error) -> Problem {
         Some(sqlx) if is_connection_error(sqlx) => Problem::DatabaseUnreachable(err.to_string()),
         _ => Problem::DatabaseError(format!("{err:#}")),
     }
-}
-
-fn is_connection_error(err: &sqlx::Error) -> bool {
-    matches!(
-        err,
-        sqlx::Error::Io(_)
-            | sqlx::Error::PoolTimedOut
-            | sqlx::Error::PoolClosed
-            | sqlx::Error::Tls(_)
-    )
 }
 
 /// Everything wrong with the projection's content or its database becomes
