@@ -38,3 +38,26 @@ pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
         .await?;
     Ok(())
 }
+
+/// Calls `wake` for every `NOTIFY` on `channel`, and once each time the
+/// listening connection is (re)established, since anything notified while
+/// it was down was missed. Reconnects after a second when the connection
+/// drops; runs until the task is aborted.
+pub async fn forward_notifications(pool: PgPool, channel: &'static str, wake: impl Fn()) {
+    loop {
+        let result: sqlx::Result<()> = async {
+            let mut listener = sqlx::postgres::PgListener::connect_with(&pool).await?;
+            listener.listen(channel).await?;
+            wake();
+            loop {
+                listener.recv().await?;
+                wake();
+            }
+        }
+        .await;
+        if let Err(err) = result {
+            tracing::warn!(channel, error = %err, "notification listener lost its connection");
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+}

@@ -9,7 +9,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::PgPool;
-use sqlx::postgres::PgListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -68,7 +67,11 @@ pub async fn start(
         runtimes.push(runtime);
     }
     let (wake_tx, wake_rx) = watch::channel(0u64);
-    let mut handles = vec![tokio::spawn(listen(pool.clone(), wake_tx))];
+    let forward =
+        crate::db::forward_notifications(pool.clone(), crate::store::notify::CHANNEL, move || {
+            wake_tx.send_modify(|n| *n += 1)
+        });
+    let mut handles = vec![tokio::spawn(forward)];
     handles.push(tokio::spawn(watch_horizon(pool.clone(), metrics.clone())));
     if config.rebuild_in_process {
         for projection in rebuilds {
@@ -206,29 +209,6 @@ async fn events_beyond(pool: &PgPool, horizon: i64) -> sqlx::Result<bool> {
         .bind(horizon.to_string())
         .fetch_one(pool)
         .await
-}
-
-/// Forwards `NOTIFY eventplane_events` to the tailing tasks, reconnecting
-/// when the connection drops.
-async fn listen(pool: PgPool, wake: watch::Sender<u64>) {
-    loop {
-        let result: sqlx::Result<()> = async {
-            let mut listener = PgListener::connect_with(&pool).await?;
-            listener.listen(crate::store::notify::CHANNEL).await?;
-            // Anything committed while we were not listening is picked up
-            // by this wake-up.
-            wake.send_modify(|n| *n += 1);
-            loop {
-                listener.recv().await?;
-                wake.send_modify(|n| *n += 1);
-            }
-        }
-        .await;
-        if let Err(err) = result {
-            tracing::warn!(error = %err, "event listener lost its connection");
-            tokio::time::sleep(Duration::from_secs(1)).await;
-        }
-    }
 }
 
 /// How long the oldest running write transaction has been holding back the

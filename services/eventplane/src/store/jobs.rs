@@ -10,7 +10,6 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sqlx::PgPool;
-use sqlx::postgres::PgListener;
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use uuid::Uuid;
@@ -192,7 +191,13 @@ pub fn start_workers(
     signal: CommitSignal,
 ) -> Vec<JoinHandle<()>> {
     let wake = Arc::new(Notify::new());
-    let mut handles = vec![tokio::spawn(listen(pool.clone(), wake.clone()))];
+    let forward = {
+        let wake = wake.clone();
+        crate::db::forward_notifications(pool.clone(), "eventplane_jobs", move || {
+            wake.notify_waiters()
+        })
+    };
+    let mut handles = vec![tokio::spawn(forward)];
     for _ in 0..workers {
         let pool = pool.clone();
         let wake = wake.clone();
@@ -214,22 +219,4 @@ pub fn start_workers(
         }));
     }
     handles
-}
-
-async fn listen(pool: PgPool, wake: Arc<Notify>) {
-    loop {
-        let result: sqlx::Result<()> = async {
-            let mut listener = PgListener::connect_with(&pool).await?;
-            listener.listen("eventplane_jobs").await?;
-            loop {
-                listener.recv().await?;
-                wake.notify_waiters();
-            }
-        }
-        .await;
-        if let Err(err) = result {
-            tracing::warn!(error = %err, "job listener lost its connection");
-            tokio::time::sleep(Duration::from_secs(1)).await;
-        }
-    }
 }
