@@ -36,9 +36,9 @@ use cache::{CacheBus, Cached, Layer, ProjectionCache, row_l1_key};
 pub struct Served {
     pub projection: Arc<Projection>,
     pub cache: Arc<ProjectionCache>,
-    row_sql: String,
+    row_sql: Arc<str>,
     /// Per query: (SQL without cursor, SQL with cursor).
-    list_sql: HashMap<String, (String, String)>,
+    list_sql: HashMap<String, (Arc<str>, Arc<str>)>,
 }
 
 #[derive(Clone)]
@@ -100,7 +100,7 @@ impl QueryService {
                 .map(|q| {
                     let plain = list_sql(&projection.spec, q, &projection.spec.table, false).sql;
                     let paged = list_sql(&projection.spec, q, &projection.spec.table, true).sql;
-                    (q.name.clone(), (plain, paged))
+                    (q.name.clone(), (plain.into(), paged.into()))
                 })
                 .collect();
             served.insert(
@@ -108,7 +108,7 @@ impl QueryService {
                 Served {
                     projection: projection.clone(),
                     cache,
-                    row_sql: row_sql(&projection.spec, &projection.spec.table),
+                    row_sql: row_sql(&projection.spec, &projection.spec.table).into(),
                     list_sql,
                 },
             );
