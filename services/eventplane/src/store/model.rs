@@ -4,8 +4,6 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-use crate::token::Token;
-
 /// Most events one append may carry; larger imports should be split.
 pub const MAX_EVENTS_PER_APPEND: usize = 1000;
 
@@ -84,12 +82,6 @@ pub struct AppendResult {
     pub positions: Vec<i64>,
     /// Pass as `?token=` to a query to read your own write.
     pub token: String,
-}
-
-impl AppendResult {
-    pub fn token(&self) -> Option<Token> {
-        self.token.parse().ok()
-    }
 }
 
 /// Which input was wrong, for a 4xx answer naming it.
