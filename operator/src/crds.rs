@@ -7,8 +7,8 @@ const HEADER: &str =
 
 /// Every CRD as (file name, YAML).
 pub fn all() -> anyhow::Result<Vec<(&'static str, String)>> {
-    let projection = serde_saphyr::to_string(&eventplane_spec::Projection::crd())?;
-    let policy = serde_saphyr::to_string(&eventplane_spec::PartitionPolicy::crd())?;
+    let projection = serde_saphyr::to_string(&eventplane_api::Projection::crd())?;
+    let policy = serde_saphyr::to_string(&eventplane_api::PartitionPolicy::crd())?;
     Ok(vec![
         ("projection.yaml", format!("{HEADER}{projection}")),
         ("partitionpolicy.yaml", format!("{HEADER}{policy}")),

@@ -11,15 +11,15 @@ use std::time::Duration;
 use base64::Engine;
 use chrono::{DateTime, Utc};
 use common::{ApiServer, Seen, context};
+use eventplane_api::{Projection, ProjectionSpec};
 use eventplane_operator::projection::reconcile::{FINALIZER, reconcile};
 use eventplane_operator::projection::{JobConfig, State, job};
-use eventplane_spec::{Projection, ProjectionSpec};
 use http::{Method, StatusCode};
 use kube::runtime::controller::Action;
 use serde_json::{Value, json};
 
 const NS: &str = "shop";
-const ORDERS: &str = include_str!("../../services/spec/examples/orders.yaml");
+use eventplane_api::examples::ORDERS;
 const PROJECTION_PATH: &str = "/apis/eventplane.io/v1alpha1/namespaces/shop/projections/orders";
 const STATUS_PATH: &str = "/apis/eventplane.io/v1alpha1/namespaces/shop/projections/orders/status";
 const SECRET_PATH: &str = "/api/v1/namespaces/shop/secrets/orders-db";
@@ -45,9 +45,11 @@ impl ProjectionDb for Db {
     /// The projection's first version, as the services would have made it.
     async fn with_version_1(self) -> Self {
         let pool = self.pool().await;
-        eventplane::db::migrate(&pool).await.unwrap();
-        let live = eventplane::projections::Projection::live("orders".into(), spec(1, json!({})));
-        eventplane::versions::ensure(&pool, &live).await.unwrap();
+        eventplane_store::db::migrate(&pool).await.unwrap();
+        let live = eventplane_store::Projection::live("orders".into(), spec(1, json!({})));
+        eventplane_store::versions::ensure(&pool, &live)
+            .await
+            .unwrap();
         self
     }
 
@@ -66,7 +68,7 @@ impl ProjectionDb for Db {
 
 fn spec(version: u32, extra: Value) -> ProjectionSpec {
     let mut spec = serde_json::to_value(
-        eventplane_spec::load_manifests(ORDERS)
+        eventplane_api::load_manifests(ORDERS)
             .unwrap()
             .remove(0)
             .spec,

@@ -10,7 +10,7 @@
 
 use std::time::Duration;
 
-use eventplane_spec::PartitionPolicy;
+use eventplane_api::PartitionPolicy;
 use k8s_openapi::api::core::v1::{Namespace, Secret};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};

@@ -6,8 +6,8 @@ pub use crate::events::EventSpec;
 use std::time::Duration;
 
 use chrono::{DateTime, SecondsFormat, Utc};
-use eventplane_spec::partition::planner::{Bound, ExistingPartition, Plan, PlanError, Step};
-use eventplane_spec::resource::{PartitionInfo, PartitionPolicyStatus};
+use eventplane_api::resource::{PartitionInfo, PartitionPolicyStatus};
+use eventplane_plan::{Bound, ExistingPartition, Plan, PlanError, Step};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 
 use crate::conditions::{self, reason};

@@ -12,7 +12,7 @@ use kube::runtime::Controller;
 use kube::runtime::watcher;
 
 use crate::context::Context;
-use eventplane_spec::PartitionPolicy;
+use eventplane_api::PartitionPolicy;
 
 pub async fn run(ctx: Arc<Context>) {
     let policies: Api<PartitionPolicy> = Api::all(ctx.client.clone());

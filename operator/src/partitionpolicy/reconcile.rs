@@ -4,8 +4,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use eventplane::partitions::execute::{ApplyOptions, PartitionError, apply};
-use eventplane_spec::PartitionPolicy;
+use eventplane_api::PartitionPolicy;
+use eventplane_store::partitions::{ApplyOptions, PartitionError, apply};
 use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::{Api, ResourceExt};

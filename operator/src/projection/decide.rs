@@ -7,10 +7,10 @@ pub use crate::events::EventSpec;
 use std::time::Duration;
 
 use chrono::{DateTime, SecondsFormat, Utc};
-use eventplane_spec::ProjectionSpec;
-use eventplane_spec::resource::{
+use eventplane_api::resource::{
     BuildProgress, Phase, ProjectionStatus, QueryCheck, RetainedVersion,
 };
+use eventplane_api::{ProjectionSpec, VersionState};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 
 use super::job::{self, JobState, RebuildJob};
@@ -56,24 +56,6 @@ pub struct Version {
     pub events_done: i64,
     pub events_total: i64,
     pub retired_at: Option<DateTime<Utc>>,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum VersionState {
-    Building,
-    Active,
-    Retained,
-}
-
-impl VersionState {
-    pub fn parse(state: &str) -> Option<VersionState> {
-        match state {
-            "building" => Some(VersionState::Building),
-            "active" => Some(VersionState::Active),
-            "retained" => Some(VersionState::Retained),
-            _ => None,
-        }
-    }
 }
 
 /// The live version's progress against the log.
@@ -336,7 +318,7 @@ fn seen(input: Input<'_>, observed: Observed) -> Plan {
         let row = wanted_row;
         BuildProgress {
             version: wanted,
-            table: eventplane::projections::version_table(&spec.table, wanted),
+            table: eventplane_store::version_table(&spec.table, wanted),
             job: Some(job_name.clone()),
             events_done: row.map_or(0, |r| r.events_done),
             events_total: row.map_or(0, |r| r.events_total),
@@ -642,7 +624,7 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    const ORDERS: &str = include_str!("../../../services/spec/examples/orders.yaml");
+    use eventplane_api::examples::ORDERS;
 
     fn now() -> DateTime<Utc> {
         DateTime::parse_from_rfc3339("2026-03-01T12:00:00Z")
@@ -655,7 +637,7 @@ mod tests {
     }
 
     fn spec(version: u32) -> ProjectionSpec {
-        let mut spec = eventplane_spec::load_manifests(ORDERS)
+        let mut spec = eventplane_api::load_manifests(ORDERS)
             .unwrap()
             .remove(0)
             .spec;

@@ -2,8 +2,9 @@
 //! its stable name, so a query that would read the whole table shows in the
 //! status before it is slow in production.
 
-use eventplane_spec::resource::QueryCheck;
-use eventplane_spec::{ProjectionSpec, list_sql};
+use eventplane_api::ProjectionSpec;
+use eventplane_api::resource::QueryCheck;
+use eventplane_plan::list_sql;
 use serde_json::Value;
 use sqlx::{AssertSqlSafe, PgPool};
 

@@ -3,7 +3,7 @@
 //! into what `decide` needs.
 
 use chrono::{DateTime, Utc};
-use eventplane_spec::{API_VERSION, KIND, Projection, ProjectionSpec};
+use eventplane_api::{API_VERSION, KIND, Projection, ProjectionSpec};
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::{Resource, ResourceExt};
@@ -240,10 +240,10 @@ pub fn observe(job: &Job) -> RebuildJob {
 mod tests {
     use super::*;
 
-    const ORDERS: &str = include_str!("../../../services/spec/examples/orders.yaml");
+    use eventplane_api::examples::ORDERS;
 
     fn projection() -> Projection {
-        let manifest = eventplane_spec::load_manifests(ORDERS).unwrap().remove(0);
+        let manifest = eventplane_api::load_manifests(ORDERS).unwrap().remove(0);
         let mut spec = manifest.spec;
         spec.version = 2;
         spec.database = Some(serde_json::from_value(json!({"secretName": "orders-db"})).unwrap());
@@ -336,7 +336,7 @@ mod tests {
         // The manifest is what the CLI loads: it must validate as one.
         assert_eq!(env[0]["name"], "EVENTPLANE_PROJECTION_MANIFEST");
         let text = env[0]["value"].as_str().unwrap();
-        let loaded = eventplane_spec::load_manifests(text).unwrap().remove(0);
+        let loaded = eventplane_api::load_manifests(text).unwrap().remove(0);
         assert_eq!(loaded.metadata.name, "orders");
         assert_eq!(loaded.spec, p.spec);
         // The whole object is a valid Job.

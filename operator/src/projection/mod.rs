@@ -12,7 +12,7 @@ pub mod scaling;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
-use eventplane_spec::Projection;
+use eventplane_api::Projection;
 use futures::StreamExt;
 use k8s_openapi::api::batch::v1::Job;
 use kube::Api;

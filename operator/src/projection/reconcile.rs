@@ -7,10 +7,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use eventplane::projections::Projection as Runtime;
-use eventplane::versions;
-use eventplane_spec::resource::{Phase, ProjectionStatus};
-use eventplane_spec::{Projection, ReclaimPolicy};
+use eventplane_api::resource::{Phase, ProjectionStatus};
+use eventplane_api::{Projection, ReclaimPolicy};
+use eventplane_store::Projection as Runtime;
+use eventplane_store::{db, status, versions};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::batch::v1::Job;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
@@ -20,9 +20,7 @@ use kube::{Api, ResourceExt};
 use serde_json::json;
 use sqlx::PgPool;
 
-use super::decide::{
-    self, EventSpec, Input, Lag, Observation, Observed, Problem, Version, VersionState, event,
-};
+use super::decide::{self, EventSpec, Input, Lag, Observation, Observed, Problem, Version, event};
 use super::{State, explain, job, scaling};
 use crate::context::{Context, MANAGER, SecretProblem, is_connection_error};
 use crate::error::Error;
@@ -221,7 +219,7 @@ async fn observe(
     let ctx = &state.ctx;
     let name = projection.name_any();
     let spec = &projection.spec;
-    if let Err(err) = eventplane_spec::validate_name(&name).and_then(|()| spec.validate()) {
+    if let Err(err) = eventplane_api::validate_name(&name).and_then(|()| spec.validate()) {
         return Ok(Err(Problem::InvalidSpec(err.to_string())));
     }
     let url = match database_url(projection, namespace, ctx).await? {
@@ -258,19 +256,17 @@ async fn read_registry(
     // The projection's bookkeeping tables come with the service schema; a
     // Projection may be created before any service has started.
     if !state.migrated.lock().await.contains(url) {
-        eventplane::db::migrate(pool).await?;
+        db::migrate(pool).await?;
         state.migrated.lock().await.insert(url.to_string());
     }
     let (_, runtime) =
         versions::ensure(pool, &Runtime::live(name.clone(), projection.spec.clone())).await?;
     let rows = versions::list(pool, &name).await?;
-    let lag = eventplane::projector::status::status(pool, &runtime)
-        .await?
-        .map(|s| Lag {
-            seconds: s.lag_seconds,
-            events: s.lag_events,
-            halted: s.halted_reason,
-        });
+    let lag = status::status(pool, &runtime).await?.map(|s| Lag {
+        seconds: s.lag_seconds,
+        events: s.lag_events,
+        halted: s.halted_reason,
+    });
     let queries = explain_queries(pool, &runtime).await;
     Ok(Observed {
         versions: rows
@@ -279,7 +275,7 @@ async fn read_registry(
                 Some(Version {
                     version: u32::try_from(row.version).ok()?,
                     table: row.table_name.clone(),
-                    state: VersionState::parse(&row.state)?,
+                    state: row.state,
                     events_done: row.events_done,
                     events_total: row.events_total,
                     retired_at: row.retired_at,
@@ -298,7 +294,7 @@ async fn read_registry(
 async fn explain_queries(
     pool: &PgPool,
     runtime: &Runtime,
-) -> Vec<eventplane_spec::resource::QueryCheck> {
+) -> Vec<eventplane_api::resource::QueryCheck> {
     match explain::check_queries(pool, &runtime.spec, &runtime.spec.table, &runtime.table).await {
         Ok(checks) => checks,
         Err(err) => {

@@ -8,7 +8,7 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use eventplane_spec::ScalingSpec;
+use eventplane_api::ScalingSpec;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{ListParams, Patch, PatchParams};
@@ -947,20 +947,6 @@ command_latency_bucket{le="+Inf",command_type="place"} 7
                 (f64::INFINITY, 120.0)
             ]
         );
-    }
-
-    #[test]
-    fn parse_metrics_reads_what_the_services_export() {
-        let metrics = eventplane::metrics::Metrics::new();
-        for _ in 0..3 {
-            metrics.observe_query("row", 0.0015);
-        }
-        metrics.observe_query("list", 0.02);
-        let sample = parse_metrics(&metrics.encode());
-        assert_eq!(sample.count, 4.0);
-        assert_eq!(sample.buckets.last(), Some(&(f64::INFINITY, 4.0)));
-        let under_2ms = sample.buckets.iter().find(|b| b.0 >= 0.0016).unwrap();
-        assert_eq!(under_2ms.1, 3.0);
     }
 
     #[test]

@@ -98,54 +98,5 @@ pub fn context() -> (Arc<Context>, ApiServer) {
     (Context::new(client, Metrics::new()), ApiServer { handle })
 }
 
-pub fn admin_url() -> String {
-    std::env::var("DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
-}
-
-/// A database of the test's own on the real Postgres, dropped afterwards.
-pub struct TestDb {
-    pub name: String,
-    pub url: String,
-}
-
-impl TestDb {
-    pub async fn new() -> TestDb {
-        let name = format!("ep_op_{}", uuid::Uuid::new_v4().simple());
-        let admin = sqlx::PgPool::connect(&admin_url()).await.unwrap();
-        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
-            .execute(&admin)
-            .await
-            .unwrap();
-        let mut url = url::Url::parse(&admin_url()).unwrap();
-        url.set_path(&name);
-        TestDb {
-            name,
-            url: url.to_string(),
-        }
-    }
-
-    pub async fn pool(&self) -> sqlx::PgPool {
-        sqlx::PgPool::connect(&self.url).await.unwrap()
-    }
-}
-
-impl Drop for TestDb {
-    fn drop(&mut self) {
-        let name = self.name.clone();
-        // Drop runs outside any runtime guarantee: use a thread of its own.
-        let _ = std::thread::spawn(move || {
-            tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap()
-                .block_on(async {
-                    if let Ok(admin) = sqlx::PgPool::connect(&admin_url()).await {
-                        let drop = format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)");
-                        let _ = sqlx::query(sqlx::AssertSqlSafe(drop)).execute(&admin).await;
-                    }
-                })
-        })
-        .join();
-    }
-}
+#[allow(unused_imports)]
+pub use eventplane_testkit::TestDb;

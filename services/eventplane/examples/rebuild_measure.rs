@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use eventplane::metrics::Metrics;
-use eventplane::projections::Projection;
-use eventplane::rebuild::{RebuildOptions, run};
+use eventplane::projector::rebuild::{RebuildOptions, run};
+use eventplane_store::Projection;
 use hdrhistogram::Histogram;
 use sqlx::PgPool;
 
@@ -36,7 +36,7 @@ fn orders(version: u32) -> Projection {
     let yaml = eventplane::dev::ORDERS_MANIFEST
         .replace("spec:\n", &format!("spec:\n  version: {version}\n"));
     Projection::from_manifest(
-        eventplane_spec::load_manifests(&yaml)
+        eventplane_api::load_manifests(&yaml)
             .expect("sample is valid")
             .remove(0),
     )
@@ -77,9 +77,9 @@ async fn load_log(pool: &PgPool, events: i64) -> anyhow::Result<()> {
 /// places and one UPDATE … FROM for the payments.
 async fn baseline(
     pool: &PgPool,
-    spec: &eventplane_spec::ProjectionSpec,
+    spec: &eventplane_api::ProjectionSpec,
 ) -> anyhow::Result<Duration> {
-    let ddl = eventplane_spec::create_table_sql(spec, "baseline").remove(0);
+    let ddl = eventplane_plan::create_table_sql(spec, "baseline").remove(0);
     sqlx::query(sqlx::AssertSqlSafe(ddl)).execute(pool).await?;
     let started = Instant::now();
     sqlx::query(
@@ -118,8 +118,8 @@ async fn main() -> anyhow::Result<()> {
 }
 
 async fn measure(args: &Args, url: &str) -> anyhow::Result<()> {
-    let pool = eventplane::db::connect(url, 8, "measure").await?;
-    eventplane::db::migrate(&pool).await?;
+    let pool = eventplane_store::db::connect(url, 8, "measure").await?;
+    eventplane_store::db::migrate(&pool).await?;
     let started = Instant::now();
     load_log(&pool, args.events).await?;
     println!(
@@ -129,7 +129,7 @@ async fn measure(args: &Args, url: &str) -> anyhow::Result<()> {
     );
 
     let v1 = orders(1);
-    eventplane::versions::ensure(&pool, &v1).await?;
+    eventplane_store::versions::ensure(&pool, &v1).await?;
     let base = baseline(&pool, &v1.spec).await?;
 
     // Readers of the stable name for the whole rebuild, swap included.

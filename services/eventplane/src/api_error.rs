@@ -6,7 +6,11 @@ use axum::Json;
 use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use serde_json::{Value, json};
+use eventplane_store::ErrorBody;
+use eventplane_store::events::AppendError;
+use eventplane_store::events::group_commit::SubmitError;
+use eventplane_store::events::model::InvalidInput;
+use serde_json::Value;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -16,8 +20,9 @@ pub enum ApiError {
     Unprocessable { code: &'static str, message: String },
     #[error("{message}")]
     NotFound { code: &'static str, message: String },
-    #[error("expected version {expected}, stream is at {actual}")]
-    VersionConflict { expected: String, actual: i64 },
+    /// An append the store refused; the store names the problem.
+    #[error("{0}")]
+    Append(AppendError),
     #[error("{message}")]
     Conflict { code: &'static str, message: String },
     #[error("request body is larger than the configured limit (--max-body-bytes)")]
@@ -57,7 +62,10 @@ impl ApiError {
             Self::BadRequest { .. } => StatusCode::BAD_REQUEST,
             Self::Unprocessable { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             Self::NotFound { .. } => StatusCode::NOT_FOUND,
-            Self::VersionConflict { .. } | Self::Conflict { .. } => StatusCode::CONFLICT,
+            Self::Append(AppendError::Conflict { .. }) | Self::Conflict { .. } => {
+                StatusCode::CONFLICT
+            }
+            Self::Append(AppendError::IdempotencyMismatch(_)) => StatusCode::UNPROCESSABLE_ENTITY,
             Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             Self::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
@@ -65,28 +73,20 @@ impl ApiError {
         }
     }
 
-    fn code(&self) -> &'static str {
-        match self {
+    /// The JSON body.
+    pub fn body(&self) -> Value {
+        let code = match self {
+            Self::Append(err) => return err.body().to_json(),
             Self::BadRequest { code, .. }
             | Self::Unprocessable { code, .. }
             | Self::NotFound { code, .. }
             | Self::Conflict { code, .. }
             | Self::Timeout { code, .. }
-            | Self::Unavailable { code, .. } => code,
-            Self::VersionConflict { .. } => "version_conflict",
+            | Self::Unavailable { code, .. } => *code,
             Self::PayloadTooLarge => "payload_too_large",
             Self::Internal(_) => "internal",
-        }
-    }
-
-    /// The JSON body, also stored for async jobs that fail.
-    pub fn body(&self) -> Value {
-        let mut error = json!({ "code": self.code(), "message": self.to_string() });
-        if let Self::VersionConflict { expected, actual } = self {
-            error["expectedVersion"] = json!(expected);
-            error["actualVersion"] = json!(actual);
-        }
-        json!({ "error": error })
+        };
+        ErrorBody::new(code, self.to_string()).to_json()
     }
 }
 
@@ -140,24 +140,14 @@ impl From<QueryRejection> for ApiError {
     }
 }
 
-impl From<crate::store::AppendError> for ApiError {
-    fn from(err: crate::store::AppendError) -> Self {
-        use crate::store::AppendError;
-        match err {
-            AppendError::Conflict { expected, actual } => {
-                Self::VersionConflict { expected, actual }
-            }
-            AppendError::IdempotencyMismatch(_) => Self::Unprocessable {
-                code: "idempotency_key_reused",
-                message: err.to_string(),
-            },
-        }
+impl From<AppendError> for ApiError {
+    fn from(err: AppendError) -> Self {
+        Self::Append(err)
     }
 }
 
-impl From<crate::store::group_commit::SubmitError> for ApiError {
-    fn from(err: crate::store::group_commit::SubmitError) -> Self {
-        use crate::store::group_commit::SubmitError;
+impl From<SubmitError> for ApiError {
+    fn from(err: SubmitError) -> Self {
         match err {
             SubmitError::Overloaded => Self::Unavailable {
                 code: "overloaded",
@@ -168,8 +158,8 @@ impl From<crate::store::group_commit::SubmitError> for ApiError {
     }
 }
 
-impl From<crate::store::model::InvalidInput> for ApiError {
-    fn from(err: crate::store::model::InvalidInput) -> Self {
+impl From<InvalidInput> for ApiError {
+    fn from(err: InvalidInput) -> Self {
         Self::Unprocessable {
             code: err.code,
             message: err.message,

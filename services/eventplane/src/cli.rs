@@ -7,9 +7,11 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
+use eventplane_store::events::GroupCommitConfig;
+
+use crate::command::CommandConfig;
 use crate::projector::ProjectorConfig;
 use crate::query::QueryConfig;
-use crate::store::GroupCommitConfig;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -100,12 +102,16 @@ pub struct CommandArgs {
 }
 
 impl CommandArgs {
-    pub fn group_commit(&self) -> GroupCommitConfig {
-        GroupCommitConfig {
-            writers: self.append_writers,
-            max_batch: self.append_max_batch,
-            max_wait: Duration::from_micros(self.append_max_wait_us),
-            ..GroupCommitConfig::default()
+    pub fn config(&self) -> CommandConfig {
+        CommandConfig {
+            max_body_bytes: self.max_body_bytes,
+            group_commit: GroupCommitConfig {
+                writers: self.append_writers,
+                max_batch: self.append_max_batch,
+                max_wait: Duration::from_micros(self.append_max_wait_us),
+                ..GroupCommitConfig::default()
+            },
+            job_workers: self.job_workers,
         }
     }
 }

@@ -11,14 +11,16 @@ use serde_json::{Value, json};
 use tokio::sync::Mutex;
 
 use crate::cli::DevRole;
-use crate::projections::{self, Projection};
+use eventplane_store::Projection;
+
+use crate::projections;
 use crate::server::{Roles, Stack, StackConfig};
 
 /// The bundled sample projection, also shipped as `crds/examples`.
-pub const ORDERS_MANIFEST: &str = include_str!("../../spec/examples/orders.yaml");
+pub const ORDERS_MANIFEST: &str = eventplane_api::examples::ORDERS;
 
 pub fn sample_projections() -> anyhow::Result<Vec<Arc<Projection>>> {
-    let manifests = eventplane_spec::load_manifests(ORDERS_MANIFEST)?;
+    let manifests = eventplane_api::load_manifests(ORDERS_MANIFEST)?;
     Ok(manifests
         .into_iter()
         .map(|m| Arc::new(Projection::from_manifest(m)))
@@ -39,7 +41,7 @@ pub async fn run(role: DevRole) -> anyhow::Result<()> {
         projections,
         listen: role.listen,
         roles: Roles::ALL,
-        command: role.command.clone(),
+        command: role.command.config(),
         projector: role.projector.config(),
         query: role.query.config(),
     };
@@ -70,7 +72,7 @@ pub const EVENTS_POLICY: &str = include_str!("../../../crds/examples/partitionpo
 const PARTITION_CHECK: Duration = Duration::from_secs(3600);
 
 async fn keep_events_partitioned(pool: sqlx::PgPool) {
-    let policy = match eventplane_spec::load_partition_policies(EVENTS_POLICY) {
+    let policy = match eventplane_api::load_partition_policies(EVENTS_POLICY) {
         Ok(mut policies) => policies.remove(0).spec,
         Err(err) => {
             tracing::error!(error = %err, "bundled events partition policy is invalid");
@@ -78,13 +80,15 @@ async fn keep_events_partitioned(pool: sqlx::PgPool) {
         }
     };
     // The local stack keeps everything: retention is for clusters.
-    let policy = eventplane_spec::PartitionPolicySpec {
+    let policy = eventplane_api::PartitionPolicySpec {
         retention: None,
         ..policy
     };
-    let options = crate::partitions::ApplyOptions::default();
+    let options = eventplane_store::partitions::ApplyOptions::default();
     loop {
-        match crate::partitions::apply(&pool, &policy, chrono::Utc::now(), &options).await {
+        match eventplane_store::partitions::apply(&pool, &policy, chrono::Utc::now(), &options)
+            .await
+        {
             Ok(report) => {
                 for step in &report.executed {
                     tracing::info!(%step, "events partitions");

@@ -1,10 +1,11 @@
-//! Eventplane runtime: the event store, the command, projector and query
-//! roles, and the local stack that runs them all in one process.
+//! Eventplane's runtime roles over the store: the command and query HTTP
+//! APIs, the projector's tailing tasks and rebuilds, the L1/L2 caches and
+//! their invalidation through Redis, the command line, and the local stack
+//! that runs every role in one process.
 
 pub mod api_error;
 pub mod cli;
 pub mod command;
-pub mod db;
 pub mod dev;
 pub mod invalidation;
 pub mod metrics;
@@ -12,10 +13,5 @@ pub mod partitions;
 pub mod projections;
 pub mod projector;
 pub mod query;
-pub mod rebuild;
 pub mod roles;
 pub mod server;
-pub mod store;
-pub mod telemetry;
-pub mod token;
-pub mod versions;

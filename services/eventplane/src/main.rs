@@ -4,14 +4,14 @@ use eventplane::cli::{Cli, Command};
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    eventplane::telemetry::init(cli.log_json);
+    eventplane_telemetry::init(cli.log_json);
     match cli.command {
         Command::Migrate(db) => eventplane::roles::migrate(db).await,
         Command::Command(role) => eventplane::roles::command(role).await,
         Command::Projector(role) => eventplane::roles::projector(role).await,
         Command::Query(role) => eventplane::roles::query(role).await,
         Command::Dev(role) => eventplane::dev::run(role).await,
-        Command::Rebuild(args) => eventplane::rebuild::cli(args).await,
-        Command::Partitions(args) => eventplane::partitions::cli::run(args).await,
+        Command::Rebuild(args) => eventplane::roles::rebuild(args).await,
+        Command::Partitions(args) => eventplane::partitions::run(args).await,
     }
 }

@@ -1,12 +1,16 @@
 //! Entry points of the single-role subcommands: each builds a `Stack` with
 //! one role enabled and serves until it is stopped.
 
-use crate::cli::{CommandRole, DbArgs, ProjectorRole, QueryRole};
+use eventplane_store::{Projection, versions};
+
+use crate::cli::{CommandRole, DbArgs, ProjectorRole, QueryRole, RebuildArgs};
+use crate::metrics::Metrics;
+use crate::projector::rebuild::{self, RebuildOptions};
 use crate::server::{Roles, Stack, StackConfig};
 
 pub async fn migrate(db: DbArgs) -> anyhow::Result<()> {
-    let pool = crate::db::connect(&db.database_url, 1, "migrate").await?;
-    crate::db::migrate(&pool).await?;
+    let pool = eventplane_store::db::connect(&db.database_url, 1, "migrate").await?;
+    eventplane_store::db::migrate(&pool).await?;
     tracing::info!("migrations applied");
     Ok(())
 }
@@ -29,7 +33,7 @@ pub async fn command(role: CommandRole) -> anyhow::Result<()> {
             query: false,
         },
     );
-    config.command = role.command;
+    config.command = role.command.config();
     serve(config).await
 }
 
@@ -65,6 +69,34 @@ pub async fn query(role: QueryRole) -> anyhow::Result<()> {
     config.read_max_connections = role.query.read_max_connections;
     config.query = role.query.config();
     serve(config).await
+}
+
+/// `eventplane rebuild`: what a rebuild Job runs. Prints the report as JSON.
+pub async fn rebuild(args: RebuildArgs) -> anyhow::Result<()> {
+    let text = match (&args.manifest, &args.projection) {
+        (Some(text), _) => text.clone(),
+        (None, Some(path)) => std::fs::read_to_string(path)?,
+        (None, None) => anyhow::bail!(
+            "give --projection FILE or --manifest TEXT (EVENTPLANE_PROJECTION_MANIFEST)"
+        ),
+    };
+    let manifest = eventplane_api::load_manifests(&text)?
+        .into_iter()
+        .next()
+        .ok_or_else(|| anyhow::anyhow!("the manifest holds no Projection"))?;
+    let projection = Projection::from_manifest(manifest);
+    let pool = eventplane_store::db::connect(&args.db.database_url, 4, "rebuild").await?;
+    eventplane_store::db::migrate(&pool).await?;
+    // The first version of a new projection is created here too.
+    versions::ensure(&pool, &projection).await?;
+    let redis = match &args.redis_url {
+        Some(url) => Some(crate::invalidation::redis_manager(url).await?),
+        None => None,
+    };
+    let options = RebuildOptions::from_spec(&projection.spec);
+    let report = rebuild::run(&pool, &projection, redis, Metrics::new(), &options).await?;
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    Ok(())
 }
 
 async fn serve(config: StackConfig) -> anyhow::Result<()> {

@@ -10,16 +10,15 @@ use axum::routing::get;
 use sqlx::PgPool;
 use tokio::task::JoinHandle;
 
-use crate::cli::CommandArgs;
-use crate::command::{self, CommandState};
+use eventplane_store::events::Appender;
+use eventplane_store::events::notify::CommitSignal;
+use eventplane_store::{Projection, db, jobs};
+
+use crate::command::{self, CommandConfig, CommandState};
 use crate::invalidation::redis_manager;
 use crate::metrics::{Metrics, metrics_handler};
-use crate::projections::Projection;
 use crate::projector::{self, ProjectorConfig};
 use crate::query::{self, QueryConfig, QueryService};
-use crate::store::Appender;
-use crate::store::jobs;
-use crate::store::notify::CommitSignal;
 
 #[derive(Clone, Debug)]
 pub struct Roles {
@@ -46,7 +45,7 @@ pub struct StackConfig {
     pub projections: Vec<Arc<Projection>>,
     pub listen: SocketAddr,
     pub roles: Roles,
-    pub command: CommandArgs,
+    pub command: CommandConfig,
     pub projector: ProjectorConfig,
     pub query: QueryConfig,
 }
@@ -67,13 +66,7 @@ impl StackConfig {
             projections,
             listen: "127.0.0.1:0".parse().expect("a valid address"),
             roles: Roles::ALL,
-            command: CommandArgs {
-                max_body_bytes: 1 << 20,
-                append_writers: 4,
-                append_max_batch: 256,
-                append_max_wait_us: 0,
-                job_workers: 2,
-            },
+            command: CommandConfig::default(),
             projector: ProjectorConfig::default(),
             query: QueryConfig::default(),
         }
@@ -100,9 +93,8 @@ impl Drop for Stack {
 
 impl Stack {
     pub async fn start(config: StackConfig) -> anyhow::Result<Stack> {
-        let pool =
-            crate::db::connect(&config.database_url, config.db_max_connections, "primary").await?;
-        crate::db::migrate(&pool).await?;
+        let pool = db::connect(&config.database_url, config.db_max_connections, "primary").await?;
+        db::migrate(&pool).await?;
         let metrics = Metrics::new();
         metrics.watch_pool("primary", &pool);
         let mut tasks = Vec::new();
@@ -126,15 +118,15 @@ impl Stack {
             tasks.push(notifier);
             let (appender, committers) = Appender::start(
                 pool.clone(),
-                config.command.group_commit(),
-                metrics.clone(),
+                config.command.group_commit.clone(),
+                metrics.command_batch_size.clone(),
                 signal.clone(),
             );
             tasks.extend(committers);
             tasks.extend(jobs::start_workers(
                 pool.clone(),
                 config.command.job_workers,
-                metrics.clone(),
+                metrics.jobs_processed.clone(),
                 signal,
             ));
             let state = CommandState {
@@ -159,7 +151,7 @@ impl Stack {
         if config.roles.query {
             let read_pool = match &config.read_database_url {
                 Some(url) => {
-                    let read = crate::db::connect(url, config.read_max_connections, "read").await?;
+                    let read = db::connect(url, config.read_max_connections, "read").await?;
                     metrics.watch_pool("read", &read);
                     read
                 }

@@ -71,8 +71,8 @@ async fn conflicting_appends_do_not_fail_clean_neighbours_in_a_batch() {
     let db = TestDb::new().await;
     let mut config = StackConfig::local(&db.url, None, orders());
     // One committer with a wait window: concurrent requests share batches.
-    config.command.append_writers = 1;
-    config.command.append_max_wait_us = 20_000;
+    config.command.group_commit.writers = 1;
+    config.command.group_commit.max_wait = Duration::from_millis(20);
     let stack = stack_with(config).await;
     let http = client();
     for i in 0..10 {

@@ -8,8 +8,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
-use eventplane::projections::Projection;
 use eventplane::server::{Roles, StackConfig};
+use eventplane_store::Projection;
 use rand_like::Lcg;
 use serde_json::{Value, json};
 use sqlx::PgPool;
@@ -33,7 +33,7 @@ fn variant(name: &str, table: &str, extra: &str) -> Arc<Projection> {
         .replace("name: orders", &format!("name: {name}"))
         .replace("table: orders", &format!("table: {table}"))
         .replace("spec:\n", &format!("spec:\n{extra}"));
-    let manifest = eventplane_spec::load_manifests(&yaml)
+    let manifest = eventplane_api::load_manifests(&yaml)
         .expect("variant is valid")
         .remove(0);
     Arc::new(Projection::from_manifest(manifest))

@@ -9,9 +9,9 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use common::*;
-use eventplane::projections::Projection;
-use eventplane::rebuild::{RebuildError, RebuildOptions, run};
+use eventplane::projector::rebuild::{RebuildError, RebuildOptions, run};
 use eventplane::server::{Roles, StackConfig};
+use eventplane_store::Projection;
 use serde_json::json;
 use sqlx::PgPool;
 
@@ -27,7 +27,7 @@ fn orders_version(name: &str, table: &str, version: u32, marker: &str) -> Projec
             "{column: status, value: PENDING}",
             &format!("{{column: status, value: {marker}}}"),
         );
-    Projection::from_manifest(eventplane_spec::load_manifests(&yaml).unwrap().remove(0))
+    Projection::from_manifest(eventplane_api::load_manifests(&yaml).unwrap().remove(0))
 }
 
 /// Reads the stable name in a loop; counts errors and answers that mix
@@ -383,9 +383,9 @@ async fn row_is(pool: &PgPool, id: &str, status: &str) -> bool {
 async fn a_table_from_before_versioning_is_adopted_as_its_first_version() {
     let db = TestDb::new().await;
     let pool = db.pool().await;
-    eventplane::db::migrate(&pool).await.unwrap();
+    eventplane_store::db::migrate(&pool).await.unwrap();
     let spec = orders_version("orders", "orders", 1, "PENDING").spec;
-    for statement in eventplane_spec::create_table_sql(&spec, "orders") {
+    for statement in eventplane_plan::create_table_sql(&spec, "orders") {
         sqlx::query(sqlx::AssertSqlSafe(statement))
             .execute(&pool)
             .await

@@ -25,7 +25,7 @@ impl BenchDatabase {
             .context("connecting to DATABASE_URL")?;
         sqlx::query(AssertSqlSafe(format!(
             "CREATE DATABASE {}",
-            eventplane_spec::quote_ident(&name)
+            eventplane_api::quote_ident(&name)
         )))
         .execute(&mut conn)
         .await
@@ -43,7 +43,7 @@ impl BenchDatabase {
         let mut conn = PgConnection::connect(&self.admin_url).await?;
         sqlx::query(AssertSqlSafe(format!(
             "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-            eventplane_spec::quote_ident(&self.name)
+            eventplane_api::quote_ident(&self.name)
         )))
         .execute(&mut conn)
         .await?;

@@ -35,8 +35,8 @@ pub async fn watch(
 ) -> anyhow::Result<LagResult> {
     let sql = format!(
         "SELECT {key}::text FROM {table} WHERE {key}::text = ANY($1)",
-        key = eventplane_spec::quote_ident(&key_column),
-        table = eventplane_spec::quote_ident(&table)
+        key = eventplane_api::quote_ident(&key_column),
+        table = eventplane_api::quote_ident(&table)
     );
     let mut pending: HashMap<String, Instant> = HashMap::new();
     let mut lag = load::histogram();

@@ -15,12 +15,33 @@ use serde::Deserialize;
 use sqlx::PgPool;
 use uuid::Uuid;
 
+use eventplane_store::events::model::{AppendBody, validate_stream_id};
+use eventplane_store::events::read::read_stream;
+use eventplane_store::events::{AppendRequest, Appender, GroupCommitConfig};
+use eventplane_store::jobs::{self, Priority};
+
 use crate::api_error::{ApiError, ApiResult};
 use crate::metrics::Metrics;
-use crate::store::jobs::{self, Priority};
-use crate::store::model::{AppendBody, validate_stream_id};
-use crate::store::read::read_stream;
-use crate::store::{AppendRequest, Appender};
+
+/// How the command role runs.
+#[derive(Clone, Debug)]
+pub struct CommandConfig {
+    /// Largest accepted request body, in bytes (413 beyond).
+    pub max_body_bytes: usize,
+    pub group_commit: GroupCommitConfig,
+    /// Async command workers.
+    pub job_workers: usize,
+}
+
+impl Default for CommandConfig {
+    fn default() -> Self {
+        CommandConfig {
+            max_body_bytes: 1 << 20,
+            group_commit: GroupCommitConfig::default(),
+            job_workers: 2,
+        }
+    }
+}
 
 #[derive(Clone)]
 pub struct CommandState {

@@ -2,8 +2,7 @@
 //! bounded batches, woken by `NOTIFY eventplane_events` (with a periodic poll
 //! as a safety net), and publishes cache invalidations after each commit.
 
-pub mod batch;
-pub mod status;
+pub mod rebuild;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,10 +11,12 @@ use sqlx::PgPool;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use eventplane_store::batch::{apply_batch, events_beyond, horizon_age_seconds};
+use eventplane_store::versions::{self, Ensured};
+use eventplane_store::{Projection, db};
+
 use crate::invalidation::Invalidator;
 use crate::metrics::{Metrics, ProjectionLabels};
-use crate::projections::Projection;
-use batch::apply_batch;
 
 #[derive(Clone, Debug)]
 pub struct ProjectorConfig {
@@ -59,26 +60,27 @@ pub async fn start(
     let mut runtimes = Vec::with_capacity(projections.len());
     let mut rebuilds = Vec::new();
     for projection in projections {
-        let (ensured, runtime) = crate::versions::ensure(&pool, projection).await?;
-        if let crate::versions::Ensured::NeedsRebuild { active, wanted } = ensured {
+        let (ensured, runtime) = versions::ensure(&pool, projection).await?;
+        if let Ensured::NeedsRebuild { active, wanted } = ensured {
             tracing::info!(projection = %projection.name, active, wanted, "version change: rebuilding in the background");
             rebuilds.push(projection.clone());
         }
         runtimes.push(runtime);
     }
     let (wake_tx, wake_rx) = watch::channel(0u64);
-    let forward =
-        crate::db::forward_notifications(pool.clone(), crate::store::notify::CHANNEL, move || {
-            wake_tx.send_modify(|n| *n += 1)
-        });
+    let forward = db::forward_notifications(
+        pool.clone(),
+        eventplane_store::events::notify::CHANNEL,
+        move || wake_tx.send_modify(|n| *n += 1),
+    );
     let mut handles = vec![tokio::spawn(forward)];
     handles.push(tokio::spawn(watch_horizon(pool.clone(), metrics.clone())));
     if config.rebuild_in_process {
         for projection in rebuilds {
             let (pool, redis, metrics) = (pool.clone(), redis.clone(), metrics.clone());
             handles.push(tokio::spawn(async move {
-                let options = crate::rebuild::RebuildOptions::from_spec(&projection.spec);
-                if let Err(err) = crate::rebuild::run(&pool, &projection, redis, metrics, &options).await {
+                let options = rebuild::RebuildOptions::from_spec(&projection.spec);
+                if let Err(err) = rebuild::run(&pool, &projection, redis, metrics, &options).await {
                     tracing::error!(projection = %projection.name, error = %err, "rebuild failed; the active version keeps serving");
                 }
             }));
@@ -204,23 +206,11 @@ impl Tail {
     }
 }
 
-async fn events_beyond(pool: &PgPool, horizon: i64) -> sqlx::Result<bool> {
-    sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM events WHERE tx_id >= $1::text::xid8)")
-        .bind(horizon.to_string())
-        .fetch_one(pool)
-        .await
-}
-
 /// How long the oldest running write transaction has been holding back the
 /// tail horizon.
 async fn watch_horizon(pool: PgPool, metrics: Arc<Metrics>) {
     loop {
-        let age: sqlx::Result<Option<f64>> = sqlx::query_scalar(
-            "SELECT EXTRACT(epoch FROM now() - min(xact_start))::float8 FROM pg_stat_activity WHERE backend_xid IS NOT NULL",
-        )
-        .fetch_one(&pool)
-        .await;
-        if let Ok(age) = age {
+        if let Ok(age) = horizon_age_seconds(&pool).await {
             metrics.horizon_age_seconds.set(age.unwrap_or(0.0));
         }
         tokio::time::sleep(Duration::from_secs(5)).await;

@@ -40,7 +40,7 @@ pub struct ProjectionCache {
 }
 
 impl ProjectionCache {
-    pub fn new(name: &str, spec: &eventplane_spec::CacheSpec, capacity_bytes: u64) -> Self {
+    pub fn new(name: &str, spec: &eventplane_api::CacheSpec, capacity_bytes: u64) -> Self {
         let l1 = moka::future::Cache::builder()
             .max_capacity(capacity_bytes)
             .weigher(|k: &String, v: &Cached| {

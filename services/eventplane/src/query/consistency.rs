@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use super::QueryService;
 use crate::api_error::{ApiError, ApiResult};
-use crate::token::Token;
+use eventplane_store::Token;
 
 /// Polling starts tight (the projector is usually a few milliseconds behind)
 /// and backs off so a slow projection is not hammered.

@@ -19,7 +19,8 @@ use axum::extract::{Path, Query, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use eventplane_spec::{QuerySpec, decode_cursor, encode_cursor, list_sql, parse_param, row_sql};
+use eventplane_api::{QuerySpec, parse_param};
+use eventplane_plan::{decode_cursor, encode_cursor, list_sql, row_sql};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 // Generated SQL holds only validated, quoted identifiers; values are bound.
@@ -28,9 +29,9 @@ use sqlx::{AssertSqlSafe, PgPool};
 use crate::api_error::{ApiError, ApiResult};
 use crate::invalidation;
 use crate::metrics::Metrics;
-use crate::projections::Projection;
-use crate::token::Token;
 use cache::{CacheBus, Cached, Layer, ProjectionCache, row_l1_key};
+use eventplane_store::Projection;
+use eventplane_store::Token;
 
 /// One served projection: its spec, its prepared SQL and its cache.
 pub struct Served {
@@ -460,7 +461,7 @@ async fn projection_status(
 ) -> ApiResult<Response> {
     let Path(name) = path?;
     let served = service.served(&name)?;
-    let status = crate::projector::status::status(&service.read_pool, &served.projection)
+    let status = eventplane_store::status::status(&service.read_pool, &served.projection)
         .await?
         .ok_or_else(|| {
             ApiError::not_found(

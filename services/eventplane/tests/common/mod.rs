@@ -5,77 +5,14 @@
 #![allow(dead_code)]
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
-use eventplane::projections::Projection;
 use eventplane::server::{Stack, StackConfig};
+use eventplane_store::Projection;
 use serde_json::Value;
 use sqlx::PgPool;
 
-pub fn admin_url() -> String {
-    std::env::var("DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
-}
-
-pub fn redis_url() -> String {
-    std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
-}
-
-/// A database of its own, dropped when the test ends.
-pub struct TestDb {
-    pub name: String,
-    pub url: String,
-}
-
-impl TestDb {
-    pub async fn new() -> TestDb {
-        eventplane::telemetry::init(false);
-        let name = format!("ep_test_{}", uuid::Uuid::new_v4().simple());
-        let admin = PgPool::connect(&admin_url())
-            .await
-            .expect("postgres reachable at DATABASE_URL");
-        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
-            .execute(&admin)
-            .await
-            .expect("create database");
-        admin.close().await;
-        let mut url = url::Url::parse(&admin_url()).expect("DATABASE_URL is a URL");
-        url.set_path(&name);
-        TestDb {
-            name,
-            url: url.to_string(),
-        }
-    }
-
-    pub async fn pool(&self) -> PgPool {
-        PgPool::connect(&self.url)
-            .await
-            .expect("connect to test database")
-    }
-}
-
-impl Drop for TestDb {
-    fn drop(&mut self) {
-        let name = self.name.clone();
-        // Drop runs outside any runtime guarantee: use a thread of its own.
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("runtime");
-            rt.block_on(async {
-                if let Ok(admin) = PgPool::connect(&admin_url()).await {
-                    let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
-                        "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
-                    )))
-                    .execute(&admin)
-                    .await;
-                }
-            });
-        })
-        .join();
-    }
-}
+#[allow(unused_imports)]
+pub use eventplane_testkit::{TestDb, admin_url, eventually, redis_url};
 
 pub fn orders() -> Vec<Arc<Projection>> {
     eventplane::dev::sample_projections().expect("sample projection is valid")
@@ -134,22 +71,6 @@ pub async fn get(
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
     (status, response.json().await.unwrap_or(Value::Null), layer)
-}
-
-/// Polls `check` until it returns true or `timeout` passes.
-pub async fn eventually<F, Fut>(timeout: Duration, mut check: F) -> bool
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if check().await {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    false
 }
 
 pub async fn count(pool: &PgPool, sql: &'static str) -> i64 {

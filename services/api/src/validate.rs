@@ -1,0 +1,633 @@
+//! Validation of projection names and specs. Errors carry the path of the
+//! offending field (`spec.columns[2].name`) so users can find it in YAML.
+
+use std::collections::BTreeSet;
+
+use crate::error::SpecError;
+use crate::predicate::render_predicate;
+use crate::types::{ColumnType, Op, ProjectionSpec, SortOrder};
+use crate::value::literal_to_sql_text;
+
+/// Largest page size a query may allow; bigger pages belong in an export,
+/// not a request that the cache and the replica have to carry.
+const MAX_LIMIT: u32 = 10_000;
+/// An L1 entry is never invalidated across pods faster than its TTL when an
+/// invalidation is lost, so it is kept to an hour at most.
+const MAX_L1_TTL_MS: u64 = 3_600_000;
+/// Names we create ourselves (bookkeeping tables) or Postgres reserves.
+const RESERVED_PREFIXES: [&str; 2] = ["ep_", "pg_"];
+
+/// Checks a projection name: `^[a-z][a-z0-9-]{0,47}$` (it appears in URLs).
+pub fn validate_name(name: &str) -> Result<(), SpecError> {
+    if matches_pattern(
+        name,
+        |c| c.is_ascii_lowercase(),
+        |c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-',
+        48,
+    ) {
+        Ok(())
+    } else {
+        Err(SpecError::invalid(
+            "metadata.name",
+            format!(
+                "{name:?} is not a valid projection name: use 1 to 48 lowercase letters, digits and '-', starting with a letter"
+            ),
+        ))
+    }
+}
+
+fn matches_pattern(
+    s: &str,
+    first: impl Fn(char) -> bool,
+    rest: impl Fn(char) -> bool,
+    max_len: usize,
+) -> bool {
+    let mut chars = s.chars();
+    match chars.next() {
+        Some(c) if first(c) => {}
+        _ => return false,
+    }
+    s.len() <= max_len && chars.all(rest)
+}
+
+fn check_ident(field: &str, s: &str) -> Result<(), SpecError> {
+    let ok = matches_pattern(
+        s,
+        |c| c.is_ascii_lowercase() || c == '_',
+        |c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_',
+        48,
+    );
+    if !ok {
+        return Err(SpecError::invalid(
+            field,
+            format!(
+                "{s:?} is not a valid identifier: use 1 to 48 lowercase letters, digits and '_', not starting with a digit"
+            ),
+        ));
+    }
+    if let Some(p) = RESERVED_PREFIXES.iter().find(|p| s.starts_with(**p)) {
+        return Err(SpecError::invalid(
+            field,
+            format!("{s:?} uses the reserved prefix {p:?}"),
+        ));
+    }
+    Ok(())
+}
+
+fn check_event_type(field: &str, s: &str) -> Result<(), SpecError> {
+    let ok = matches_pattern(
+        s,
+        |c| c.is_ascii_alphabetic(),
+        |c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | ':' | '-'),
+        128,
+    );
+    if ok {
+        Ok(())
+    } else {
+        Err(SpecError::invalid(
+            field,
+            format!(
+                "{s:?} is not a valid event type: use 1 to 128 letters, digits, '_', '.', ':' and '-', starting with a letter"
+            ),
+        ))
+    }
+}
+
+/// A JSON pointer (RFC 6901): empty, or `/`-separated tokens where `~`
+/// appears only as `~0` or `~1`.
+pub(crate) fn check_pointer(field: &str, p: &str) -> Result<(), SpecError> {
+    let bad = |why: &str| {
+        Err(SpecError::invalid(
+            field,
+            format!("{p:?} is not a valid JSON pointer: {why}"),
+        ))
+    };
+    if p.is_empty() {
+        return Ok(());
+    }
+    if !p.starts_with('/') {
+        return bad("it must start with '/', for example /data/orderId");
+    }
+    let mut chars = p.chars();
+    while let Some(c) = chars.next() {
+        if c == '~' && !matches!(chars.next(), Some('0' | '1')) {
+            return bad("'~' must be followed by 0 or 1");
+        }
+    }
+    Ok(())
+}
+
+impl ProjectionSpec {
+    /// Checks the whole spec; returns the first problem found.
+    pub fn validate(&self) -> Result<(), SpecError> {
+        check_ident("spec.table", &self.table)?;
+        if self.version < 1 {
+            return Err(SpecError::invalid("spec.version", "must be at least 1"));
+        }
+        self.validate_columns()?;
+        self.validate_handlers()?;
+        self.validate_indexes()?;
+        self.validate_queries()?;
+        if self.cache.l1_ttl_ms > MAX_L1_TTL_MS {
+            return Err(SpecError::invalid(
+                "spec.cache.l1TtlMs",
+                format!("must be at most {MAX_L1_TTL_MS} (one hour)"),
+            ));
+        }
+        Ok(())
+    }
+
+    fn validate_columns(&self) -> Result<(), SpecError> {
+        if self.columns.is_empty() {
+            return Err(SpecError::invalid(
+                "spec.columns",
+                "declare at least one column",
+            ));
+        }
+        let mut seen = BTreeSet::new();
+        for (i, c) in self.columns.iter().enumerate() {
+            let field = format!("spec.columns[{i}].name");
+            check_ident(&field, &c.name)?;
+            if !seen.insert(c.name.as_str()) {
+                return Err(SpecError::invalid(
+                    field,
+                    format!("column {:?} is declared twice", c.name),
+                ));
+            }
+        }
+        let Some(key) = self.column(&self.key) else {
+            return Err(SpecError::invalid(
+                "spec.key",
+                format!("{:?} is not a declared column", self.key),
+            ));
+        };
+        // jsonb has no btree equality; floating and decimal keys have
+        // several spellings of one value, which would defeat folding changes
+        // by key.
+        if matches!(
+            key.ty,
+            ColumnType::Jsonb | ColumnType::Double | ColumnType::Numeric
+        ) {
+            return Err(SpecError::invalid(
+                "spec.key",
+                format!(
+                    "the key column cannot be of type {}; use text, bigint, integer, uuid, timestamptz or boolean",
+                    key.ty.name()
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    fn validate_handlers(&self) -> Result<(), SpecError> {
+        if self.handlers.is_empty() {
+            return Err(SpecError::invalid(
+                "spec.handlers",
+                "declare at least one handler",
+            ));
+        }
+        let mut types = BTreeSet::new();
+        for (i, h) in self.handlers.iter().enumerate() {
+            let at = format!("spec.handlers[{i}]");
+            check_event_type(&format!("{at}.eventType"), &h.event_type)?;
+            if !types.insert(h.event_type.as_str()) {
+                return Err(SpecError::invalid(
+                    format!("{at}.eventType"),
+                    format!("event type {:?} has more than one handler", h.event_type),
+                ));
+            }
+            check_pointer(&format!("{at}.key"), &h.key)?;
+            if h.op == Op::Delete && !h.set.is_empty() {
+                return Err(SpecError::invalid(
+                    format!("{at}.set"),
+                    "a delete handler cannot set columns",
+                ));
+            }
+            let mut assigned = BTreeSet::new();
+            for (j, a) in h.set.iter().enumerate() {
+                let at = format!("{at}.set[{j}]");
+                let Some(col) = self.column(&a.column) else {
+                    return Err(SpecError::invalid(
+                        format!("{at}.column"),
+                        format!("{:?} is not a declared column", a.column),
+                    ));
+                };
+                if col.name == self.key {
+                    return Err(SpecError::invalid(
+                        format!("{at}.column"),
+                        "the key column cannot be set; it comes from the handler's key",
+                    ));
+                }
+                if !assigned.insert(a.column.as_str()) {
+                    return Err(SpecError::invalid(
+                        format!("{at}.column"),
+                        format!("column {:?} is set twice", a.column),
+                    ));
+                }
+                match (&a.from, &a.value) {
+                    (Some(p), None) => check_pointer(&format!("{at}.from"), p)?,
+                    (None, Some(v)) => {
+                        literal_to_sql_text(col.ty, v)
+                            .map_err(|e| SpecError::invalid(format!("{at}.value"), e))?;
+                    }
+                    _ => {
+                        return Err(SpecError::invalid(
+                            at,
+                            "give exactly one of `from` and `value`",
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn validate_indexes(&self) -> Result<(), SpecError> {
+        let mut names = BTreeSet::new();
+        for (i, ix) in self.indexes.iter().enumerate() {
+            let at = format!("spec.indexes[{i}]");
+            check_ident(&format!("{at}.name"), &ix.name)?;
+            if !names.insert(ix.name.as_str()) {
+                return Err(SpecError::invalid(
+                    format!("{at}.name"),
+                    format!("index {:?} is declared twice", ix.name),
+                ));
+            }
+            if ix.columns.is_empty() {
+                return Err(SpecError::invalid(
+                    format!("{at}.columns"),
+                    "an index needs at least one column",
+                ));
+            }
+            for (j, c) in ix.columns.iter().enumerate() {
+                self.declared(&format!("{at}.columns[{j}].name"), &c.name)?;
+            }
+            for (j, c) in ix.include.iter().enumerate() {
+                self.declared(&format!("{at}.include[{j}]"), c)?;
+            }
+            if let Some(p) = &ix.predicate {
+                render_predicate(p, &self.columns)
+                    .map_err(|e| SpecError::invalid(format!("{at}.where"), e))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn validate_queries(&self) -> Result<(), SpecError> {
+        let mut names = BTreeSet::new();
+        for (i, q) in self.queries.iter().enumerate() {
+            let at = format!("spec.queries[{i}]");
+            let name_ok = matches_pattern(
+                &q.name,
+                |c| c.is_ascii_lowercase(),
+                |c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-',
+                48,
+            );
+            if !name_ok {
+                return Err(SpecError::invalid(
+                    format!("{at}.name"),
+                    format!(
+                        "{:?} is not a valid query name: use 1 to 48 lowercase letters, digits, '_' and '-', starting with a letter",
+                        q.name
+                    ),
+                ));
+            }
+            if !names.insert(q.name.as_str()) {
+                return Err(SpecError::invalid(
+                    format!("{at}.name"),
+                    format!("query {:?} is declared twice", q.name),
+                ));
+            }
+            let mut filters = BTreeSet::new();
+            for (j, f) in q.filters.iter().enumerate() {
+                let field = format!("{at}.filters[{j}]");
+                let col = self.declared(&field, f)?;
+                if col.ty == ColumnType::Jsonb {
+                    return Err(SpecError::invalid(
+                        field,
+                        "jsonb columns cannot be used as filters",
+                    ));
+                }
+                if !filters.insert(f.as_str()) {
+                    return Err(SpecError::invalid(field, format!("{f:?} is listed twice")));
+                }
+            }
+            let mut ordered = BTreeSet::new();
+            for (j, o) in q.order_by.iter().enumerate() {
+                let field = format!("{at}.orderBy[{j}].column");
+                let col = self.declared(&field, &o.column)?;
+                if col.nullable && col.name != self.key {
+                    return Err(SpecError::invalid(
+                        field,
+                        format!(
+                            "column {:?} is nullable; paging by cursor needs non-nullable sort columns (set nullable: false)",
+                            o.column
+                        ),
+                    ));
+                }
+                if col.ty == ColumnType::Jsonb {
+                    return Err(SpecError::invalid(
+                        field,
+                        "jsonb columns cannot be used for sorting",
+                    ));
+                }
+                if !ordered.insert(o.column.as_str()) {
+                    return Err(SpecError::invalid(
+                        field,
+                        format!("{:?} is listed twice", o.column),
+                    ));
+                }
+                if o.order != q.order_by[0].order {
+                    return Err(SpecError::invalid(
+                        format!("{at}.orderBy[{j}].order"),
+                        "mixed directions are not supported: every orderBy entry must be asc, or every one desc",
+                    ));
+                }
+            }
+            if q.default_limit < 1 {
+                return Err(SpecError::invalid(
+                    format!("{at}.defaultLimit"),
+                    "must be at least 1",
+                ));
+            }
+            if q.default_limit > q.max_limit {
+                return Err(SpecError::invalid(
+                    format!("{at}.defaultLimit"),
+                    format!("must not exceed maxLimit ({})", q.max_limit),
+                ));
+            }
+            if q.max_limit > MAX_LIMIT {
+                return Err(SpecError::invalid(
+                    format!("{at}.maxLimit"),
+                    format!("must be at most {MAX_LIMIT}"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn declared(&self, field: &str, name: &str) -> Result<&crate::types::ColumnSpec, SpecError> {
+        self.column(name)
+            .ok_or_else(|| SpecError::invalid(field, format!("{name:?} is not a declared column")))
+    }
+
+    /// The direction shared by every orderBy entry of `query` (ascending
+    /// when there is none).
+    pub fn direction(query: &crate::types::QuerySpec) -> SortOrder {
+        query.order_by.first().map(|o| o.order).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::examples::orders as sample;
+
+    /// Applies `edit` to the sample and returns the error text.
+    fn invalid(edit: impl FnOnce(&mut ProjectionSpec)) -> String {
+        let mut spec = sample();
+        edit(&mut spec);
+        spec.validate()
+            .expect_err("spec should be invalid")
+            .to_string()
+    }
+
+    fn assert_field(err: String, field: &str) {
+        assert!(
+            err.starts_with(&format!("{field}: ")),
+            "expected error on {field}, got {err}"
+        );
+    }
+
+    #[test]
+    fn sample_spec_is_valid() {
+        sample().validate().unwrap();
+    }
+
+    #[test]
+    fn projection_names_follow_url_rules() {
+        assert!(validate_name("orders").is_ok());
+        assert!(validate_name("orders-v2").is_ok());
+        assert!(validate_name(&format!("a{}", "b".repeat(47))).is_ok());
+        for bad in ["", "Orders", "1orders", "orders_x", "-a", &"a".repeat(49)] {
+            let e = validate_name(bad).unwrap_err().to_string();
+            assert!(e.starts_with("metadata.name: "), "{e}");
+        }
+    }
+
+    #[test]
+    fn error_display_is_field_then_message() {
+        let e = SpecError::invalid("spec.columns[2].name", "bad");
+        assert_eq!(e.to_string(), "spec.columns[2].name: bad");
+    }
+
+    #[test]
+    fn table_must_be_a_plain_identifier() {
+        assert_field(invalid(|s| s.table = "Orders".into()), "spec.table");
+        assert_field(invalid(|s| s.table = "ord\"ers".into()), "spec.table");
+        assert_field(invalid(|s| s.table = "9a".into()), "spec.table");
+        assert_field(invalid(|s| s.table = "a".repeat(49)), "spec.table");
+        let e = invalid(|s| s.table = "pg_orders".into());
+        assert_field(e.clone(), "spec.table");
+        assert!(e.contains("reserved"));
+        assert_field(invalid(|s| s.table = "ep_orders".into()), "spec.table");
+        let mut s = sample();
+        s.table = "_orders_2".into();
+        s.validate().unwrap();
+    }
+
+    #[test]
+    fn version_zero_is_rejected() {
+        assert_field(invalid(|s| s.version = 0), "spec.version");
+    }
+
+    #[test]
+    fn column_rules() {
+        assert_field(invalid(|s| s.columns.clear()), "spec.columns");
+        assert_field(
+            invalid(|s| s.columns[2].name = "Customer".into()),
+            "spec.columns[2].name",
+        );
+        let e = invalid(|s| s.columns[3].name = "status".into());
+        assert_field(e.clone(), "spec.columns[3].name");
+        assert!(e.contains("twice"));
+    }
+
+    #[test]
+    fn key_must_be_a_declared_non_json_non_float_column() {
+        assert_field(invalid(|s| s.key = "nope".into()), "spec.key");
+        for ty in [ColumnType::Jsonb, ColumnType::Double, ColumnType::Numeric] {
+            assert_field(invalid(|s| s.columns[0].ty = ty), "spec.key");
+        }
+    }
+
+    #[test]
+    fn handler_rules() {
+        assert_field(invalid(|s| s.handlers.clear()), "spec.handlers");
+        assert_field(
+            invalid(|s| s.handlers[1].event_type = "1Paid".into()),
+            "spec.handlers[1].eventType",
+        );
+        assert_field(
+            invalid(|s| s.handlers[1].event_type = "Order Paid".into()),
+            "spec.handlers[1].eventType",
+        );
+        let mut ok = sample();
+        ok.handlers[1].event_type = "orders.v1:Order-Paid_x".into();
+        ok.validate().unwrap();
+        let e = invalid(|s| s.handlers[2].event_type = "OrderPaid".into());
+        assert_field(e.clone(), "spec.handlers[2].eventType");
+        assert!(e.contains("more than one handler"));
+        assert_field(
+            invalid(|s| s.handlers[0].key = "data/orderId".into()),
+            "spec.handlers[0].key",
+        );
+        assert_field(
+            invalid(|s| s.handlers[0].key = "/data/a~2b".into()),
+            "spec.handlers[0].key",
+        );
+        assert_field(
+            invalid(|s| s.handlers[0].key = "/data/a~".into()),
+            "spec.handlers[0].key",
+        );
+        let mut ok = sample();
+        ok.handlers[0].key = "/data/a~0b~1c".into();
+        ok.validate().unwrap();
+    }
+
+    #[test]
+    fn delete_handlers_cannot_set_columns() {
+        let e = invalid(|s| {
+            let set = s.handlers[1].set.clone();
+            s.handlers[3].set = set;
+        });
+        assert_field(e, "spec.handlers[3].set");
+    }
+
+    #[test]
+    fn assignment_rules() {
+        assert_field(
+            invalid(|s| s.handlers[0].set[1].column = "nope".into()),
+            "spec.handlers[0].set[1].column",
+        );
+        let e = invalid(|s| s.handlers[0].set[1].column = "id".into());
+        assert_field(e.clone(), "spec.handlers[0].set[1].column");
+        assert!(e.contains("key"));
+        assert_field(
+            invalid(|s| s.handlers[0].set[2].column = "customer_id".into()),
+            "spec.handlers[0].set[2].column",
+        );
+        assert_field(
+            invalid(|s| s.handlers[0].set[1].value = Some("x".into())),
+            "spec.handlers[0].set[1]",
+        );
+        assert_field(
+            invalid(|s| s.handlers[0].set[1].from = None),
+            "spec.handlers[0].set[1]",
+        );
+        assert_field(
+            invalid(|s| s.handlers[0].set[1].from = Some("data".into())),
+            "spec.handlers[0].set[1].from",
+        );
+        let e = invalid(|s| {
+            s.handlers[0].set[2].from = None;
+            s.handlers[0].set[2].value = Some("lots".into());
+        });
+        assert_field(e.clone(), "spec.handlers[0].set[2].value");
+        assert!(e.contains("expected numeric"), "{e}");
+    }
+
+    #[test]
+    fn index_rules() {
+        assert_field(
+            invalid(|s| s.indexes[1].name = "Cover".into()),
+            "spec.indexes[1].name",
+        );
+        assert_field(
+            invalid(|s| s.indexes[2].name = "covering".into()),
+            "spec.indexes[2].name",
+        );
+        assert_field(
+            invalid(|s| s.indexes[0].columns.clear()),
+            "spec.indexes[0].columns",
+        );
+        assert_field(
+            invalid(|s| s.indexes[0].columns[1].name = "nope".into()),
+            "spec.indexes[0].columns[1].name",
+        );
+        assert_field(
+            invalid(|s| s.indexes[1].include[1] = "nope".into()),
+            "spec.indexes[1].include[1]",
+        );
+        let e = invalid(|s| s.indexes[2].predicate = Some("pg_sleep(1) IS NULL".into()));
+        assert_field(e.clone(), "spec.indexes[2].where");
+        assert!(e.contains("pg_sleep"));
+    }
+
+    #[test]
+    fn query_rules() {
+        assert_field(
+            invalid(|s| s.queries[0].name = "By customer".into()),
+            "spec.queries[0].name",
+        );
+        assert_field(
+            invalid(|s| s.queries[1].name = "by_customer".into()),
+            "spec.queries[1].name",
+        );
+        assert_field(
+            invalid(|s| s.queries[0].filters[0] = "nope".into()),
+            "spec.queries[0].filters[0]",
+        );
+        assert_field(
+            invalid(|s| s.queries[0].filters.push("customer_id".into())),
+            "spec.queries[0].filters[1]",
+        );
+        assert_field(
+            invalid(|s| s.queries[0].order_by[0].column = "nope".into()),
+            "spec.queries[0].orderBy[0].column",
+        );
+        let e = invalid(|s| s.queries[0].order_by[0].column = "total".into());
+        assert_field(e.clone(), "spec.queries[0].orderBy[0].column");
+        assert!(e.contains("non-nullable"), "{e}");
+        let e = invalid(|s| {
+            s.queries[0].order_by.push(crate::types::OrderBy {
+                column: "status".into(),
+                order: SortOrder::Asc,
+            })
+        });
+        assert_field(e.clone(), "spec.queries[0].orderBy[1].order");
+        assert!(e.contains("mixed directions are not supported"));
+        assert_field(
+            invalid(|s| s.queries[0].default_limit = 0),
+            "spec.queries[0].defaultLimit",
+        );
+        assert_field(
+            invalid(|s| s.queries[1].default_limit = 201),
+            "spec.queries[1].defaultLimit",
+        );
+        assert_field(
+            invalid(|s| s.queries[1].max_limit = 10_001),
+            "spec.queries[1].maxLimit",
+        );
+        let mut ok = sample();
+        ok.queries[1].max_limit = 10_000;
+        ok.queries[1].default_limit = 10_000;
+        ok.validate().unwrap();
+    }
+
+    #[test]
+    fn nullable_key_column_may_still_be_used_for_ordering() {
+        let mut s = sample();
+        s.columns[0].nullable = true;
+        s.queries[0].order_by[0].column = "id".into();
+        s.validate().unwrap();
+    }
+
+    #[test]
+    fn cache_ttl_is_bounded() {
+        assert_field(
+            invalid(|s| s.cache.l1_ttl_ms = 3_600_001),
+            "spec.cache.l1TtlMs",
+        );
+    }
+}

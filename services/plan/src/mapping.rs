@@ -1,0 +1,279 @@
+//! Mapping one event envelope onto a row change, as declared by the spec's
+//! handlers.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde_json::Value;
+
+use eventplane_api::value::{literal_to_sql_text, to_sql_text};
+use eventplane_api::{Op, ProjectionSpec};
+
+/// The effect of one event on one row. Values are the SQL text of the
+/// column's type; `None` is NULL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RowChange {
+    /// The key column's value as SQL text.
+    pub key: String,
+    pub kind: ChangeKind,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ChangeKind {
+    /// Insert the row with these columns (others NULL) or update them.
+    Upsert(BTreeMap<String, Option<String>>),
+    /// Update these columns if the row exists.
+    Update(BTreeMap<String, Option<String>>),
+    /// Delete the row if it exists.
+    Delete,
+}
+
+/// Why an event could not be mapped; the text is stored as the dead-letter
+/// reason, so it names the pointer and the column.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MapError(pub String);
+
+impl fmt::Display for MapError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for MapError {}
+
+/// Maps an event envelope (`{"type", "streamId", "streamVersion",
+/// "position", "recordedAt", "data", "metadata"}`) to a row change.
+/// Ok(None) when no handler is declared for the event type.
+pub fn map_event(spec: &ProjectionSpec, envelope: &Value) -> Result<Option<RowChange>, MapError> {
+    let Some(event_type) = envelope.get("type").and_then(Value::as_str) else {
+        return Err(MapError("envelope has no string field \"type\"".into()));
+    };
+    let Some(handler) = spec.handler(event_type) else {
+        return Ok(None);
+    };
+    let key_col = spec.key_column();
+    let key = match envelope.pointer(&handler.key) {
+        None => {
+            return Err(MapError(format!(
+                "missing value at {} for key column {}",
+                handler.key, key_col.name
+            )));
+        }
+        Some(v) => to_sql_text(key_col.ty, v)
+            .map_err(|e| MapError(format!("{}: {e}", handler.key)))?
+            .ok_or_else(|| {
+                MapError(format!(
+                    "{}: null for key column {}",
+                    handler.key, key_col.name
+                ))
+            })?,
+    };
+    let mut columns = BTreeMap::new();
+    for a in &handler.set {
+        let col = spec
+            .column(&a.column)
+            .ok_or_else(|| MapError(format!("unknown column {}", a.column)))?;
+        let text = match (&a.from, &a.value) {
+            (Some(pointer), _) => match envelope.pointer(pointer) {
+                None => {
+                    return Err(MapError(format!(
+                        "missing value at {pointer} for column {}",
+                        col.name
+                    )));
+                }
+                Some(v) => {
+                    to_sql_text(col.ty, v).map_err(|e| MapError(format!("{pointer}: {e}")))?
+                }
+            },
+            (None, Some(literal)) => Some(
+                literal_to_sql_text(col.ty, literal)
+                    .map_err(|e| MapError(format!("value for column {}: {e}", col.name)))?,
+            ),
+            (None, None) => None,
+        };
+        if text.is_none() && !col.nullable {
+            return Err(MapError(format!(
+                "null for non-nullable column {}",
+                col.name
+            )));
+        }
+        columns.insert(col.name.clone(), text);
+    }
+    let kind = match handler.op {
+        Op::Upsert => ChangeKind::Upsert(columns),
+        Op::Update => ChangeKind::Update(columns),
+        Op::Delete => ChangeKind::Delete,
+    };
+    Ok(Some(RowChange { key, kind }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use eventplane_api::examples::orders as sample;
+    use serde_json::json;
+
+    fn envelope(ty: &str, data: Value) -> Value {
+        json!({
+            "type": ty,
+            "streamId": "order-1",
+            "streamVersion": 1,
+            "position": 10,
+            "recordedAt": "2024-05-01T10:00:00Z",
+            "data": data,
+            "metadata": {}
+        })
+    }
+
+    fn cols(pairs: &[(&str, Option<&str>)]) -> BTreeMap<String, Option<String>> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.map(str::to_string)))
+            .collect()
+    }
+
+    #[test]
+    fn placed_maps_to_an_upsert_of_every_column() {
+        let change = map_event(
+            &sample(),
+            &envelope(
+                "OrderPlaced",
+                json!({"orderId": "o1", "customerId": "c1", "total": 12.5}),
+            ),
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(change.key, "o1");
+        assert_eq!(
+            change.kind,
+            ChangeKind::Upsert(cols(&[
+                ("created_at", Some("2024-05-01T10:00:00Z")),
+                ("customer_id", Some("c1")),
+                ("status", Some("PENDING")),
+                ("total", Some("12.5")),
+                ("updated_at", Some("2024-05-01T10:00:00Z")),
+            ]))
+        );
+    }
+
+    #[test]
+    fn paid_maps_to_an_update_and_cancelled_to_a_delete() {
+        let s = sample();
+        let paid = map_event(&s, &envelope("OrderPaid", json!({"orderId": "o1"})))
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            paid.kind,
+            ChangeKind::Update(cols(&[
+                ("status", Some("PAID")),
+                ("updated_at", Some("2024-05-01T10:00:00Z")),
+            ]))
+        );
+        let cancelled = map_event(&s, &envelope("OrderCancelled", json!({"orderId": "o1"})))
+            .unwrap()
+            .unwrap();
+        assert_eq!(cancelled.kind, ChangeKind::Delete);
+        assert_eq!(cancelled.key, "o1");
+    }
+
+    #[test]
+    fn unhandled_event_types_are_ignored() {
+        assert_eq!(
+            map_event(&sample(), &envelope("Other", json!({}))).unwrap(),
+            None
+        );
+    }
+
+    #[test]
+    fn json_null_becomes_sql_null_for_nullable_columns() {
+        let change = map_event(
+            &sample(),
+            &envelope(
+                "OrderPlaced",
+                json!({"orderId": "o1", "customerId": "c1", "total": null}),
+            ),
+        )
+        .unwrap()
+        .unwrap();
+        let ChangeKind::Upsert(c) = change.kind else {
+            panic!("expected upsert")
+        };
+        assert_eq!(c["total"], None);
+    }
+
+    #[test]
+    fn mapping_errors_name_pointer_and_column() {
+        let s = sample();
+        let e = map_event(&s, &envelope("OrderPaid", json!({}))).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "missing value at /data/orderId for key column id"
+        );
+        let e = map_event(&s, &envelope("OrderPaid", json!({"orderId": null}))).unwrap_err();
+        assert_eq!(e.to_string(), "/data/orderId: null for key column id");
+        let e = map_event(&s, &envelope("OrderPaid", json!({"orderId": {"a": 1}}))).unwrap_err();
+        assert_eq!(e.to_string(), "/data/orderId: expected text, got object");
+        let e = map_event(
+            &s,
+            &envelope(
+                "OrderPlaced",
+                json!({"orderId": "o1", "customerId": "c1", "total": "abc"}),
+            ),
+        )
+        .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "/data/total: expected numeric, got string \"abc\""
+        );
+        let e = map_event(
+            &s,
+            &envelope("OrderPlaced", json!({"orderId": "o1", "total": 1})),
+        )
+        .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "missing value at /data/customerId for column customer_id"
+        );
+        let e = map_event(
+            &s,
+            &envelope(
+                "OrderPlaced",
+                json!({"orderId": "o1", "customerId": null, "total": 1}),
+            ),
+        )
+        .unwrap_err();
+        assert_eq!(e.to_string(), "null for non-nullable column customer_id");
+        let e = map_event(&s, &json!({"data": {}})).unwrap_err();
+        assert!(e.to_string().contains("type"));
+    }
+
+    #[test]
+    fn keys_are_converted_to_the_key_type() {
+        let mut s = sample();
+        s.columns[0].ty = eventplane_api::ColumnType::Bigint;
+        let change = map_event(&s, &envelope("OrderCancelled", json!({"orderId": "+42"})))
+            .unwrap()
+            .unwrap();
+        assert_eq!(change.key, "42");
+        let e = map_event(&s, &envelope("OrderCancelled", json!({"orderId": "x"}))).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "/data/orderId: expected bigint, got string \"x\""
+        );
+    }
+
+    #[test]
+    fn whole_envelope_fields_and_escaped_pointers_resolve() {
+        let mut s = sample();
+        s.handlers[3].key = "/data/a~1b".into();
+        let change = map_event(&s, &envelope("OrderCancelled", json!({"a/b": "k"})))
+            .unwrap()
+            .unwrap();
+        assert_eq!(change.key, "k");
+        s.handlers[3].key = "/streamId".into();
+        let change = map_event(&s, &envelope("OrderCancelled", json!({})))
+            .unwrap()
+            .unwrap();
+        assert_eq!(change.key, "order-1");
+    }
+}

@@ -1,0 +1,182 @@
+//! Group commit: concurrent appends share transactions. A few committer
+//! tasks each take whatever requests are queued (up to a bound), write them
+//! in one transaction and answer each request with its own outcome. Under
+//! load batches grow by themselves; when idle a request commits alone, so
+//! there is no fixed wait added to its latency.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use sqlx::PgPool;
+use tokio::sync::{Mutex, mpsc, oneshot};
+use tokio::task::JoinHandle;
+
+use super::append::{Outcome, append_in_tx};
+use super::model::AppendRequest;
+use super::notify::CommitSignal;
+use prometheus_client::metrics::histogram::Histogram;
+
+#[derive(Clone, Debug)]
+pub struct GroupCommitConfig {
+    /// Transactions in flight at once.
+    pub writers: usize,
+    /// Most requests in one transaction.
+    pub max_batch: usize,
+    /// How long a committer that found a small batch waits for more; zero
+    /// commits at once.
+    pub max_wait: Duration,
+    /// Requests waiting for a committer before new ones are refused.
+    pub queue: usize,
+}
+
+impl Default for GroupCommitConfig {
+    fn default() -> Self {
+        Self {
+            writers: 4,
+            max_batch: 256,
+            max_wait: Duration::ZERO,
+            queue: 8192,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SubmitError {
+    #[error("the append queue is full")]
+    Overloaded,
+    #[error("the append could not be committed: {0}")]
+    Database(String),
+}
+
+struct Pending {
+    request: AppendRequest,
+    reply: oneshot::Sender<Result<Outcome, SubmitError>>,
+}
+
+#[derive(Clone)]
+pub struct Appender {
+    queue: mpsc::Sender<Pending>,
+}
+
+/// Retries of a whole batch after a deadlock or serialization failure.
+const BATCH_RETRIES: usize = 3;
+
+impl Appender {
+    /// Starts the committer tasks; they stop when every `Appender` clone is
+    /// dropped or their handles are aborted.
+    pub fn start(
+        pool: PgPool,
+        config: GroupCommitConfig,
+        batch_sizes: Histogram,
+        signal: CommitSignal,
+    ) -> (Self, Vec<JoinHandle<()>>) {
+        let (tx, rx) = mpsc::channel(config.queue);
+        let rx = Arc::new(Mutex::new(rx));
+        let handles = (0..config.writers.max(1))
+            .map(|_| {
+                tokio::spawn(committer(
+                    rx.clone(),
+                    pool.clone(),
+                    config.clone(),
+                    batch_sizes.clone(),
+                    signal.clone(),
+                ))
+            })
+            .collect();
+        (Appender { queue: tx }, handles)
+    }
+
+    pub async fn append(&self, request: AppendRequest) -> Result<Outcome, SubmitError> {
+        let (reply, answer) = oneshot::channel();
+        self.queue
+            .try_send(Pending { request, reply })
+            .map_err(|_| SubmitError::Overloaded)?;
+        answer
+            .await
+            .unwrap_or_else(|_| Err(SubmitError::Database("committer stopped".into())))
+    }
+}
+
+async fn next_batch(
+    rx: &Mutex<mpsc::Receiver<Pending>>,
+    config: &GroupCommitConfig,
+) -> Option<Vec<Pending>> {
+    let mut rx = rx.lock().await;
+    let first = rx.recv().await?;
+    let mut batch = vec![first];
+    let deadline = Instant::now() + config.max_wait;
+    while batch.len() < config.max_batch {
+        match rx.try_recv() {
+            Ok(p) => batch.push(p),
+            Err(_) if config.max_wait.is_zero() => break,
+            Err(_) => match tokio::time::timeout_at(deadline.into(), rx.recv()).await {
+                Ok(Some(p)) => batch.push(p),
+                _ => break,
+            },
+        }
+    }
+    Some(batch)
+}
+
+async fn committer(
+    rx: Arc<Mutex<mpsc::Receiver<Pending>>>,
+    pool: PgPool,
+    config: GroupCommitConfig,
+    batch_sizes: Histogram,
+    signal: CommitSignal,
+) {
+    while let Some(batch) = next_batch(&rx, &config).await {
+        batch_sizes.observe(batch.len() as f64);
+        let requests: Vec<&AppendRequest> = batch.iter().map(|p| &p.request).collect();
+        let result = commit_with_retry(&pool, &requests).await;
+        match result {
+            Ok(outcomes) => {
+                if outcomes.iter().any(|o| o.is_ok()) {
+                    signal.committed();
+                }
+                for (pending, outcome) in batch.into_iter().zip(outcomes) {
+                    let _ = pending.reply.send(Ok(outcome));
+                }
+            }
+            Err(err) => {
+                tracing::error!(error = %err, batch = batch.len(), "append batch failed");
+                for pending in batch {
+                    let _ = pending
+                        .reply
+                        .send(Err(SubmitError::Database(err.to_string())));
+                }
+            }
+        }
+    }
+}
+
+pub async fn commit_with_retry(
+    pool: &PgPool,
+    requests: &[&AppendRequest],
+) -> Result<Vec<Outcome>, sqlx::Error> {
+    let mut attempt = 0;
+    loop {
+        let result = async {
+            let mut tx = pool.begin().await?;
+            let outcomes = append_in_tx(&mut tx, requests).await?;
+            tx.commit().await?;
+            Ok::<_, sqlx::Error>(outcomes)
+        }
+        .await;
+        match result {
+            Err(err) if attempt < BATCH_RETRIES && is_retryable(&err) => {
+                attempt += 1;
+                tracing::warn!(error = %err, attempt, "retrying append batch");
+            }
+            other => return other,
+        }
+    }
+}
+
+/// Deadlocks and serialization failures are safe to retry: the transaction
+/// was rolled back as a whole.
+pub fn is_retryable(err: &sqlx::Error) -> bool {
+    err.as_database_error()
+        .and_then(|e| e.code())
+        .is_some_and(|code| code == "40P01" || code == "40001")
+}

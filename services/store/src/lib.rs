@@ -1,0 +1,22 @@
+//! Eventplane's database layer, on Postgres: connection pools and
+//! migrations, the event store and its command queue, the projection
+//! version registry, checkpoints and dead letters, the projector's batch
+//! (read below the horizon, map, fold, bulk write, advance, in one
+//! transaction) and the partition executor. Everything here owns a table
+//! or a statement; nothing here speaks HTTP or Redis.
+
+pub mod batch;
+pub mod checkpoints;
+pub mod db;
+pub mod error_body;
+pub mod events;
+pub mod jobs;
+pub mod partitions;
+pub mod projection;
+pub mod status;
+pub mod token;
+pub mod versions;
+
+pub use error_body::ErrorBody;
+pub use projection::{Projection, version_table};
+pub use token::Token;

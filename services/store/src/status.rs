@@ -1,0 +1,74 @@
+//! A projection's progress as the status endpoints report it.
+
+use serde::Serialize;
+use sqlx::PgPool;
+
+use crate::checkpoints::{self, CheckpointRow};
+use crate::projection::Projection;
+use crate::token::Token;
+
+/// Counting unapplied events stops here; beyond it the count says "at least".
+const LAG_COUNT_LIMIT: i64 = 100_000;
+
+#[derive(Debug, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ProjectionStatus {
+    pub name: String,
+    pub table: String,
+    pub version: u32,
+    pub checkpoint: String,
+    pub events_applied: i64,
+    pub last_event_at: Option<chrono::DateTime<chrono::Utc>>,
+    /// Events of this projection's types not yet applied (capped).
+    pub lag_events: i64,
+    /// Age of the oldest event not yet applied; 0 when caught up.
+    pub lag_seconds: f64,
+    pub dead_letters: i64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub halted_reason: Option<String>,
+}
+
+pub async fn status(
+    pool: &PgPool,
+    projection: &Projection,
+) -> sqlx::Result<Option<ProjectionStatus>> {
+    let Some(CheckpointRow {
+        tx_id,
+        position,
+        applied,
+        last_event_at,
+        halted_reason,
+    }) = checkpoints::get(pool, &projection.name).await?
+    else {
+        return Ok(None);
+    };
+    let types = projection.spec.event_types();
+    let (lag_events, oldest): (i64, Option<chrono::DateTime<chrono::Utc>>) = sqlx::query_as(
+        "SELECT count(*), min(recorded_at) FROM ( \
+             SELECT recorded_at FROM events \
+             WHERE (tx_id, position) > ($1::text::xid8, $2) AND event_type = ANY($3) \
+             ORDER BY tx_id, position LIMIT $4) pending",
+    )
+    .bind(tx_id.to_string())
+    .bind(position)
+    .bind(&types)
+    .bind(LAG_COUNT_LIMIT)
+    .fetch_one(pool)
+    .await?;
+    let dead_letters = checkpoints::dead_letter_count(pool, &projection.name).await?;
+    let lag_seconds = oldest
+        .map(|t| ((chrono::Utc::now() - t).num_milliseconds().max(0)) as f64 / 1000.0)
+        .unwrap_or(0.0);
+    Ok(Some(ProjectionStatus {
+        name: projection.name.clone(),
+        table: projection.table.clone(),
+        version: projection.spec.version,
+        checkpoint: Token { tx_id, position }.to_string(),
+        events_applied: applied,
+        last_event_at,
+        lag_events,
+        lag_seconds,
+        dead_letters,
+        halted_reason,
+    }))
+}

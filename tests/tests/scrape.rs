@@ -1,0 +1,19 @@
+//! The operator's scaling reads the query pods' `/metrics`: it must
+//! understand what the services really export.
+
+use eventplane::metrics::Metrics;
+use eventplane_operator::projection::scaling::parse_metrics;
+
+#[test]
+fn the_operator_reads_the_query_latency_the_services_export() {
+    let metrics = Metrics::new();
+    for _ in 0..3 {
+        metrics.observe_query("row", 0.0015);
+    }
+    metrics.observe_query("list", 0.02);
+    let sample = parse_metrics(&metrics.encode());
+    assert_eq!(sample.count, 4.0);
+    assert_eq!(sample.buckets.last(), Some(&(f64::INFINITY, 4.0)));
+    let under_2ms = sample.buckets.iter().find(|b| b.0 >= 0.0016).unwrap();
+    assert_eq!(under_2ms.1, 3.0);
+}
