@@ -4,6 +4,7 @@
 
 use chrono::{DateTime, Utc};
 use eventplane_api::{API_VERSION, KIND, Projection, ProjectionSpec};
+use eventplane_plan::{content, stable_hash};
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::{Resource, ResourceExt};
@@ -39,25 +40,14 @@ pub struct JobConfig {
     pub redis_key: String,
 }
 
-/// FNV-1a: a hash that stays the same across builds and Rust versions, so
-/// an operator upgrade does not make running Jobs look stale.
-fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, b| {
-        (hash ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
-    })
-}
-
-/// A short, stable digest of the spec a rebuild runs with. Scaling and the
-/// reclaim policy are left out: they do not change what is built, and an
-/// autoscaler writing `scaling.replicas` must not restart a rebuild.
+/// A short, stable digest of what a rebuild Job builds (the spec's rows
+/// and build fields, `eventplane_plan::content`): a Job for the wanted
+/// version but another digest is stale and is replaced. Serving fields
+/// are left out, so an autoscaler writing `scaling.replicas` never restarts
+/// a rebuild.
 pub fn spec_hash(spec: &ProjectionSpec) -> String {
-    let built = ProjectionSpec {
-        scaling: Default::default(),
-        reclaim_policy: Default::default(),
-        ..spec.clone()
-    };
-    let text = serde_json::to_string(&built).expect("specs serialize");
-    format!("{:016x}", fnv1a(text.as_bytes()))
+    let built = content::build(spec).to_string();
+    format!("{:016x}", stable_hash(built.as_bytes()))
 }
 
 /// `<projection>-rebuild-v<version>`; a name too long for Kubernetes keeps
@@ -68,7 +58,7 @@ pub fn job_name(projection: &str, version: u32) -> String {
     if name.len() <= MAX_NAME {
         return name;
     }
-    let hash = format!("{:08x}", fnv1a(projection.as_bytes()) as u32);
+    let hash = format!("{:08x}", stable_hash(projection.as_bytes()) as u32);
     let keep = MAX_NAME - suffix.len() - hash.len() - 1;
     let prefix: String = projection.chars().take(keep).collect();
     format!("{}-{hash}{suffix}", prefix.trim_end_matches('-'))

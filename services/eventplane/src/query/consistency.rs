@@ -3,6 +3,8 @@
 
 use std::time::{Duration, Instant};
 
+use eventplane_store::checkpoints;
+
 use super::QueryService;
 use crate::api_error::{ApiError, ApiResult};
 use eventplane_store::Token;
@@ -16,14 +18,7 @@ pub async fn wait_for(service: &QueryService, projection: &str, token: Token) ->
     let deadline = Instant::now() + service.consistency_timeout;
     let mut wait = FIRST_WAIT;
     loop {
-        let passed: Option<bool> = sqlx::query_scalar(
-            "SELECT (tx_id, position) >= ($2::text::xid8, $3) FROM projection_checkpoints WHERE projection = $1",
-        )
-        .bind(projection)
-        .bind(token.tx_id.to_string())
-        .bind(token.position)
-        .fetch_optional(&service.read_pool)
-        .await?;
+        let passed = checkpoints::passed(&service.read_pool, projection, token).await?;
         if passed == Some(true) {
             return Ok(());
         }
