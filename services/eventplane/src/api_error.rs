@@ -31,9 +31,17 @@ pub enum ApiError {
     Timeout { code: &'static str, message: String },
     #[error("{message}")]
     Unavailable { code: &'static str, message: String },
+    /// The database no longer has a relation or column the read named: the
+    /// projection changed (a swap, a removal) and this process has not
+    /// loaded the change yet. The query service reloads and retries.
+    #[error("the projection changed while it was read")]
+    SchemaChanged(String),
     #[error("internal error")]
     Internal(#[source] anyhow::Error),
 }
+
+/// `undefined_table`, `undefined_column`.
+const SCHEMA_CHANGED: [&str; 2] = ["42P01", "42703"];
 
 pub type ApiResult<T> = Result<T, ApiError>;
 
@@ -68,7 +76,7 @@ impl ApiError {
             Self::Append(AppendError::IdempotencyMismatch(_)) => StatusCode::UNPROCESSABLE_ENTITY,
             Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
-            Self::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Unavailable { .. } | Self::SchemaChanged(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -84,6 +92,7 @@ impl ApiError {
             | Self::Timeout { code, .. }
             | Self::Unavailable { code, .. } => *code,
             Self::PayloadTooLarge => "payload_too_large",
+            Self::SchemaChanged(_) => "projection_changing",
             Self::Internal(_) => "internal",
         };
         ErrorBody::new(code, self.to_string()).to_json()
@@ -99,14 +108,39 @@ impl IntoResponse for ApiError {
     }
 }
 
-impl From<sqlx::Error> for ApiError {
-    fn from(err: sqlx::Error) -> Self {
+impl ApiError {
+    /// The error of a load shared by several requests (the L1 cache runs
+    /// one load per key).
+    pub fn from_shared(err: &sqlx::Error) -> Self {
+        match Self::classify(err) {
+            Some(known) => known,
+            None => Self::Internal(anyhow::anyhow!("{err}")),
+        }
+    }
+
+    fn classify(err: &sqlx::Error) -> Option<Self> {
         match err {
-            sqlx::Error::PoolTimedOut => Self::Unavailable {
+            sqlx::Error::PoolTimedOut => Some(Self::Unavailable {
                 code: "database_busy",
                 message: "no database connection became free in time".into(),
-            },
-            other => Self::Internal(other.into()),
+            }),
+            sqlx::Error::Database(db)
+                if db
+                    .code()
+                    .is_some_and(|c| SCHEMA_CHANGED.contains(&c.as_ref())) =>
+            {
+                Some(Self::SchemaChanged(db.message().to_string()))
+            }
+            _ => None,
+        }
+    }
+}
+
+impl From<sqlx::Error> for ApiError {
+    fn from(err: sqlx::Error) -> Self {
+        match Self::classify(&err) {
+            Some(known) => known,
+            None => Self::Internal(err.into()),
         }
     }
 }

@@ -43,6 +43,8 @@ pub enum Command {
     Rebuild(RebuildArgs),
     /// Plan or apply PartitionPolicy manifests against a database.
     Partitions(PartitionsArgs),
+    /// Declare, list and remove projections in a database's catalog.
+    Projections(ProjectionsArgs),
 }
 
 #[derive(Args, Debug, Clone)]
@@ -68,10 +70,22 @@ pub struct RedisArgs {
 }
 
 #[derive(Args, Debug, Clone)]
-pub struct ProjectionArgs {
-    /// A Projection manifest file, or a directory of them (*.yaml).
+pub struct CatalogArgs {
+    /// Projection manifests (a file, or a directory of *.yaml) to declare
+    /// in the catalog at start, as `eventplane projections apply` would;
+    /// the process then serves everything the catalog holds.
     #[arg(long, env = "EVENTPLANE_PROJECTIONS")]
-    pub projections: PathBuf,
+    pub projections: Option<PathBuf>,
+    /// Longest, in milliseconds, a missed catalog notification can leave
+    /// this process behind (it re-reads the catalog's generation this often).
+    #[arg(long, env = "EVENTPLANE_CATALOG_RESYNC_MS", default_value_t = 2000)]
+    pub catalog_resync_ms: u64,
+}
+
+impl CatalogArgs {
+    pub fn resync(&self) -> Duration {
+        Duration::from_millis(self.catalog_resync_ms.max(10))
+    }
 }
 
 #[derive(Args, Debug, Clone)]
@@ -128,6 +142,11 @@ pub struct ProjectorArgs {
     /// otherwise the projector rebuilds in the background itself.
     #[arg(long, env = "EVENTPLANE_NO_REBUILD")]
     pub no_rebuild: bool,
+    /// How long a projection lease lasts unrenewed, in milliseconds: the
+    /// longest a projection waits for another projector after its holder
+    /// died or lost the database.
+    #[arg(long, env = "EVENTPLANE_LEASE_TTL_MS", default_value_t = 10_000)]
+    pub lease_ttl_ms: u64,
 }
 
 impl ProjectorArgs {
@@ -136,6 +155,7 @@ impl ProjectorArgs {
             batch_size: self.batch_size.max(1),
             poll_interval: Duration::from_millis(self.poll_interval_ms.max(1)),
             rebuild_in_process: !self.no_rebuild,
+            lease_ttl: Duration::from_millis(self.lease_ttl_ms.max(100)),
         }
     }
 }
@@ -207,7 +227,7 @@ pub struct ProjectorRole {
     #[command(flatten)]
     pub redis: RedisArgs,
     #[command(flatten)]
-    pub projections: ProjectionArgs,
+    pub catalog: CatalogArgs,
     #[command(flatten)]
     pub listen: ListenArgs,
     #[command(flatten)]
@@ -221,7 +241,7 @@ pub struct QueryRole {
     #[command(flatten)]
     pub redis: RedisArgs,
     #[command(flatten)]
-    pub projections: ProjectionArgs,
+    pub catalog: CatalogArgs,
     #[command(flatten)]
     pub listen: ListenArgs,
     #[command(flatten)]
@@ -235,9 +255,10 @@ pub struct DevRole {
     /// Redis URL for L2 and invalidations.
     #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
     pub redis_url: String,
-    /// Projection manifests; defaults to the bundled `orders` sample.
-    #[arg(long, env = "EVENTPLANE_PROJECTIONS")]
-    pub projections: Option<PathBuf>,
+    /// Projection manifests to declare at start; without them the bundled
+    /// `orders` sample is declared.
+    #[command(flatten)]
+    pub catalog: CatalogArgs,
     /// Address the HTTP server listens on.
     #[arg(long, env = "EVENTPLANE_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
@@ -298,4 +319,42 @@ fn parse_instant(s: &str) -> Result<chrono::DateTime<chrono::Utc>, String> {
     chrono::DateTime::parse_from_rfc3339(s)
         .map(|t| t.with_timezone(&chrono::Utc))
         .map_err(|e| format!("{s:?} is not an RFC 3339 timestamp: {e}"))
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ProjectionsArgs {
+    #[command(subcommand)]
+    pub command: ProjectionsCommand,
+}
+
+#[derive(Subcommand, Debug, Clone)]
+pub enum ProjectionsCommand {
+    /// Declare the projections of a manifest file or a directory of them;
+    /// running services pick them up without a restart.
+    Apply {
+        /// A Projection manifest (YAML, several separated by `---`), or a
+        /// directory of *.yaml files.
+        #[arg(short = 'f', long = "filename")]
+        file: PathBuf,
+        #[command(flatten)]
+        db: DbArgs,
+    },
+    /// List declared projections, or show one.
+    Get {
+        name: Option<String>,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        db: DbArgs,
+    },
+    /// Stop serving a projection; its tables stay unless --drop-tables.
+    Delete {
+        name: String,
+        /// Also drop its view, every version's table, checkpoints and dead letters.
+        #[arg(long)]
+        drop_tables: bool,
+        #[command(flatten)]
+        db: DbArgs,
+    },
 }

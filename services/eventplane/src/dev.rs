@@ -10,27 +10,27 @@ use hdrhistogram::Histogram;
 use serde_json::{Value, json};
 use tokio::sync::Mutex;
 
-use crate::cli::DevRole;
-use eventplane_store::Projection;
+use eventplane_api::ProjectionManifest;
 
+use crate::cli::DevRole;
 use crate::projections;
 use crate::server::{Roles, Stack, StackConfig};
 
 /// The bundled sample projection, also shipped as `crds/examples`.
 pub const ORDERS_MANIFEST: &str = eventplane_api::examples::ORDERS;
 
-pub fn sample_projections() -> anyhow::Result<Vec<Arc<Projection>>> {
-    let manifests = eventplane_api::load_manifests(ORDERS_MANIFEST)?;
-    Ok(manifests
-        .into_iter()
-        .map(|m| Arc::new(Projection::from_manifest(m)))
-        .collect())
+/// Who the dev stack declares its projections as.
+pub const DEV_SOURCE: &str = "dev";
+
+/// The bundled sample, declared like any other manifest.
+pub fn sample_projections() -> Vec<ProjectionManifest> {
+    vec![eventplane_api::examples::orders_manifest()]
 }
 
 pub async fn run(role: DevRole) -> anyhow::Result<()> {
-    let projections = match &role.projections {
+    let declare = match &role.catalog.projections {
         Some(path) => projections::load(path)?,
-        None => sample_projections()?,
+        None => sample_projections(),
     };
     let config = StackConfig {
         database_url: role.db.database_url.clone(),
@@ -38,12 +38,15 @@ pub async fn run(role: DevRole) -> anyhow::Result<()> {
         db_max_connections: role.db.db_max_connections,
         read_max_connections: role.query.read_max_connections,
         redis_url: Some(role.redis_url.clone()),
-        projections,
+        declare,
+        declared_by: DEV_SOURCE.into(),
         listen: role.listen,
         roles: Roles::ALL,
         command: role.command.config(),
         projector: role.projector.config(),
         query: role.query.config(),
+        catalog_resync: role.catalog.resync(),
+        member: None,
     };
     let stack = Stack::start(config).await?;
     let maintenance = tokio::spawn(keep_events_partitioned(stack.pool.clone()));
@@ -54,11 +57,12 @@ pub async fn run(role: DevRole) -> anyhow::Result<()> {
     }
     println!("{}", examples(&base));
     if role.exit_after_demo {
+        stack.shutdown().await;
         return Ok(());
     }
     crate::roles::shutdown_signal().await;
     maintenance.abort();
-    drop(stack);
+    stack.shutdown().await;
     Ok(())
 }
 

@@ -4,6 +4,7 @@
 //! that runs every role in one process.
 
 pub mod api_error;
+pub mod catalog;
 pub mod cli;
 pub mod command;
 pub mod dev;

@@ -13,5 +13,6 @@ async fn main() -> anyhow::Result<()> {
         Command::Dev(role) => eventplane::dev::run(role).await,
         Command::Rebuild(args) => eventplane::roles::rebuild(args).await,
         Command::Partitions(args) => eventplane::partitions::run(args).await,
+        Command::Projections(args) => eventplane::projections::run(args).await,
     }
 }

@@ -83,6 +83,10 @@ pub struct Metrics {
     pub projection_applied: Family<ProjectionLabels, Counter>,
     pub projection_dead_letters: Family<ProjectionLabels, Counter>,
     pub horizon_age_seconds: Gauge<f64, AtomicU64>,
+    /// 1 while this process holds the projection's lease and applies it.
+    pub projection_lease_held: Family<ProjectionLabels, Gauge>,
+    /// The catalog generation this process serves.
+    pub catalog_generation: Gauge,
     pub pool_connections: Family<PoolLabels, Gauge>,
     pub jobs_processed: Counter,
     /// Pools whose usage is read at scrape time.
@@ -116,6 +120,8 @@ impl Metrics {
             projection_applied: Family::default(),
             projection_dead_letters: Family::default(),
             horizon_age_seconds: Gauge::default(),
+            projection_lease_held: Family::default(),
+            catalog_generation: Gauge::default(),
             pool_connections: Family::default(),
             jobs_processed: Counter::default(),
             pools: Default::default(),
@@ -185,6 +191,16 @@ impl Metrics {
             "event_horizon_age_seconds",
             "Age of the oldest running transaction holding back the tail horizon",
             m.horizon_age_seconds.clone(),
+        );
+        registry.register(
+            "projection_lease_held",
+            "1 while this process holds the projection's lease and applies it",
+            m.projection_lease_held.clone(),
+        );
+        registry.register(
+            "catalog_generation",
+            "Projection catalog generation this process has loaded",
+            m.catalog_generation.clone(),
         );
         registry.register(
             "db_pool_connections",

@@ -3,7 +3,7 @@
 
 use eventplane_store::{Projection, versions};
 
-use crate::cli::{CommandRole, DbArgs, ProjectorRole, QueryRole, RebuildArgs};
+use crate::cli::{CatalogArgs, CommandRole, DbArgs, ProjectorRole, QueryRole, RebuildArgs};
 use crate::metrics::Metrics;
 use crate::projector::rebuild::{self, RebuildOptions};
 use crate::server::{Roles, Stack, StackConfig};
@@ -12,6 +12,16 @@ pub async fn migrate(db: DbArgs) -> anyhow::Result<()> {
     let pool = eventplane_store::db::connect(&db.database_url, 1, "migrate").await?;
     eventplane_store::db::migrate(&pool).await?;
     tracing::info!("migrations applied");
+    Ok(())
+}
+
+/// The manifests given at start are declared in the catalog; the process
+/// serves whatever the catalog holds.
+fn declare(config: &mut StackConfig, catalog: &CatalogArgs) -> anyhow::Result<()> {
+    if let Some(path) = &catalog.projections {
+        config.declare = crate::projections::load(path)?;
+    }
+    config.catalog_resync = catalog.resync();
     Ok(())
 }
 
@@ -48,7 +58,7 @@ pub async fn projector(role: ProjectorRole) -> anyhow::Result<()> {
         },
     );
     config.redis_url = role.redis.redis_url;
-    config.projections = crate::projections::load(&role.projections.projections)?;
+    declare(&mut config, &role.catalog)?;
     config.projector = role.projector.config();
     serve(config).await
 }
@@ -64,7 +74,7 @@ pub async fn query(role: QueryRole) -> anyhow::Result<()> {
         },
     );
     config.redis_url = role.redis.redis_url;
-    config.projections = crate::projections::load(&role.projections.projections)?;
+    declare(&mut config, &role.catalog)?;
     config.read_database_url = role.query.read_database_url.clone();
     config.read_max_connections = role.query.read_max_connections;
     config.query = role.query.config();
@@ -100,9 +110,10 @@ pub async fn rebuild(args: RebuildArgs) -> anyhow::Result<()> {
 }
 
 async fn serve(config: StackConfig) -> anyhow::Result<()> {
-    let _stack = Stack::start(config).await?;
+    let stack = Stack::start(config).await?;
     shutdown_signal().await;
     tracing::info!("shutting down");
+    stack.shutdown().await;
     Ok(())
 }
 

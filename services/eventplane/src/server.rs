@@ -4,16 +4,19 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Router;
 use axum::routing::get;
 use sqlx::PgPool;
 use tokio::task::JoinHandle;
 
+use eventplane_api::ProjectionManifest;
 use eventplane_store::events::Appender;
 use eventplane_store::events::notify::CommitSignal;
-use eventplane_store::{Projection, db, jobs};
+use eventplane_store::{catalog, db, jobs};
 
+use crate::catalog::{FollowConfig, Follower, member_name};
 use crate::command::{self, CommandConfig, CommandState};
 use crate::invalidation::redis_manager;
 use crate::metrics::{Metrics, metrics_handler};
@@ -42,12 +45,21 @@ pub struct StackConfig {
     pub db_max_connections: u32,
     pub read_max_connections: u32,
     pub redis_url: Option<String>,
-    pub projections: Vec<Arc<Projection>>,
+    /// Declared in the catalog at start (`--projections`, the dev stack's
+    /// sample), under `declared_by`; the roles then serve whatever the
+    /// catalog holds.
+    pub declare: Vec<ProjectionManifest>,
+    pub declared_by: String,
     pub listen: SocketAddr,
     pub roles: Roles,
     pub command: CommandConfig,
     pub projector: ProjectorConfig,
     pub query: QueryConfig,
+    /// Longest a missed catalog notification leaves this process behind.
+    pub catalog_resync: Duration,
+    /// This process's name among the database's processes (default: the
+    /// host name and a random suffix).
+    pub member: Option<String>,
 }
 
 impl StackConfig {
@@ -55,7 +67,7 @@ impl StackConfig {
     pub fn local(
         database_url: &str,
         redis_url: Option<&str>,
-        projections: Vec<Arc<Projection>>,
+        declare: Vec<ProjectionManifest>,
     ) -> Self {
         StackConfig {
             database_url: database_url.to_string(),
@@ -63,12 +75,15 @@ impl StackConfig {
             db_max_connections: 16,
             read_max_connections: 16,
             redis_url: redis_url.map(str::to_string),
-            projections,
+            declare,
+            declared_by: "files".into(),
             listen: "127.0.0.1:0".parse().expect("a valid address"),
             roles: Roles::ALL,
             command: CommandConfig::default(),
             projector: ProjectorConfig::default(),
             query: QueryConfig::default(),
+            catalog_resync: Duration::from_secs(2),
+            member: None,
         }
     }
 }
@@ -79,6 +94,8 @@ pub struct Stack {
     pub addr: SocketAddr,
     pub pool: PgPool,
     pub metrics: Arc<Metrics>,
+    /// The catalog this process follows (projector and query roles).
+    pub follower: Option<Follower>,
     tasks: Vec<JoinHandle<()>>,
     subscription: Option<Arc<JoinHandle<()>>>,
 }
@@ -101,6 +118,17 @@ impl Stack {
         let mut app = Router::new()
             .route("/healthz", get(|| async { "ok" }))
             .route("/metrics", get(metrics_handler).with_state(metrics.clone()));
+
+        for manifest in &config.declare {
+            catalog::apply(
+                &pool,
+                &manifest.metadata.name,
+                &manifest.spec,
+                &config.declared_by,
+            )
+            .await
+            .map_err(|err| anyhow::anyhow!("projection {}: {err}", manifest.metadata.name))?;
+        }
 
         let redis = match &config.redis_url {
             Some(url) => match redis_manager(url).await {
@@ -136,19 +164,37 @@ impl Stack {
             };
             app = app.merge(command::router(state, config.command.max_body_bytes));
         }
-        if config.roles.projector {
-            let handles = projector::start(
+        let follower = if config.roles.projector || config.roles.query {
+            let mut roles = Vec::new();
+            if config.roles.projector {
+                roles.push(projector::supervisor::ROLE);
+            }
+            if config.roles.query {
+                roles.push(query::ROLE);
+            }
+            let follow = FollowConfig {
+                member: config.member.clone().unwrap_or_else(member_name),
+                roles,
+                resync: config.catalog_resync,
+            };
+            let (follower, handles) =
+                Follower::start(pool.clone(), follow, metrics.clone()).await?;
+            tasks.extend(handles);
+            Some(follower)
+        } else {
+            None
+        };
+        if let (true, Some(follower)) = (config.roles.projector, &follower) {
+            tasks.extend(projector::start(
                 pool.clone(),
-                &config.projections,
+                follower.clone(),
                 redis.as_ref().map(|(m, _)| m.clone()),
                 metrics.clone(),
                 config.projector.clone(),
-            )
-            .await?;
-            tasks.extend(handles);
+            ));
         }
         let mut subscription = None;
-        if config.roles.query {
+        if let (true, Some(follower)) = (config.roles.query, &follower) {
             let read_pool = match &config.read_database_url {
                 Some(url) => {
                     let read = db::connect(url, config.read_max_connections, "read").await?;
@@ -157,13 +203,14 @@ impl Stack {
                 }
                 None => pool.clone(),
             };
-            let service = QueryService::new(
-                &config.projections,
+            let (service, follow) = QueryService::new(
+                follower.clone(),
                 read_pool,
                 redis.clone(),
                 metrics.clone(),
                 config.query.clone(),
             );
+            tasks.push(follow);
             subscription = service.subscription.clone();
             app = app.merge(query::router(service));
         }
@@ -180,9 +227,24 @@ impl Stack {
             addr,
             pool,
             metrics,
+            follower,
             tasks,
             subscription,
         })
+    }
+
+    /// Stops the process cleanly: it leaves the database's process list
+    /// and gives up its projection leases, so other projectors take over at
+    /// once rather than when the leases expire.
+    pub async fn shutdown(mut self) {
+        let follower = self.follower.take();
+        // Every task stops first, so nothing renews a lease after leaving.
+        drop(self);
+        if let Some(follower) = follower
+            && let Err(err) = follower.leave().await
+        {
+            tracing::warn!(error = %err, "could not leave the process list; leases expire by themselves");
+        }
     }
 
     pub fn url(&self, path: &str) -> String {

@@ -7,7 +7,6 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use common::*;
-use eventplane::server::StackConfig;
 use serde_json::{Value, json};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -69,7 +68,7 @@ async fn fifty_concurrent_appends_with_one_expected_version_yield_one_winner() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn conflicting_appends_do_not_fail_clean_neighbours_in_a_batch() {
     let db = TestDb::new().await;
-    let mut config = StackConfig::local(&db.url, None, orders());
+    let mut config = local(&db.url, None, orders());
     // One committer with a wait window: concurrent requests share batches.
     config.command.group_commit.writers = 1;
     config.command.group_commit.max_wait = Duration::from_millis(20);
@@ -219,7 +218,7 @@ async fn an_idempotency_key_replays_the_first_result_and_writes_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn bad_input_gets_a_clear_error_and_writes_nothing() {
     let db = TestDb::new().await;
-    let mut config = StackConfig::local(&db.url, None, orders());
+    let mut config = local(&db.url, None, orders());
     config.command.max_body_bytes = 4096;
     let stack = stack_with(config).await;
     let http = client();
@@ -277,7 +276,7 @@ async fn bad_input_gets_a_clear_error_and_writes_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn async_jobs_survive_a_restart_and_run_in_priority_order() {
     let db = TestDb::new().await;
-    let mut config = StackConfig::local(&db.url, None, orders());
+    let mut config = local(&db.url, None, orders());
     config.command.job_workers = 0;
     let stack = stack_with(config.clone()).await;
     let http = client();

@@ -4,12 +4,11 @@
 
 mod common;
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
-use eventplane::server::{Roles, StackConfig};
-use eventplane_store::Projection;
+use eventplane::server::Roles;
+use eventplane_api::ProjectionManifest;
 use rand_like::Lcg;
 use serde_json::{Value, json};
 use sqlx::PgPool;
@@ -28,15 +27,14 @@ mod rand_like {
     }
 }
 
-fn variant(name: &str, table: &str, extra: &str) -> Arc<Projection> {
+fn variant(name: &str, table: &str, extra: &str) -> ProjectionManifest {
     let yaml = eventplane::dev::ORDERS_MANIFEST
         .replace("name: orders", &format!("name: {name}"))
         .replace("table: orders", &format!("table: {table}"))
         .replace("spec:\n", &format!("spec:\n{extra}"));
-    let manifest = eventplane_api::load_manifests(&yaml)
+    eventplane_api::load_manifests(&yaml)
         .expect("variant is valid")
-        .remove(0);
-    Arc::new(Projection::from_manifest(manifest))
+        .remove(0)
 }
 
 async fn row_exists(pool: &PgPool, table: &str, id: &str) -> bool {
@@ -148,7 +146,7 @@ async fn assert_tables_equal(pool: &PgPool, a: &str, b: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_projector_aborted_between_and_inside_batches_loses_and_repeats_nothing() {
     let db = TestDb::new().await;
-    let mut writer = StackConfig::local(&db.url, None, orders());
+    let mut writer = local(&db.url, None, orders());
     writer.roles = Roles {
         command: true,
         projector: false,
@@ -159,7 +157,7 @@ async fn a_projector_aborted_between_and_inside_batches_loses_and_repeats_nothin
     let pool = db.pool().await;
 
     let mut rng = Lcg(7);
-    let mut config = StackConfig::local(&db.url, None, orders());
+    let mut config = local(&db.url, None, orders());
     config.roles = Roles {
         command: false,
         projector: true,
@@ -178,7 +176,7 @@ async fn a_projector_aborted_between_and_inside_batches_loses_and_repeats_nothin
 
     // The reference: the same projection computed in one uninterrupted run.
     let mut reference = config.clone();
-    reference.projections = vec![variant("orders-check", "orders_check", "")];
+    reference.declare = vec![variant("orders-check", "orders_check", "")];
     let check = stack_with(reference).await;
     assert!(eventually(Duration::from_secs(30), || caught_up(&pool, "orders-check")).await);
     drop(check);
@@ -207,7 +205,7 @@ async fn a_projector_aborted_between_and_inside_batches_loses_and_repeats_nothin
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_projector_process_killed_mid_batch_recovers_exactly() {
     let db = TestDb::new().await;
-    let mut writer = StackConfig::local(&db.url, None, orders());
+    let mut writer = local(&db.url, None, orders());
     writer.roles = Roles {
         command: true,
         projector: false,
@@ -251,7 +249,7 @@ async fn a_projector_process_killed_mid_batch_recovers_exactly() {
         kills > 1,
         "the projector was killed while it still had work"
     );
-    let mut config = StackConfig::local(
+    let mut config = local(
         &db.url,
         None,
         vec![variant("orders-check", "orders_check", "")],
@@ -262,7 +260,7 @@ async fn a_projector_process_killed_mid_batch_recovers_exactly() {
         query: false,
     };
     let check = stack_with(config.clone()).await;
-    config.projections = orders();
+    config.declare = orders();
     let finish = stack_with(config).await;
     assert!(eventually(Duration::from_secs(30), || caught_up(&pool, "orders")).await);
     assert!(eventually(Duration::from_secs(30), || caught_up(&pool, "orders-check")).await);
@@ -275,7 +273,7 @@ async fn a_projector_process_killed_mid_batch_recovers_exactly() {
 async fn unmappable_events_go_to_dead_letters_or_halt_as_the_spec_says() {
     let db = TestDb::new().await;
     let halting = variant("orders-strict", "orders_strict", "  onError: halt\n");
-    let config = StackConfig::local(&db.url, None, vec![orders().remove(0), halting]);
+    let config = local(&db.url, None, vec![orders().remove(0), halting]);
     let stack = stack_with(config).await;
     let http = client();
     let (s1, _) = append(

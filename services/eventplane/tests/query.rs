@@ -9,7 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use common::*;
-use eventplane::server::{Stack, StackConfig};
+use eventplane::server::Stack;
 use serde_json::{Value, json};
 
 /// A Redis server of the test's own, so stopping it affects no other test.
@@ -134,7 +134,7 @@ async fn live(stack: &Stack) {
 async fn a_write_invalidates_the_row_and_its_lists_in_l1_and_l2() {
     let db = TestDb::new().await;
     let redis = OwnRedis::start();
-    let stack = stack_with(StackConfig::local(&db.url, Some(&redis.url()), orders())).await;
+    let stack = stack_with(local(&db.url, Some(&redis.url()), orders())).await;
     live(&stack).await;
     let http = client();
     let token = place(&http, &stack, "a1", "cust-a", "10").await;
@@ -215,7 +215,7 @@ async fn a_write_invalidates_the_row_and_its_lists_in_l1_and_l2() {
 
     // L2 alone: a second query process with its own empty L1 gets the new
     // row from Redis, never the old one.
-    let mut second = StackConfig::local(&db.url, Some(&redis.url()), orders());
+    let mut second = local(&db.url, Some(&redis.url()), orders());
     second.roles = eventplane::server::Roles {
         command: false,
         projector: false,
@@ -254,7 +254,7 @@ async fn a_write_invalidates_the_row_and_its_lists_in_l1_and_l2() {
 async fn reads_go_on_from_postgres_while_redis_is_down_and_caching_returns_after() {
     let db = TestDb::new().await;
     let mut redis = OwnRedis::start();
-    let stack = stack_with(StackConfig::local(&db.url, Some(&redis.url()), orders())).await;
+    let stack = stack_with(local(&db.url, Some(&redis.url()), orders())).await;
     live(&stack).await;
     let http = client();
     let token = place(&http, &stack, "r1", "cust-r", "1").await;
@@ -444,7 +444,7 @@ async fn list_queries_page_with_an_opaque_cursor_and_enforce_their_declaration()
 async fn concurrent_misses_on_one_key_load_once() {
     let db = TestDb::new().await;
     let redis = OwnRedis::start();
-    let stack = stack_with(StackConfig::local(&db.url, Some(&redis.url()), orders())).await;
+    let stack = stack_with(local(&db.url, Some(&redis.url()), orders())).await;
     live(&stack).await;
     let http = client();
     let token = place(&http, &stack, "hot", "cust-h", "9").await;
@@ -491,7 +491,7 @@ async fn concurrent_misses_on_one_key_load_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reads_over_the_slow_query_threshold_are_counted() {
     let db = TestDb::new().await;
-    let mut config = StackConfig::local(&db.url, None, orders());
+    let mut config = local(&db.url, None, orders());
     config.query.slow_query = Duration::ZERO;
     let stack = stack_with(config).await;
     let http = client();

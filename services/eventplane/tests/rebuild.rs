@@ -10,7 +10,8 @@ use std::time::Duration;
 
 use common::*;
 use eventplane::projector::rebuild::{RebuildError, RebuildOptions, run};
-use eventplane::server::{Roles, StackConfig};
+use eventplane::server::Roles;
+use eventplane_api::ProjectionManifest;
 use eventplane_store::Projection;
 use serde_json::json;
 use sqlx::PgPool;
@@ -19,6 +20,10 @@ use sqlx::PgPool;
 /// new orders marked `marker` instead of PENDING, so each version's rows
 /// are recognisable.
 fn orders_version(name: &str, table: &str, version: u32, marker: &str) -> Projection {
+    Projection::from_manifest(orders_manifest(name, table, version, marker))
+}
+
+fn orders_manifest(name: &str, table: &str, version: u32, marker: &str) -> ProjectionManifest {
     let yaml = eventplane::dev::ORDERS_MANIFEST
         .replace("name: orders", &format!("name: {name}"))
         .replace("table: orders", &format!("table: {table}"))
@@ -27,7 +32,7 @@ fn orders_version(name: &str, table: &str, version: u32, marker: &str) -> Projec
             "{column: status, value: PENDING}",
             &format!("{{column: status, value: {marker}}}"),
         );
-    Projection::from_manifest(eventplane_api::load_manifests(&yaml).unwrap().remove(0))
+    eventplane_api::load_manifests(&yaml).unwrap().remove(0)
 }
 
 /// Reads the stable name in a loop; counts errors and answers that mix
@@ -197,8 +202,8 @@ async fn a_rebuild_swaps_in_under_readers_and_writers_and_can_swap_back() {
     // The live projector followed the swap: version 2 holds every event,
     // including those appended during the rebuild, exactly once. The
     // reference is version 2 built in one go under another name.
-    let reference = orders_version("orders-check", "orders_check", 2, "OPEN");
-    let mut config = StackConfig::local(&db.url, None, vec![Arc::new(reference)]);
+    let reference = orders_manifest("orders-check", "orders_check", 2, "OPEN");
+    let mut config = local(&db.url, None, vec![reference]);
     config.roles = Roles {
         command: false,
         projector: true,
@@ -332,13 +337,8 @@ async fn a_local_projector_started_with_a_higher_version_rebuilds_in_the_backgro
     }
     // Restart with the spec at version 2: the old version keeps serving
     // while the new one is built, then it is swapped in.
-    let v2 = orders_version("orders", "orders", 2, "OPEN");
-    let stack = stack_with(StackConfig::local(
-        &db.url,
-        Some(&redis_url()),
-        vec![Arc::new(v2)],
-    ))
-    .await;
+    let v2 = orders_manifest("orders", "orders", 2, "OPEN");
+    let stack = stack_with(local(&db.url, Some(&redis_url()), vec![v2])).await;
     let pool = db.pool().await;
     let swapped = eventually(Duration::from_secs(20), || {
         let pool = &pool;
@@ -392,6 +392,12 @@ async fn a_table_from_before_versioning_is_adopted_as_its_first_version() {
             .unwrap();
     }
     sqlx::query("INSERT INTO orders (id, status, customer_id, created_at) VALUES ('old-1', 'PAID', 'c', now())")
+        .execute(&pool)
+        .await
+        .unwrap();
+    // The projector that filled it kept its checkpoint: that is what marks
+    // the table as this projection's.
+    sqlx::query("INSERT INTO projection_checkpoints (projection) VALUES ('orders')")
         .execute(&pool)
         .await
         .unwrap();

@@ -1,17 +1,21 @@
 //! Eventplane's database layer, on Postgres: connection pools and
 //! migrations, the event store and its command queue, the projection
-//! version registry, checkpoints and dead letters, the projector's batch
+//! catalog and version registry, the processes that follow them and their
+//! leases, checkpoints and dead letters, the projector's batch
 //! (read below the horizon, map, fold, bulk write, advance, in one
 //! transaction) and the partition executor. Everything here owns a table
 //! or a statement; nothing here speaks HTTP or Redis.
 
 pub mod batch;
+pub mod catalog;
 pub mod checkpoints;
 pub mod db;
 pub mod error_body;
 pub mod events;
 pub mod jobs;
+pub mod leases;
 pub mod partitions;
+pub mod processes;
 pub mod projection;
 pub mod status;
 pub mod token;

@@ -4,6 +4,7 @@ use serde::Serialize;
 use sqlx::PgPool;
 
 use crate::checkpoints::{self, CheckpointRow};
+use crate::leases;
 use crate::projection::Projection;
 use crate::token::Token;
 
@@ -26,6 +27,10 @@ pub struct ProjectionStatus {
     pub dead_letters: i64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub halted_reason: Option<String>,
+    /// The projector process applying the projection now, if any holds
+    /// its lease.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub applied_by: Option<String>,
 }
 
 pub async fn status(
@@ -56,6 +61,7 @@ pub async fn status(
     .fetch_one(pool)
     .await?;
     let dead_letters = checkpoints::dead_letter_count(pool, &projection.name).await?;
+    let applied_by = leases::holder(pool, &projection.name).await?;
     let lag_seconds = oldest
         .map(|t| ((chrono::Utc::now() - t).num_milliseconds().max(0)) as f64 / 1000.0)
         .unwrap_or(0.0);
@@ -70,5 +76,6 @@ pub async fn status(
         lag_seconds,
         dead_letters,
         halted_reason,
+        applied_by,
     }))
 }

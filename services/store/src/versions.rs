@@ -182,8 +182,11 @@ pub async fn swap(
     .bind(name)
     .bind(new as i32)
     .bind(VersionState::Active.as_str())
-    .execute(conn)
+    .execute(&mut *conn)
     .await?;
+    // Readers must learn that another version (with its own columns and
+    // queries) serves now.
+    crate::catalog::bump(conn).await?;
     Ok(())
 }
 
@@ -206,7 +209,8 @@ pub async fn point_view(conn: &mut PgConnection, base: &str, table: &str) -> sql
     Ok(())
 }
 
-async fn relkind(conn: &mut PgConnection, name: &str) -> sqlx::Result<Option<String>> {
+/// The kind (`r` table, `v` view, ...) of a relation in the current schema.
+pub(crate) async fn relkind(conn: &mut PgConnection, name: &str) -> sqlx::Result<Option<String>> {
     sqlx::query_scalar(
         "SELECT c.relkind::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
          WHERE n.nspname = current_schema() AND c.relname = $1",
@@ -225,6 +229,17 @@ pub async fn ensure(
     projection: &Projection,
 ) -> sqlx::Result<(Ensured, Arc<Projection>)> {
     let mut tx = pool.begin().await?;
+    let ensured = ensure_in(&mut tx, projection).await?;
+    tx.commit().await?;
+    Ok(ensured)
+}
+
+/// [`ensure`] inside the caller's transaction (the catalog applies a spec
+/// and sets up its tables in one).
+pub async fn ensure_in(
+    tx: &mut PgConnection,
+    projection: &Projection,
+) -> sqlx::Result<(Ensured, Arc<Projection>)> {
     // Concurrent set-ups of one projection (several replicas starting
     // together) take turns.
     sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 7341))")
@@ -233,10 +248,10 @@ pub async fn ensure(
         .await?;
     let spec = &projection.spec;
     let base = &spec.table;
-    let ensured = match active(&mut tx, &projection.name).await? {
+    let ensured = match active(&mut *tx, &projection.name).await? {
         None => {
             let table = version_table(base, spec.version);
-            if relkind(&mut tx, base).await?.as_deref() == Some("r") {
+            if relkind(&mut *tx, base).await?.as_deref() == Some("r") {
                 // A table from before versioning: it becomes this version.
                 sqlx::query(AssertSqlSafe(format!(
                     "ALTER TABLE {} RENAME TO {}",
@@ -251,7 +266,7 @@ pub async fn ensure(
                     .execute(&mut *tx)
                     .await?;
             }
-            point_view(&mut tx, base, &table).await?;
+            point_view(&mut *tx, base, &table).await?;
             sqlx::query(
                 "INSERT INTO projection_versions (projection, version, table_name, spec, state, activated_at) \
                  VALUES ($1, $2, $3, $4, $5, now())",
@@ -287,8 +302,8 @@ pub async fn ensure(
                     .execute(&mut *tx)
                     .await?;
             }
-            if relkind(&mut tx, base).await?.is_none() {
-                point_view(&mut tx, base, &row.table_name).await?;
+            if relkind(&mut *tx, base).await?.is_none() {
+                point_view(&mut *tx, base, &row.table_name).await?;
             }
             Ensured::Current
         }
@@ -298,10 +313,9 @@ pub async fn ensure(
         },
     };
     checkpoints::create(&mut *tx, &projection.name).await?;
-    let row = active(&mut tx, &projection.name)
+    let row = active(&mut *tx, &projection.name)
         .await?
         .expect("an active version exists now");
-    tx.commit().await?;
     let runtime = if row.version as u32 == spec.version {
         Projection::live(projection.name.clone(), spec.clone())
     } else {
@@ -350,12 +364,23 @@ pub async fn drop_expired(
 /// checkpoints, versions and dead letters (`reclaimPolicy: Delete`).
 pub async fn drop_all(pool: &PgPool, name: &str, base: &str) -> sqlx::Result<Vec<String>> {
     let mut tx = pool.begin().await?;
+    let tables = drop_all_in(&mut tx, name, base).await?;
+    tx.commit().await?;
+    Ok(tables)
+}
+
+/// [`drop_all`] inside the caller's transaction.
+pub async fn drop_all_in(
+    tx: &mut PgConnection,
+    name: &str,
+    base: &str,
+) -> sqlx::Result<Vec<String>> {
     let tables: Vec<String> =
         sqlx::query_scalar("SELECT table_name FROM projection_versions WHERE projection = $1")
             .bind(name)
             .fetch_all(&mut *tx)
             .await?;
-    if relkind(&mut tx, base).await?.as_deref() == Some("v") {
+    if relkind(&mut *tx, base).await?.as_deref() == Some("v") {
         sqlx::query(AssertSqlSafe(format!("DROP VIEW {}", quote_ident(base))))
             .execute(&mut *tx)
             .await?;
@@ -372,7 +397,6 @@ pub async fn drop_all(pool: &PgPool, name: &str, base: &str) -> sqlx::Result<Vec
         .bind(name)
         .execute(&mut *tx)
         .await?;
-    checkpoints::delete_projection(&mut tx, name).await?;
-    tx.commit().await?;
+    checkpoints::delete_projection(&mut *tx, name).await?;
     Ok(tables)
 }

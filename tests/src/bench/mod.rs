@@ -223,12 +223,12 @@ async fn measure(args: &Args, db: &BenchDatabase) -> anyhow::Result<Report> {
     let warmup = duration.min(Duration::from_secs(2));
     let clients = args.concurrency.max(1);
 
-    let projections = eventplane::dev::sample_projections()?;
+    let projections = eventplane::dev::sample_projections();
     let orders = projections
         .iter()
-        .find(|p| p.name == "orders")
-        .context("the sample projections have no `orders`")?
-        .clone();
+        .find(|p| p.metadata.name == "orders")
+        .map(|m| eventplane_store::Projection::from_manifest(m.clone()))
+        .context("the sample projections have no `orders`")?;
     let config = StackConfig::local(&db.url, Some(&args.redis_url), projections);
     let stack = Stack::start(config).await.context("starting the stack")?;
     let fsync: String = sqlx::query_scalar("SHOW fsync")

@@ -8,10 +8,14 @@
 //! conditional on the projection's generation not having moved since the
 //! read began (a Lua check-and-set), which closes the race between a slow
 //! database read and an invalidation.
+//!
+//! Projections come and go with the catalog. A projection's cache is used
+//! only once it has learnt the projection's epoch and generation from
+//! Redis (`synced`); until then its reads go to Postgres.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
@@ -32,11 +36,14 @@ pub type Cached = Arc<Option<String>>;
 /// Per-projection cache state.
 pub struct ProjectionCache {
     pub name: String,
+    /// The settings it was made with.
+    pub spec: eventplane_api::CacheSpec,
     pub l1: moka::future::Cache<String, Cached>,
     pub l2_ttl: Duration,
     pub enabled: bool,
     generation: AtomicU64,
     epoch: AtomicU64,
+    synced: AtomicBool,
 }
 
 impl ProjectionCache {
@@ -51,12 +58,28 @@ impl ProjectionCache {
             .build();
         Self {
             name: name.to_string(),
+            spec: spec.clone(),
             l1,
             l2_ttl: Duration::from_secs(spec.l2_ttl_seconds.max(1)),
             enabled: spec.enabled,
             generation: AtomicU64::new(0),
             epoch: AtomicU64::new(0),
+            synced: AtomicBool::new(false),
         }
+    }
+
+    /// Whether the epoch and generation are known, so L1 and L2 keys are
+    /// the current ones.
+    pub fn synced(&self) -> bool {
+        self.synced.load(Ordering::Acquire)
+    }
+
+    /// Takes the epoch and generation Redis holds and empties L1.
+    fn sync(&self, epoch: u64, generation: u64) {
+        self.epoch.store(epoch, Ordering::Release);
+        self.generation.fetch_max(generation, Ordering::AcqRel);
+        self.l1.invalidate_all();
+        self.synced.store(true, Ordering::Release);
     }
 
     pub fn generation(&self) -> u64 {
@@ -108,7 +131,7 @@ impl Layer {
 }
 
 pub struct CacheBus {
-    pub projections: HashMap<String, Arc<ProjectionCache>>,
+    projections: RwLock<HashMap<String, Arc<ProjectionCache>>>,
     redis: Option<ConnectionManager>,
     live: AtomicBool,
     redis_down_until: Mutex<Option<Instant>>,
@@ -125,13 +148,9 @@ return 0
 "#;
 
 impl CacheBus {
-    pub fn new(
-        projections: HashMap<String, Arc<ProjectionCache>>,
-        redis: Option<ConnectionManager>,
-        metrics: Arc<Metrics>,
-    ) -> Arc<Self> {
+    pub fn new(redis: Option<ConnectionManager>, metrics: Arc<Metrics>) -> Arc<Self> {
         Arc::new(Self {
-            projections,
+            projections: RwLock::new(HashMap::new()),
             redis,
             live: AtomicBool::new(false),
             redis_down_until: Mutex::new(None),
@@ -142,6 +161,76 @@ impl CacheBus {
     /// L1 may be used only while invalidations are being received.
     pub fn l1_live(&self) -> bool {
         self.live.load(Ordering::Acquire)
+    }
+
+    /// Whether `cache`'s layers may answer: caching is on for it and, with
+    /// Redis, it knows the current epoch and generation.
+    pub fn usable(&self, cache: &ProjectionCache) -> bool {
+        cache.enabled && (self.redis.is_none() || cache.synced())
+    }
+
+    /// The cache of projection `name`, made (and synced in the background)
+    /// if there is none yet or its settings changed.
+    pub fn cache(
+        self: &Arc<Self>,
+        name: &str,
+        spec: &eventplane_api::CacheSpec,
+        capacity_bytes: u64,
+    ) -> Arc<ProjectionCache> {
+        if let Some(cache) = self.lookup(name).filter(|c| c.spec == *spec) {
+            return cache;
+        }
+        let cache = Arc::new(ProjectionCache::new(name, spec, capacity_bytes));
+        self.projections
+            .write()
+            .expect("not poisoned")
+            .insert(name.to_string(), cache.clone());
+        if self.redis.is_none() {
+            cache.synced.store(true, Ordering::Release);
+        } else if self.l1_live() {
+            tokio::spawn(self.clone().sync_one(cache.clone()));
+        }
+        cache
+    }
+
+    /// Keeps the caches of the projections `keep` says yes to.
+    pub fn retain(&self, keep: impl Fn(&str) -> bool) {
+        self.projections
+            .write()
+            .expect("not poisoned")
+            .retain(|name, _| keep(name));
+    }
+
+    fn lookup(&self, name: &str) -> Option<Arc<ProjectionCache>> {
+        self.projections
+            .read()
+            .expect("not poisoned")
+            .get(name)
+            .cloned()
+    }
+
+    fn all(&self) -> Vec<Arc<ProjectionCache>> {
+        self.projections
+            .read()
+            .expect("not poisoned")
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    async fn sync_one(self: Arc<Self>, cache: Arc<ProjectionCache>) {
+        let Some(mut redis) = self.redis().await else {
+            return;
+        };
+        let read: redis::RedisResult<(Option<u64>, Option<u64>)> = redis::pipe()
+            .get(invalidation::epoch_key(&cache.name))
+            .get(invalidation::generation_key(&cache.name))
+            .query_async(&mut redis)
+            .await;
+        match read {
+            Ok((epoch, generation)) => cache.sync(epoch.unwrap_or(0), generation.unwrap_or(0)),
+            Err(err) => self.redis_failed(&err).await,
+        }
     }
 
     async fn redis(&self) -> Option<ConnectionManager> {
@@ -207,7 +296,7 @@ impl CacheBus {
                 tracing::warn!(error = %err, "cache invalidation subscription lost; L1 bypassed until it is back");
             }
             self.live.store(false, Ordering::Release);
-            for cache in self.projections.values() {
+            for cache in self.all() {
                 cache.l1.invalidate_all();
             }
             tokio::time::sleep(Duration::from_secs(1)).await;
@@ -221,15 +310,11 @@ impl CacheBus {
         // Learn where each projection stands now; anything before is gone
         // from L1 already.
         let mut conn = client.get_multiplexed_async_connection().await?;
-        for cache in self.projections.values() {
+        for cache in self.all() {
             let generation: Option<u64> =
                 conn.get(invalidation::generation_key(&cache.name)).await?;
             let epoch: Option<u64> = conn.get(invalidation::epoch_key(&cache.name)).await?;
-            cache.epoch.store(epoch.unwrap_or(0), Ordering::Release);
-            cache
-                .generation
-                .fetch_max(generation.unwrap_or(0), Ordering::AcqRel);
-            cache.l1.invalidate_all();
+            cache.sync(epoch.unwrap_or(0), generation.unwrap_or(0));
         }
         self.live.store(true, Ordering::Release);
         tracing::info!("cache invalidation subscription live");
@@ -244,7 +329,7 @@ impl CacheBus {
             };
             match serde_json::from_str::<Message>(&payload) {
                 Ok(message) => {
-                    if let Some(cache) = self.projections.get(&message.projection) {
+                    if let Some(cache) = self.lookup(&message.projection) {
                         cache.apply(&message).await;
                     }
                 }

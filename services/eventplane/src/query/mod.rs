@@ -2,6 +2,13 @@
 //! pagination, served through L1 → L2 → L3 (Postgres, through the read
 //! pool, which may point at a replica). Only declared queries run; there
 //! are no free-form filters.
+//!
+//! What is served follows the catalog: each catalog change builds a new
+//! map of served projections (the active version's columns and queries)
+//! and swaps it in; a request works on the map it started with, so a
+//! reload never drops one. A read the database refuses because a relation
+//! or column is gone (a swap or removal not loaded yet) reloads the catalog
+//! and runs once more.
 
 pub mod cache;
 pub mod consistency;
@@ -26,14 +33,21 @@ use sha2::{Digest, Sha256};
 // Generated SQL holds only validated, quoted identifiers; values are bound.
 use sqlx::{AssertSqlSafe, PgPool};
 
+use arc_swap::ArcSwap;
+use eventplane_store::catalog::Snapshot;
+use eventplane_store::{Projection, Token};
+
 use crate::api_error::{ApiError, ApiResult};
+use crate::catalog::Follower;
 use crate::invalidation;
 use crate::metrics::Metrics;
 use cache::{CacheBus, Cached, Layer, ProjectionCache, row_l1_key};
-use eventplane_store::Projection;
-use eventplane_store::Token;
 
-/// One served projection: its spec, its prepared SQL and its cache.
+/// The role name query processes register under.
+pub const ROLE: &str = "query";
+
+/// One served projection: the active version's runtime, its prepared SQL
+/// and its cache.
 pub struct Served {
     pub projection: Arc<Projection>,
     pub cache: Arc<ProjectionCache>,
@@ -42,9 +56,40 @@ pub struct Served {
     list_sql: HashMap<String, (Arc<str>, Arc<str>)>,
 }
 
+impl Served {
+    fn new(projection: Projection, cache: Arc<ProjectionCache>) -> Self {
+        let spec = &projection.spec;
+        let list_sql = spec
+            .queries
+            .iter()
+            .map(|q| {
+                let plain = list_sql(spec, q, &spec.table, false).sql;
+                let paged = list_sql(spec, q, &spec.table, true).sql;
+                (q.name.clone(), (plain.into(), paged.into()))
+            })
+            .collect();
+        Served {
+            row_sql: row_sql(spec, &spec.table).into(),
+            list_sql,
+            cache,
+            projection: Arc::new(projection),
+        }
+    }
+}
+
+/// The projections served now, by name, and the catalog generation they
+/// come from.
+#[derive(Default)]
+pub struct ServedSet {
+    pub generation: i64,
+    pub projections: HashMap<String, Arc<Served>>,
+}
+
 #[derive(Clone)]
 pub struct QueryService {
-    pub served: Arc<HashMap<String, Served>>,
+    pub served: Arc<ArcSwap<ServedSet>>,
+    pub follower: Follower,
+    l1_capacity_bytes: u64,
     pub read_pool: PgPool,
     pub bus: Arc<CacheBus>,
     pub metrics: Arc<Metrics>,
@@ -76,68 +121,122 @@ impl Default for QueryConfig {
 }
 
 impl QueryService {
-    /// Builds the service; with a Redis URL it also starts the invalidation
+    /// Builds the service on the catalog `follower` has loaded and starts
+    /// following it; with a Redis URL it also starts the invalidation
     /// subscription (L1 stays bypassed until it is live).
     pub fn new(
-        projections: &[Arc<Projection>],
+        follower: Follower,
         read_pool: PgPool,
         redis: Option<(redis::aio::ConnectionManager, String)>,
         metrics: Arc<Metrics>,
         config: QueryConfig,
-    ) -> Self {
-        let mut served = HashMap::new();
-        let mut caches = HashMap::new();
-        for projection in projections {
-            let cache = Arc::new(ProjectionCache::new(
-                &projection.name,
-                &projection.spec.cache,
-                config.l1_capacity_bytes,
-            ));
-            caches.insert(projection.name.clone(), cache.clone());
-            let list_sql = projection
-                .spec
-                .queries
-                .iter()
-                .map(|q| {
-                    let plain = list_sql(&projection.spec, q, &projection.spec.table, false).sql;
-                    let paged = list_sql(&projection.spec, q, &projection.spec.table, true).sql;
-                    (q.name.clone(), (plain.into(), paged.into()))
-                })
-                .collect();
-            served.insert(
-                projection.name.clone(),
-                Served {
-                    projection: projection.clone(),
-                    cache,
-                    row_sql: row_sql(&projection.spec, &projection.spec.table).into(),
-                    list_sql,
-                },
-            );
-        }
+    ) -> (Self, tokio::task::JoinHandle<()>) {
         let (manager, url) = match redis {
             Some((m, url)) => (Some(m), Some(url)),
             None => (None, None),
         };
-        let bus = CacheBus::new(caches, manager, metrics.clone());
+        let bus = CacheBus::new(manager, metrics.clone());
         let subscription = url.map(|url| Arc::new(tokio::spawn(bus.clone().subscribe(url))));
-        QueryService {
-            served: Arc::new(served),
+        let service = QueryService {
+            served: Arc::new(ArcSwap::from_pointee(ServedSet::default())),
+            follower,
+            l1_capacity_bytes: config.l1_capacity_bytes,
             read_pool,
             bus,
             metrics,
             consistency_timeout: config.consistency_timeout,
             slow_query: config.slow_query,
             subscription,
+        };
+        service.serve(&service.follower.current());
+        let follow = tokio::spawn(service.clone().follow());
+        (service, follow)
+    }
+
+    /// Serves every catalog change from now on.
+    async fn follow(self) {
+        let mut changes = self.follower.subscribe();
+        while changes.changed().await.is_ok() {
+            let snapshot = changes.borrow_and_update().clone();
+            self.serve(&snapshot);
         }
     }
 
-    fn served(&self, name: &str) -> ApiResult<&Served> {
-        self.served.get(name).ok_or_else(|| {
-            ApiError::not_found(
-                "projection_not_found",
-                format!("no projection named {name:?}"),
-            )
-        })
+    /// Serves `snapshot` from now on, unless something newer is served
+    /// already. A projection whose active version and spec did not change
+    /// keeps its prepared statements and cache.
+    fn serve(&self, snapshot: &Snapshot) {
+        let before = self.served.load();
+        if snapshot.generation <= before.generation {
+            return;
+        }
+        let mut projections = HashMap::with_capacity(snapshot.entries.len());
+        for entry in &snapshot.entries {
+            let Some(active) = entry.active_projection() else {
+                continue;
+            };
+            let served = match before.projections.get(&entry.name) {
+                Some(old) if *old.projection == active => old.clone(),
+                old => {
+                    let cache =
+                        self.bus
+                            .cache(&entry.name, &active.spec.cache, self.l1_capacity_bytes);
+                    if old.is_some() {
+                        // Another version or spec: nothing cached for the
+                        // old one may answer for it.
+                        cache.l1.invalidate_all();
+                    }
+                    Arc::new(Served::new(active, cache))
+                }
+            };
+            projections.insert(entry.name.clone(), served);
+        }
+        self.bus.retain(|name| projections.contains_key(name));
+        self.served.store(Arc::new(ServedSet {
+            generation: snapshot.generation,
+            projections,
+        }));
+    }
+
+    fn served(&self, name: &str) -> ApiResult<Arc<Served>> {
+        self.served
+            .load()
+            .projections
+            .get(name)
+            .cloned()
+            .ok_or_else(|| {
+                ApiError::not_found(
+                    "projection_not_found",
+                    format!("no projection named {name:?}"),
+                )
+            })
+    }
+
+    /// Runs `read` on projection `name` as served now; when the database
+    /// says the projection changed under it, reloads the catalog and runs
+    /// it once more on what is served then.
+    async fn read<T, F, Fut>(&self, name: &str, read: F) -> ApiResult<T>
+    where
+        F: Fn(Arc<Served>) -> Fut,
+        Fut: Future<Output = ApiResult<T>>,
+    {
+        match read(self.served(name)?).await {
+            Err(ApiError::SchemaChanged(err)) => {
+                tracing::info!(projection = %name, error = %err, "projection changed under a read; reloading the catalog");
+                let snapshot = self.follower.refresh().await?;
+                self.serve(&snapshot);
+                match read(self.served(name)?).await {
+                    Err(ApiError::SchemaChanged(err)) => Err(ApiError::Unavailable {
+                        code: "projection_changing",
+                        message: format!(
+                            "projection {name:?} is changing; try again shortly ({err})"
+                        ),
+                    }),
+                    other => other,
+                }
+            }
+            other => other,
+        }
     }
 }
 
@@ -193,12 +292,25 @@ async fn get_row(
             format!("unknown parameter {unknown:?}; rows take only `token`"),
         ));
     }
-    let served = service.served(&name)?;
-    let spec = &served.projection.spec;
-    let key = parse_param(spec.key_column().ty, &key)
-        .map_err(|e| ApiError::bad_request("invalid_key", format!("key: {e}")))?;
     let token = parse_token(&params)?;
+    let (body, layer) = service
+        .read(&name, |served| row(&service, served, &key, token))
+        .await?;
+    service
+        .metrics
+        .observe_query("row", started.elapsed().as_secs_f64());
+    Ok(json_response(&body, layer))
+}
 
+async fn row(
+    service: &QueryService,
+    served: Arc<Served>,
+    key: &str,
+    token: Option<Token>,
+) -> ApiResult<(Cached, Layer)> {
+    let spec = &served.projection.spec;
+    let key = parse_param(spec.key_column().ty, key)
+        .map_err(|e| ApiError::bad_request("invalid_key", format!("key: {e}")))?;
     let load = {
         let service = service.clone();
         let sql = served.row_sql.clone();
@@ -213,17 +325,13 @@ async fn get_row(
             Ok::<Cached, sqlx::Error>(Arc::new(row.map(|v| v.to_string())))
         }
     };
-    let (body, layer) = if let Some(token) = token {
-        consistency::wait_for(&service, &served.projection.name, token).await?;
-        (load().await?, Layer::L3)
+    if let Some(token) = token {
+        consistency::wait_for(service, &served.projection.name, token).await?;
+        Ok((load().await?, Layer::L3))
     } else {
-        let l2_key = invalidation::row_key(&name, served.cache.epoch(), &key);
-        cached(&service, served, row_l1_key(&key), l2_key, load).await?
-    };
-    service
-        .metrics
-        .observe_query("row", started.elapsed().as_secs_f64());
-    Ok(json_response(&body, layer))
+        let l2_key = invalidation::row_key(&served.projection.name, served.cache.epoch(), &key);
+        cached(service, &served, row_l1_key(&key), l2_key, load).await
+    }
 }
 
 /// L1 → L2 → load, recording which layer answered.
@@ -240,7 +348,7 @@ where
 {
     let cache = &served.cache;
     let counts = &service.metrics.cache_counts;
-    if !cache.enabled {
+    if !service.bus.usable(cache) {
         return Ok((load().await?, Layer::L3));
     }
     let generation = cache.generation();
@@ -272,7 +380,7 @@ where
             Ok::<_, sqlx::Error>(value)
         })
         .await
-        .map_err(|e: Arc<sqlx::Error>| ApiError::Internal(anyhow::anyhow!("{e}")))?;
+        .map_err(|e: Arc<sqlx::Error>| ApiError::from_shared(&e))?;
     // An invalidation arrived while loading: the value may predate it.
     if cache.generation() != generation {
         cache.l1.invalidate(&l1_key).await;
@@ -366,7 +474,22 @@ async fn run_query(
     let started = Instant::now();
     let Path((name, query_name)) = path?;
     let Query(params) = params?;
-    let served = service.served(&name)?;
+    let (body, layer) = service
+        .read(&name, |served| list(&service, served, &query_name, &params))
+        .await?;
+    service
+        .metrics
+        .observe_query("list", started.elapsed().as_secs_f64());
+    Ok(json_response(&body, layer))
+}
+
+async fn list(
+    service: &QueryService,
+    served: Arc<Served>,
+    query_name: &str,
+    params: &BTreeMap<String, String>,
+) -> ApiResult<(Cached, Layer)> {
+    let name = &served.projection.name;
     let spec = &served.projection.spec;
     let query = spec
         .queries
@@ -378,7 +501,7 @@ async fn run_query(
                 format!("projection {name:?} declares no query {query_name:?}"),
             )
         })?;
-    let list = list_params(served, query, &params)?;
+    let list = list_params(&served, query, params)?;
 
     let load = {
         let service = service.clone();
@@ -416,9 +539,9 @@ async fn run_query(
             Ok::<Cached, sqlx::Error>(Arc::new(Some(body.to_string())))
         }
     };
-    let (body, layer) = if let Some(token) = list.token {
-        consistency::wait_for(&service, &served.projection.name, token).await?;
-        (load().await?, Layer::L3)
+    if let Some(token) = list.token {
+        consistency::wait_for(service, name, token).await?;
+        Ok((load().await?, Layer::L3))
     } else {
         let canonical: Vec<&str> = list
             .filters
@@ -430,19 +553,10 @@ async fn run_query(
         let digest = hex(&Sha256::digest(canonical.as_bytes())[..12]);
         let generation = served.cache.generation();
         let l1_key = format!("l:{generation}:{}:{digest}", query.name);
-        let l2_key = invalidation::list_key(
-            &name,
-            served.cache.epoch(),
-            generation,
-            &query.name,
-            &digest,
-        );
-        cached(&service, served, l1_key, l2_key, load).await?
-    };
-    service
-        .metrics
-        .observe_query("list", started.elapsed().as_secs_f64());
-    Ok(json_response(&body, layer))
+        let l2_key =
+            invalidation::list_key(name, served.cache.epoch(), generation, &query.name, &digest);
+        cached(service, &served, l1_key, l2_key, load).await
+    }
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -450,9 +564,20 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 async fn list_projections(State(service): State<QueryService>) -> Json<Value> {
-    let mut names: Vec<&String> = service.served.keys().collect();
+    let served = service.served.load();
+    let mut names: Vec<&String> = served.projections.keys().collect();
     names.sort();
-    Json(serde_json::json!({ "projections": names }))
+    Json(serde_json::json!({ "projections": names, "catalogGeneration": served.generation }))
+}
+
+/// A projection's status as one query process reports it: the store's
+/// progress figures and the catalog generation this process serves.
+#[derive(serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ServedStatus {
+    #[serde(flatten)]
+    status: eventplane_store::status::ProjectionStatus,
+    catalog_generation: i64,
 }
 
 async fn projection_status(
@@ -460,6 +585,7 @@ async fn projection_status(
     path: Result<Path<String>, PathRejection>,
 ) -> ApiResult<Response> {
     let Path(name) = path?;
+    let generation = service.served.load().generation;
     let served = service.served(&name)?;
     let status = eventplane_store::status::status(&service.read_pool, &served.projection)
         .await?
@@ -469,5 +595,9 @@ async fn projection_status(
                 format!("projection {name:?} has no checkpoint yet"),
             )
         })?;
-    Ok(Json(status).into_response())
+    Ok(Json(ServedStatus {
+        status,
+        catalog_generation: generation,
+    })
+    .into_response())
 }

@@ -4,22 +4,36 @@
 
 #![allow(dead_code)]
 
-use std::sync::Arc;
+use std::time::Duration;
 
 use eventplane::server::{Stack, StackConfig};
-use eventplane_store::Projection;
+use eventplane_api::ProjectionManifest;
 use serde_json::Value;
 use sqlx::PgPool;
 
 #[allow(unused_imports)]
 pub use eventplane_testkit::{TestDb, admin_url, eventually, redis_url};
 
-pub fn orders() -> Vec<Arc<Projection>> {
-    eventplane::dev::sample_projections().expect("sample projection is valid")
+pub fn orders() -> Vec<ProjectionManifest> {
+    eventplane::dev::sample_projections()
+}
+
+/// A local stack with catalog and lease timings short enough for tests
+/// that stop and start processes: a crashed projector's projections move
+/// on within a third of a second.
+pub fn local(
+    database_url: &str,
+    redis: Option<&str>,
+    declare: Vec<ProjectionManifest>,
+) -> StackConfig {
+    let mut config = StackConfig::local(database_url, redis, declare);
+    config.projector.lease_ttl = Duration::from_millis(300);
+    config.catalog_resync = Duration::from_millis(100);
+    config
 }
 
 pub async fn stack(db: &TestDb) -> Stack {
-    Stack::start(StackConfig::local(&db.url, Some(&redis_url()), orders()))
+    Stack::start(local(&db.url, Some(&redis_url()), orders()))
         .await
         .expect("stack starts")
 }
