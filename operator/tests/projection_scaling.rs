@@ -7,9 +7,11 @@ mod common;
 use std::time::Duration;
 
 use common::context;
-use eventplane_operator::projection::scaling::{
-    ApplyOutcome, SCALING_MANAGER, Signals, apply_replicas, observe,
+use eventplane_operator::projection::scaling::Signals;
+use eventplane_operator::projection::scaling::ownership::{
+    ApplyOutcome, SCALING_MANAGER, apply_replicas,
 };
+use eventplane_operator::projection::scaling::scrape::observe;
 use http::{Method, StatusCode};
 use serde_json::{Value, json};
 

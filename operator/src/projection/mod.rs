@@ -26,8 +26,8 @@ pub use job::JobConfig;
 /// What scaling remembers of a projection between reconciles.
 #[derive(Clone, Debug, Default)]
 pub struct ScalingMemory {
-    pub history: scaling::Recommendations,
-    pub scrape: Option<scaling::Scrape>,
+    pub history: scaling::stabilize::Recommendations,
+    pub scrape: Option<scaling::scrape::Scrape>,
 }
 
 /// The controller's own state beside the shared [`Context`].

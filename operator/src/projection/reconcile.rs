@@ -21,6 +21,7 @@ use serde_json::json;
 use sqlx::PgPool;
 
 use super::decide::{self, EventSpec, Input, Lag, Observation, Observed, Problem, Version, event};
+use super::scaling::ownership::ApplyOutcome;
 use super::{State, explain, job, scaling};
 use crate::context::{Context, MANAGER, SecretProblem, is_connection_error};
 use crate::error::Error;
@@ -349,7 +350,7 @@ async fn scale(
     let key = format!("{namespace}/{name}");
     let mut memory = state.scaling.lock().await.remove(&key).unwrap_or_default();
     let (mut signals, scrape) =
-        scaling::observe(&ctx.client, namespace, &selector, memory.scrape.as_ref()).await;
+        scaling::scrape::observe(&ctx.client, namespace, &selector, memory.scrape.as_ref()).await;
     signals.lag_seconds = status.lag_seconds;
     signals.rebuilding = matches!(status.phase, Some(Phase::Building | Phase::CatchingUp));
     let decision = scaling::desired_replicas(
@@ -361,8 +362,10 @@ async fn scale(
     );
     memory.scrape = Some(scrape);
     state.scaling.lock().await.insert(key, memory);
-    match scaling::apply_replicas(&ctx.client, namespace, &target, decision.replicas).await {
-        Ok(scaling::ApplyOutcome::Applied { from, to }) => {
+    match scaling::ownership::apply_replicas(&ctx.client, namespace, &target, decision.replicas)
+        .await
+    {
+        Ok(ApplyOutcome::Applied { from, to }) => {
             status.replicas = Some(to);
             let note = format!(
                 "{target}: {from} → {to} replicas ({}: {})",
@@ -380,10 +383,10 @@ async fn scale(
             )
             .await?;
         }
-        Ok(scaling::ApplyOutcome::OwnedBy(owner)) => {
+        Ok(ApplyOutcome::OwnedBy(owner)) => {
             tracing::debug!(projection = %name, deployment = %target, %owner, "replicas owned by another manager; not scaling");
         }
-        Ok(scaling::ApplyOutcome::Unchanged | scaling::ApplyOutcome::Missing) => {}
+        Ok(ApplyOutcome::Unchanged | ApplyOutcome::Missing) => {}
         Err(err) => {
             tracing::warn!(projection = %name, deployment = %target, error = %err, "scaling failed");
         }
