@@ -1,9 +1,13 @@
 //! Cache invalidation between the projector and the query processes, through
-//! Redis. After each committed batch the projector, in one MULTI:
+//! Redis. After each committed batch the projector, in one script:
 //! deletes the L2 row keys it changed, bumps the projection's generation
 //! (list cache keys include it, so lists are invalidated without scanning
-//! keys) and publishes `{projection, generation, keys}` so every query
-//! process drops those L1 entries.
+//! keys) and publishes `{projection, version, generation, keys}` so every
+//! query process drops those L1 entries.
+//!
+//! Every key names the projection version it caches: a query process that
+//! still serves the old version after a swap never reads the new
+//! version's rows from the cache (nor the other way round).
 //!
 //! An invalidation that cannot be delivered is retried with the next batch;
 //! if too many pile up, or at projector start (a previous run may have died
@@ -34,25 +38,38 @@ pub fn epoch_key(projection: &str) -> String {
     format!("ep:{{{projection}}}:epoch")
 }
 
-/// L2 key of one row. The projection name sits in a hash tag so that a
-/// projection's keys share a Redis Cluster slot.
-pub fn row_key(projection: &str, epoch: u64, key: &str) -> String {
-    format!("ep:{{{projection}}}:{epoch}:row:{key}")
+/// The prefix of every L2 key of one version of a projection. The
+/// projection name sits in a hash tag so that a projection's keys share a
+/// Redis Cluster slot.
+fn version_prefix(projection: &str, version: u32) -> String {
+    format!("ep:{{{projection}}}:v{version}:")
+}
+
+/// L2 key of one row.
+pub fn row_key(projection: &str, version: u32, epoch: u64, key: &str) -> String {
+    format!("{}{epoch}:row:{key}", version_prefix(projection, version))
 }
 
 pub fn list_key(
     projection: &str,
+    version: u32,
     epoch: u64,
     generation: u64,
     query: &str,
     params_digest: &str,
 ) -> String {
-    format!("ep:{{{projection}}}:{epoch}:list:{generation}:{query}:{params_digest}")
+    format!(
+        "{}{epoch}:list:{generation}:{query}:{params_digest}",
+        version_prefix(projection, version)
+    )
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct Message {
     pub projection: String,
+    /// The version whose rows changed.
+    #[serde(default)]
+    pub version: u32,
     pub epoch: u64,
     pub generation: u64,
     pub keys: Vec<String>,
@@ -69,6 +86,8 @@ pub async fn redis_manager(url: &str) -> redis::RedisResult<ConnectionManager> {
 
 #[derive(Default)]
 struct Pending {
+    /// The version the keys belong to.
+    version: u32,
     keys: BTreeSet<String>,
     overflowed: bool,
 }
@@ -77,9 +96,9 @@ struct Pending {
 /// (bumping it first when asked), bumps the generation and publishes the
 /// message, all in one atomic script: a concurrent epoch bump (a swap by a
 /// rebuild) can never leave keys of the new epoch undeleted.
-/// KEYS: epoch key, generation key. ARGV: bump flag, row-key prefix,
-/// message prefix (JSON up to the epoch), keys as a JSON array, then the
-/// keys themselves.
+/// KEYS: epoch key, generation key. ARGV: bump flag, row-key prefix (up to
+/// the epoch), message prefix (JSON up to the epoch), keys as a JSON array,
+/// then the keys themselves.
 const DELIVER: &str = r#"
 local epoch = redis.call('GET', KEYS[1]) or '0'
 if ARGV[1] == '1' then epoch = tostring(redis.call('INCR', KEYS[1])) end
@@ -106,6 +125,7 @@ impl Invalidator {
             // A new projector cannot know what a previous one failed to
             // deliver: start by orphaning the projection's L2 keys.
             pending: Mutex::new(Pending {
+                version: 0,
                 keys: BTreeSet::new(),
                 overflowed: true,
             }),
@@ -113,10 +133,20 @@ impl Invalidator {
         }
     }
 
-    /// Delivers the invalidation of `keys` (and anything still pending).
-    /// Never fails: what cannot be delivered now is kept for later.
-    pub async fn invalidate(&self, keys: impl IntoIterator<Item = String>) {
+    /// Delivers the invalidation of `keys` of `version` (and anything
+    /// still pending). Never fails: what cannot be delivered now is kept
+    /// for later.
+    pub async fn invalidate(&self, version: u32, keys: impl IntoIterator<Item = String>) {
         let mut pending = self.pending.lock().await;
+        if pending.version != version {
+            // Keys still pending for another version cannot be named any
+            // more: orphan everything instead.
+            if !pending.keys.is_empty() {
+                pending.overflowed = true;
+                pending.keys.clear();
+            }
+            pending.version = version;
+        }
         pending.keys.extend(keys);
         if pending.keys.len() > MAX_PENDING_KEYS {
             pending.overflowed = true;
@@ -136,7 +166,10 @@ impl Invalidator {
 
     async fn flush(&self, pending: &mut Pending) {
         match self.deliver(pending).await {
-            Ok(()) => *pending = Pending::default(),
+            Ok(()) => {
+                pending.keys.clear();
+                pending.overflowed = false;
+            }
             Err(err) => {
                 self.metrics.redis_errors.inc();
                 tracing::warn!(projection = %self.projection, error = %err, "cache invalidation not delivered; will retry");
@@ -154,8 +187,11 @@ impl Invalidator {
             .key(epoch_key(&self.projection))
             .key(generation_key(&self.projection))
             .arg(if pending.overflowed { "1" } else { "0" })
-            .arg(format!("ep:{{{}}}:", self.projection))
-            .arg(format!("{{\"projection\":{name},\"epoch\":"))
+            .arg(version_prefix(&self.projection, pending.version))
+            .arg(format!(
+                "{{\"projection\":{name},\"version\":{},\"epoch\":",
+                pending.version
+            ))
             .arg(serde_json::to_string(&keys).expect("strings serialize"));
         for key in keys {
             invocation.arg(key);

@@ -88,7 +88,9 @@ impl Tail {
             if let Some(invalidator) = &self.invalidator
                 && !outcome.keys.is_empty()
             {
-                invalidator.invalidate(outcome.keys).await;
+                invalidator
+                    .invalidate(self.projection.spec.version, outcome.keys)
+                    .await;
             }
             if outcome.full {
                 behind_wait = MIN_BEHIND_WAIT;

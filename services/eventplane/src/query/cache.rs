@@ -103,13 +103,13 @@ impl ProjectionCache {
         self.generation
             .fetch_max(message.generation, Ordering::AcqRel);
         for key in &message.keys {
-            self.l1.invalidate(&row_l1_key(key)).await;
+            self.l1.invalidate(&row_l1_key(message.version, key)).await;
         }
     }
 }
 
-pub fn row_l1_key(key: &str) -> String {
-    format!("r:{key}")
+pub fn row_l1_key(version: u32, key: &str) -> String {
+    format!("r:{version}:{key}")
 }
 
 /// Which layer answered.

@@ -329,8 +329,10 @@ async fn row(
         consistency::wait_for(service, &served.projection.name, token).await?;
         Ok((load().await?, Layer::L3))
     } else {
-        let l2_key = invalidation::row_key(&served.projection.name, served.cache.epoch(), &key);
-        cached(service, &served, row_l1_key(&key), l2_key, load).await
+        let version = served.projection.spec.version;
+        let l2_key =
+            invalidation::row_key(&served.projection.name, version, served.cache.epoch(), &key);
+        cached(service, &served, row_l1_key(version, &key), l2_key, load).await
     }
 }
 
@@ -552,9 +554,16 @@ async fn list(
         let canonical = serde_json::json!([canonical, list.limit]).to_string();
         let digest = hex(&Sha256::digest(canonical.as_bytes())[..12]);
         let generation = served.cache.generation();
-        let l1_key = format!("l:{generation}:{}:{digest}", query.name);
-        let l2_key =
-            invalidation::list_key(name, served.cache.epoch(), generation, &query.name, &digest);
+        let version = spec.version;
+        let l1_key = format!("l:{version}:{generation}:{}:{digest}", query.name);
+        let l2_key = invalidation::list_key(
+            name,
+            version,
+            served.cache.epoch(),
+            generation,
+            &query.name,
+            &digest,
+        );
         cached(service, &served, l1_key, l2_key, load).await
     }
 }
