@@ -127,8 +127,15 @@ ensure_rust() {
     if ! command -v cargo >/dev/null && [ -x "${CARGO_HOME:-$HOME/.cargo}/bin/cargo" ]; then
         export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
     fi
-    command -v cargo >/dev/null || die "cargo not found; install Rust (https://rustup.rs) first"
+    command -v cargo >/dev/null || die "cargo not found; install Rust 1.94 or newer (https://rustup.rs) first"
     log "rust: reused $(cargo --version)"
+    # Several dependencies (ring, sqlx's TLS, librdkafka) compile C code.
+    if ! command -v cc >/dev/null && ! command -v gcc >/dev/null; then
+        log "rust: no C compiler; installing gcc"
+        apt_install gcc libc6-dev
+    fi
+    command -v cc >/dev/null || command -v gcc >/dev/null ||
+        die "no C compiler found; install gcc (Debian: apt-get install gcc)"
     if cargo nextest --version >/dev/null 2>&1; then
         log "rust: reused cargo-nextest"
     else
