@@ -180,7 +180,8 @@ async fn expect_job_list(server: &mut ApiServer, items: Vec<Value>) {
     seen.reply(StatusCode::OK, job_list(items));
 }
 
-/// The query Deployment does not exist: scaling is skipped.
+/// The query Deployment does not exist: scaling is skipped. It is looked
+/// up with everything else a reconcile observes, before any action.
 async fn expect_no_deployment(server: &mut ApiServer) {
     server
         .expect(Method::GET, DEPLOYMENT_PATH)
@@ -263,6 +264,7 @@ async fn a_new_projection_gets_a_finalizer_then_its_first_version_and_a_ready_st
     let run = tokio::spawn(reconcile(projection(Setup::default()), state));
     expect_secret(&mut server, &db).await;
     expect_job_list(&mut server, vec![]).await;
+    expect_no_deployment(&mut server).await;
     let ready = expect_event(&mut server, "Normal", "Ready").await;
     assert_eq!(ready["action"], "Ready/v1");
     assert_eq!(ready["note"], "version 1 is active");
@@ -276,7 +278,6 @@ async fn a_new_projection_gets_a_finalizer_then_its_first_version_and_a_ready_st
             .contains("Seq Scan on orders_v1"),
         "{event}"
     );
-    expect_no_deployment(&mut server).await;
     let status = expect_status(&mut server).await;
     let action = run.await.unwrap().unwrap();
 
@@ -333,6 +334,7 @@ async fn a_version_bump_creates_an_owned_rebuild_job_and_reports_building() {
     ));
     expect_secret(&mut server, &db).await;
     expect_job_list(&mut server, vec![]).await;
+    expect_no_deployment(&mut server).await;
 
     let created = server
         .expect(Method::PATCH, &format!("{JOBS_PATH}/orders-rebuild-v2"))
@@ -370,7 +372,6 @@ async fn a_version_bump_creates_an_owned_rebuild_job_and_reports_building() {
 
     let event = expect_event(&mut server, "Normal", "Building").await;
     assert_eq!(event["action"], "Building/v2");
-    expect_no_deployment(&mut server).await;
     let status = expect_status(&mut server).await;
     let action = run.await.unwrap().unwrap();
     assert_eq!(status["phase"], "Building");
@@ -408,6 +409,7 @@ async fn a_failed_rebuild_job_reports_failed_and_degraded_with_a_warning() {
     ));
     expect_secret(&mut server, &db).await;
     expect_job_list(&mut server, vec![failed]).await;
+    expect_no_deployment(&mut server).await;
     let event = expect_event(&mut server, "Warning", "RebuildFailed").await;
     assert!(
         event["note"]
@@ -418,7 +420,6 @@ async fn a_failed_rebuild_job_reports_failed_and_degraded_with_a_warning() {
     );
     // The previous status had no query checks yet.
     expect_event(&mut server, "Warning", "QueryScansWholeTable").await;
-    expect_no_deployment(&mut server).await;
     let status = expect_status(&mut server).await;
     let action = run.await.unwrap().unwrap();
     assert_eq!(status["phase"], "Failed");
@@ -458,6 +459,7 @@ async fn a_job_for_a_version_no_longer_wanted_is_deleted_then_the_new_one_create
     ));
     expect_secret(&mut server, &db).await;
     expect_job_list(&mut server, vec![running.clone()]).await;
+    expect_no_deployment(&mut server).await;
     let deleted = server
         .expect(Method::DELETE, &format!("{JOBS_PATH}/orders-rebuild-v2"))
         .await;
@@ -474,7 +476,6 @@ async fn a_job_for_a_version_no_longer_wanted_is_deleted_then_the_new_one_create
             .contains("spec.version is 3")
     );
     expect_event(&mut server, "Normal", "Building").await;
-    expect_no_deployment(&mut server).await;
     let status = expect_status(&mut server).await;
     let action = run.await.unwrap().unwrap();
     assert_eq!(status["phase"], "Building");
@@ -496,6 +497,7 @@ async fn a_job_for_a_version_no_longer_wanted_is_deleted_then_the_new_one_create
     ));
     expect_secret(&mut server, &db).await;
     expect_job_list(&mut server, vec![]).await;
+    expect_no_deployment(&mut server).await;
     let created = server
         .expect(Method::PATCH, &format!("{JOBS_PATH}/orders-rebuild-v3"))
         .await;
@@ -504,11 +506,74 @@ async fn a_job_for_a_version_no_longer_wanted_is_deleted_then_the_new_one_create
         "3"
     );
     created.echo();
-    expect_no_deployment(&mut server).await;
     let status = expect_status(&mut server).await;
     run.await.unwrap().unwrap();
     assert_eq!(status["phase"], "Building");
     assert_eq!(condition(&status, "Reconciling")["reason"], "Rebuilding");
+    server.expect_nothing(Duration::from_millis(100)).await;
+}
+
+#[tokio::test]
+async fn a_query_deployment_outside_the_bounds_is_scaled_into_them_and_reported() {
+    let db = Db::new().await;
+    let (state, mut server) = setup();
+    let run = tokio::spawn(reconcile(
+        projection(Setup {
+            extra: json!({"scaling": {"maxReplicas": 3}}),
+            status: Some(ready_v1()),
+            ..Setup::default()
+        }),
+        state,
+    ));
+    let deployment = json!({
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": "orders-query", "namespace": NS},
+        "spec": {
+            "replicas": 5,
+            "selector": {"matchLabels": {"app": "orders-query"}},
+            "template": {"metadata": {"labels": {"app": "orders-query"}}},
+        },
+    });
+    expect_secret(&mut server, &db).await;
+    expect_job_list(&mut server, vec![]).await;
+    // Observed: the Deployment and its pods (none ready to scrape).
+    server
+        .expect(Method::GET, DEPLOYMENT_PATH)
+        .await
+        .reply(StatusCode::OK, deployment.clone());
+    let pods = server
+        .expect(Method::GET, "/api/v1/namespaces/shop/pods")
+        .await;
+    assert_eq!(query_param(&pods, "labelSelector"), "app=orders-query");
+    pods.reply(
+        StatusCode::OK,
+        json!({"apiVersion": "v1", "kind": "PodList", "metadata": {}, "items": []}),
+    );
+    // Applied: read again right before the write, then only spec.replicas.
+    server
+        .expect(Method::GET, DEPLOYMENT_PATH)
+        .await
+        .reply(StatusCode::OK, deployment);
+    let patch = server.expect(Method::PATCH, DEPLOYMENT_PATH).await;
+    assert_eq!(
+        query_param(&patch, "fieldManager"),
+        "eventplane-operator-scaling"
+    );
+    assert_eq!(patch.body["spec"], json!({"replicas": 3}));
+    patch.echo();
+    // Still Ready on version 1: the only Event is the scaling.
+    let scaled = expect_event(&mut server, "Normal", "Scaled").await;
+    assert_eq!(scaled["action"], "Scale/orders-query");
+    assert_eq!(
+        scaled["note"],
+        "orders-query: 5 → 3 replicas (Bounds: 5 replicas wanted (query rate not measured), bounded to [1, 3])"
+    );
+    let status = expect_status(&mut server).await;
+    let action = run.await.unwrap().unwrap();
+    assert_eq!(status["replicas"], 3);
+    assert_eq!(status["selector"], "app=orders-query");
+    assert_eq!(action, Action::requeue(Duration::from_secs(60)));
     server.expect_nothing(Duration::from_millis(100)).await;
 }
 

@@ -1,7 +1,9 @@
 //! The Projection controller's decisions, as pure functions: from the
 //! resource and what a reconcile observed (the version registry, the
-//! rebuild Jobs, the lag, the query plans) to the actions to take, the
-//! status to write, the Events to emit and when to look again.
+//! rebuild Jobs, the lag, the query plans, the query Deployment and its
+//! pods' metrics) to the actions to take, the status to write, the Events
+//! to emit and when to look again; and what carrying out an action changed
+//! in the status and the Events.
 
 pub use crate::events::EventSpec;
 use std::time::Duration;
@@ -14,6 +16,7 @@ use eventplane_api::{ProjectionSpec, VersionState};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 
 use super::job::{self, JobState, RebuildJob};
+use super::scaling::{self, ReadPath};
 use crate::conditions::{self, DEGRADED, READY, RECONCILING, STALLED, reason};
 
 /// Look again this often while a rebuild runs, to keep its progress in the
@@ -75,6 +78,8 @@ pub struct Observed {
     pub jobs: Vec<RebuildJob>,
     pub lag: Option<Lag>,
     pub queries: Vec<QueryCheck>,
+    /// The query Deployment, when it exists.
+    pub read_path: Option<ReadPath>,
 }
 
 /// Why a reconcile could not observe the projection.
@@ -89,6 +94,10 @@ pub enum Problem {
 }
 
 #[derive(Clone, Debug, PartialEq)]
+#[expect(
+    clippy::large_enum_variant,
+    reason = "one per reconcile, moved into decide once"
+)]
 pub enum Observation {
     Problem(Problem),
     Seen(Observed),
@@ -112,6 +121,13 @@ pub enum Action {
     DeleteJob { name: String },
     /// Drop retained versions retired before the cutoff.
     DropExpired { cutoff: DateTime<Utc> },
+    /// Set the query Deployment's replica count, unless another field
+    /// manager owns it; `why` is the decision's reason and message.
+    Scale {
+        deployment: String,
+        replicas: i32,
+        why: String,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -120,6 +136,55 @@ pub struct Plan {
     pub status: ProjectionStatus,
     pub events: Vec<EventSpec>,
     pub requeue: Duration,
+    /// What scaling keeps for the next reconcile; `None` leaves it as it was.
+    pub memory: Option<scaling::Memory>,
+}
+
+/// What carrying out an action changed, as far as the status and the
+/// Events tell.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Outcome {
+    /// `DropExpired` dropped these tables.
+    Dropped { tables: Vec<String> },
+    /// `Scale` changed the Deployment's replica count.
+    Scaled {
+        deployment: String,
+        from: i32,
+        to: i32,
+        why: String,
+    },
+}
+
+impl Plan {
+    /// Adds what carrying out an action changed.
+    pub fn record(&mut self, outcome: Outcome) {
+        match outcome {
+            Outcome::Dropped { tables } => {
+                self.events.extend(tables.into_iter().map(|table| EventSpec {
+                    warning: false,
+                    reason: event::VERSION_DROPPED,
+                    action: format!("Drop/{table}"),
+                    note: format!(
+                        "dropped table {table}: retired longer than spec.rebuild.retainPreviousHours ago"
+                    ),
+                }));
+            }
+            Outcome::Scaled {
+                deployment,
+                from,
+                to,
+                why,
+            } => {
+                self.status.replicas = Some(to);
+                self.events.push(EventSpec {
+                    warning: false,
+                    reason: event::SCALED,
+                    action: format!("Scale/{deployment}"),
+                    note: format!("{deployment}: {from} → {to} replicas ({why})"),
+                });
+            }
+        }
+    }
 }
 
 fn rfc3339(t: DateTime<Utc>) -> String {
@@ -195,6 +260,7 @@ fn stalled(input: Input<'_>, problem: Problem) -> Plan {
             note: message,
         }],
         requeue: retry,
+        memory: None,
     }
 }
 
@@ -544,6 +610,21 @@ fn seen(input: Input<'_>, observed: Observed) -> Plan {
     ];
 
     // An Event when the phase changes, or the version it is about does.
+    let scaling = scaling::step(
+        &spec.scaling,
+        observed.read_path,
+        observed.lag.as_ref().map(|l| l.seconds),
+        // A rebuild's lag is expected while it loads and catches up.
+        matches!(standing.phase, Phase::Building | Phase::CatchingUp),
+        now,
+    );
+    if let Some((deployment, decision)) = scaling.scale {
+        actions.push(Action::Scale {
+            deployment,
+            replicas: decision.replicas,
+            why: format!("{}: {}", decision.reason, decision.message),
+        });
+    }
     let about = |status: Option<&ProjectionStatus>| {
         status.map(|s| {
             (
@@ -570,8 +651,8 @@ fn seen(input: Input<'_>, observed: Observed) -> Plan {
             .collect(),
         lag_seconds: observed.lag.as_ref().map(|l| l.seconds),
         lag_events: observed.lag.as_ref().map(|l| l.events),
-        replicas: previous.and_then(|p| p.replicas),
-        selector: previous.and_then(|p| p.selector.clone()),
+        replicas: scaling.replicas,
+        selector: scaling.selector,
         queries: observed.queries.clone(),
         conditions,
     };
@@ -616,6 +697,7 @@ fn seen(input: Input<'_>, observed: Observed) -> Plan {
         status,
         events,
         requeue: standing.requeue,
+        memory: scaling.memory,
     }
 }
 
@@ -1103,6 +1185,96 @@ mod tests {
         assert_eq!(degraded.status, "True");
         assert_eq!(degraded.reason, reason::PROJECTION_HALTED);
         assert_eq!(condition(&plan, READY).status, "True");
+    }
+
+    #[test]
+    fn the_query_deployment_is_scaled_and_shown_in_the_status() {
+        let mut previous = run(
+            &spec(1),
+            None,
+            Observed {
+                versions: vec![active(1)],
+                ..Observed::default()
+            },
+        )
+        .status;
+        previous.replicas = Some(4);
+        previous.selector = Some("app=old".into());
+        let read_path = ReadPath {
+            deployment: "orders-query".into(),
+            replicas: 7,
+            selector: "app=orders-query".into(),
+            measured: Some(scaling::Measured {
+                signals: scaling::Signals::default(),
+                scrape: scaling::scrape::Scrape {
+                    at: now(),
+                    pods: Default::default(),
+                },
+                history: Default::default(),
+            }),
+        };
+        let plan = run(
+            &spec(1),
+            Some(&previous),
+            Observed {
+                versions: vec![active(1)],
+                read_path: Some(read_path),
+                ..Observed::default()
+            },
+        );
+        assert_eq!(plan.status.replicas, Some(7));
+        assert_eq!(plan.status.selector.as_deref(), Some("app=orders-query"));
+        assert_eq!(
+            plan.actions,
+            vec![Action::Scale {
+                deployment: "orders-query".into(),
+                replicas: 4,
+                why: "Bounds: no query pod could be measured; 7 replicas moved into [1, 4]".into(),
+            }]
+        );
+        assert!(plan.memory.is_some());
+
+        let gone = run(
+            &spec(1),
+            Some(&previous),
+            Observed {
+                versions: vec![active(1)],
+                ..Observed::default()
+            },
+        );
+        assert_eq!((gone.status.replicas, gone.status.selector), (None, None));
+        assert!(gone.actions.is_empty());
+        assert_eq!(gone.memory, None);
+    }
+
+    #[test]
+    fn what_the_actions_did_is_recorded_in_the_status_and_events() {
+        let mut plan = run(
+            &spec(1),
+            None,
+            Observed {
+                versions: vec![active(1)],
+                ..Observed::default()
+            },
+        );
+        plan.events.clear();
+        plan.record(Outcome::Dropped {
+            tables: vec!["orders_v0".into()],
+        });
+        plan.record(Outcome::Scaled {
+            deployment: "orders-query".into(),
+            from: 2,
+            to: 3,
+            why: "QueryRate: 250.0 queries/s at 100/s per replica".into(),
+        });
+        assert_eq!(plan.status.replicas, Some(3));
+        assert_eq!(reasons(&plan), vec![event::VERSION_DROPPED, event::SCALED]);
+        assert_eq!(plan.events[0].action, "Drop/orders_v0");
+        assert_eq!(plan.events[1].action, "Scale/orders-query");
+        assert_eq!(
+            plan.events[1].note,
+            "orders-query: 2 → 3 replicas (QueryRate: 250.0 queries/s at 100/s per replica)"
+        );
     }
 
     #[test]

@@ -23,13 +23,6 @@ use tokio::sync::Mutex;
 use crate::context::{Context, MANAGER};
 pub use job::JobConfig;
 
-/// What scaling remembers of a projection between reconciles.
-#[derive(Clone, Debug, Default)]
-pub struct ScalingMemory {
-    pub history: scaling::stabilize::Recommendations,
-    pub scrape: Option<scaling::scrape::Scrape>,
-}
-
 /// The controller's own state beside the shared [`Context`].
 pub struct State {
     pub ctx: Arc<Context>,
@@ -37,7 +30,7 @@ pub struct State {
     /// Database URLs whose schema this process has migrated already.
     migrated: Mutex<HashSet<String>>,
     /// By `namespace/name`.
-    scaling: Mutex<HashMap<String, ScalingMemory>>,
+    scaling: Mutex<HashMap<String, scaling::Memory>>,
 }
 
 impl State {

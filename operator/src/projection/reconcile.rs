@@ -1,13 +1,13 @@
-//! The thin I/O layer of the Projection controller: the finalizer, reading
-//! the Secret, the version registry, the Jobs, the lag and the query plans;
-//! then carrying out what `decide` says and writing the status.
+//! The thin I/O layer of the Projection controller: the finalizer; reading
+//! the Secret, the version registry, the Jobs, the lag, the query plans,
+//! the query Deployment and its pods' metrics; then carrying out the
+//! actions `decide` returns and writing the Events and the status.
 
 use crate::events::publish;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use chrono::{DateTime, Utc};
-use eventplane_api::resource::{Phase, ProjectionStatus};
+use chrono::DateTime;
 use eventplane_api::{Projection, ReclaimPolicy};
 use eventplane_store::Projection as Runtime;
 use eventplane_store::{db, status, versions};
@@ -20,9 +20,12 @@ use kube::{Api, ResourceExt};
 use serde_json::json;
 use sqlx::PgPool;
 
-use super::decide::{self, EventSpec, Input, Lag, Observation, Observed, Problem, Version, event};
-use super::scaling::ownership::ApplyOutcome;
-use super::{State, explain, job, scaling};
+use super::decide::{
+    self, EventSpec, Input, Lag, Observation, Observed, Outcome, Problem, Version, event,
+};
+use super::scaling::ownership::{ApplyOutcome, apply_replicas};
+use super::scaling::{self, Measured, ReadPath, scrape};
+use super::{State, explain, job};
 use crate::context::{Context, MANAGER, SecretProblem, is_connection_error};
 use crate::error::Error;
 use crate::metrics::ControllerLabels;
@@ -113,7 +116,6 @@ async fn apply(
         Ok((observed, pool)) => (Observation::Seen(observed), Some(pool)),
         Err(problem) => (Observation::Problem(problem), None),
     };
-    let seen = matches!(observation, Observation::Seen(_));
     let mut plan = decide::decide(
         Input {
             name: &name,
@@ -124,51 +126,22 @@ async fn apply(
         },
         observation,
     );
+    if let Some(memory) = plan.memory.take() {
+        state
+            .scaling
+            .lock()
+            .await
+            .insert(scaling_key(namespace, &name), memory);
+    }
 
-    let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), namespace);
-    let mut events = std::mem::take(&mut plan.events);
+    let mut outcomes = Vec::new();
     for action in &plan.actions {
-        match action {
-            decide::Action::DeleteJob { name } => {
-                match jobs.delete(name, &DeleteParams::foreground()).await {
-                    Ok(_) => {}
-                    Err(kube::Error::Api(status)) if status.code == 404 => {}
-                    Err(err) => return Err(err.into()),
-                }
-            }
-            decide::Action::CreateJob { version } => {
-                let Some(manifest) = job::build(projection, &state.jobs) else {
-                    tracing::warn!(projection = %name, version, "no rebuild Job without a database and a uid");
-                    continue;
-                };
-                jobs.patch(
-                    &job::job_name(&name, *version),
-                    &PatchParams::apply(MANAGER).force(),
-                    &Patch::Apply(&manifest),
-                )
-                .await?;
-            }
-            decide::Action::DropExpired { cutoff } => {
-                let Some(pool) = &pool else { continue };
-                match versions::drop_expired(pool, &name, *cutoff).await {
-                    Ok(tables) => events.extend(tables.into_iter().map(|table| EventSpec {
-                        warning: false,
-                        reason: event::VERSION_DROPPED,
-                        action: format!("Drop/{table}"),
-                        note: format!("dropped table {table}: retired longer than spec.rebuild.retainPreviousHours ago"),
-                    })),
-                    Err(err) => {
-                        tracing::warn!(projection = %name, error = %err, "dropping expired versions failed")
-                    }
-                }
-            }
-        }
+        outcomes.extend(carry_out(action, projection, namespace, state, pool.as_ref()).await?);
     }
-    publish(&ctx.recorder, projection, &events).await?;
-
-    if seen {
-        scale(projection, namespace, state, &mut plan.status, now).await?;
+    for outcome in outcomes {
+        plan.record(outcome);
     }
+    publish(&ctx.recorder, projection, &plan.events).await?;
 
     let api: Api<Projection> = Api::namespaced(ctx.client.clone(), namespace);
     let patch = json!({
@@ -183,6 +156,77 @@ async fn apply(
     )
     .await?;
     Ok(Action::requeue(plan.requeue))
+}
+
+/// Carries out one action of the plan; what it changed, if the status or
+/// the Events tell of it.
+async fn carry_out(
+    action: &decide::Action,
+    projection: &Projection,
+    namespace: &str,
+    state: &State,
+    pool: Option<&PgPool>,
+) -> Result<Option<Outcome>, ProjectionError> {
+    let ctx = &state.ctx;
+    let name = projection.name_any();
+    let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), namespace);
+    match action {
+        decide::Action::DeleteJob { name } => {
+            match jobs.delete(name, &DeleteParams::foreground()).await {
+                Ok(_) => {}
+                Err(kube::Error::Api(status)) if status.code == 404 => {}
+                Err(err) => return Err(err.into()),
+            }
+        }
+        decide::Action::CreateJob { version } => {
+            let Some(manifest) = job::build(projection, &state.jobs) else {
+                tracing::warn!(projection = %name, version, "no rebuild Job without a database and a uid");
+                return Ok(None);
+            };
+            jobs.patch(
+                &job::job_name(&name, *version),
+                &PatchParams::apply(MANAGER).force(),
+                &Patch::Apply(&manifest),
+            )
+            .await?;
+        }
+        decide::Action::DropExpired { cutoff } => {
+            let Some(pool) = pool else { return Ok(None) };
+            match versions::drop_expired(pool, &name, *cutoff).await {
+                Ok(tables) => return Ok(Some(Outcome::Dropped { tables })),
+                Err(err) => {
+                    tracing::warn!(projection = %name, error = %err, "dropping expired versions failed")
+                }
+            }
+        }
+        decide::Action::Scale {
+            deployment,
+            replicas,
+            why,
+        } => match apply_replicas(&ctx.client, namespace, deployment, *replicas).await {
+            Ok(ApplyOutcome::Applied { from, to }) => {
+                return Ok(Some(Outcome::Scaled {
+                    deployment: deployment.clone(),
+                    from,
+                    to,
+                    why: why.clone(),
+                }));
+            }
+            Ok(ApplyOutcome::OwnedBy(owner)) => {
+                tracing::debug!(projection = %name, %deployment, %owner, "replicas owned by another manager; not scaling");
+            }
+            Ok(ApplyOutcome::Unchanged | ApplyOutcome::Missing) => {}
+            Err(err) => {
+                tracing::warn!(projection = %name, %deployment, error = %err, "scaling failed");
+            }
+        },
+    }
+    Ok(None)
+}
+
+/// Where a projection's scaling memory is kept in [`State`].
+fn scaling_key(namespace: &str, name: &str) -> String {
+    format!("{namespace}/{name}")
 }
 
 /// The database URL from the Secret the spec names.
@@ -241,6 +285,7 @@ async fn observe(
         .await?;
     let observed = Observed {
         jobs: listed.items.iter().map(job::observe).collect(),
+        read_path: read_path(projection, namespace, state).await?,
         ..registry
     };
     Ok(Ok((observed, pool)))
@@ -286,6 +331,7 @@ async fn read_registry(
         lag,
         queries,
         jobs: Vec::new(),
+        read_path: None,
     })
 }
 
@@ -305,93 +351,45 @@ async fn explain_queries(
     }
 }
 
-/// Read-path scaling: the Deployment named in `spec.scaling.deployment`
-/// (by default `<projection>-query`), if it exists.
-async fn scale(
+/// The query Deployment, if it exists, and the scrape of its pods.
+async fn read_path(
     projection: &Projection,
     namespace: &str,
     state: &State,
-    status: &mut ProjectionStatus,
-    now: DateTime<Utc>,
-) -> Result<(), kube::Error> {
+) -> Result<Option<ReadPath>, kube::Error> {
     let ctx = &state.ctx;
     let name = projection.name_any();
-    let target = projection
-        .spec
-        .scaling
-        .deployment
-        .clone()
-        .unwrap_or_else(|| format!("{name}-query"));
+    let target = scaling::deployment_name(&name, &projection.spec.scaling);
     let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), namespace);
     let Some(deployment) = deployments.get_opt(&target).await? else {
-        status.replicas = None;
-        status.selector = None;
-        return Ok(());
+        return Ok(None);
     };
-    let selector = deployment
-        .spec
-        .selector
-        .match_labels
-        .as_ref()
-        .map(|labels| {
-            labels
-                .iter()
-                .map(|(k, v)| format!("{k}={v}"))
-                .collect::<Vec<_>>()
-                .join(",")
+    let selector = scrape::pod_selector(&deployment);
+    let measured = if selector.is_empty() {
+        None
+    } else {
+        let memory = state
+            .scaling
+            .lock()
+            .await
+            .get(&scaling_key(namespace, &name))
+            .cloned()
+            .unwrap_or_default();
+        let (signals, scrape) =
+            scrape::observe(&ctx.client, namespace, &selector, memory.scrape.as_ref()).await;
+        Some(Measured {
+            signals,
+            scrape,
+            history: memory.history,
         })
-        .unwrap_or_default();
-    let current = deployment.spec.replicas.unwrap_or(1);
-    status.selector = Some(selector.clone()).filter(|s| !s.is_empty());
-    status.replicas = Some(current);
-    if selector.is_empty() {
-        return Ok(());
-    }
-    let key = format!("{namespace}/{name}");
-    let mut memory = state.scaling.lock().await.remove(&key).unwrap_or_default();
-    let (mut signals, scrape) =
-        scaling::scrape::observe(&ctx.client, namespace, &selector, memory.scrape.as_ref()).await;
-    signals.lag_seconds = status.lag_seconds;
-    signals.rebuilding = matches!(status.phase, Some(Phase::Building | Phase::CatchingUp));
-    let decision = scaling::desired_replicas(
-        &projection.spec.scaling,
-        &signals,
-        &mut memory.history,
-        now,
-        current,
-    );
-    memory.scrape = Some(scrape);
-    state.scaling.lock().await.insert(key, memory);
-    match scaling::ownership::apply_replicas(&ctx.client, namespace, &target, decision.replicas)
-        .await
-    {
-        Ok(ApplyOutcome::Applied { from, to }) => {
-            status.replicas = Some(to);
-            let note = format!(
-                "{target}: {from} → {to} replicas ({}: {})",
-                decision.reason, decision.message
-            );
-            publish(
-                &ctx.recorder,
-                projection,
-                &[EventSpec {
-                    warning: false,
-                    reason: event::SCALED,
-                    action: format!("Scale/{target}"),
-                    note,
-                }],
-            )
-            .await?;
-        }
-        Ok(ApplyOutcome::OwnedBy(owner)) => {
-            tracing::debug!(projection = %name, deployment = %target, %owner, "replicas owned by another manager; not scaling");
-        }
-        Ok(ApplyOutcome::Unchanged | ApplyOutcome::Missing) => {}
-        Err(err) => {
-            tracing::warn!(projection = %name, deployment = %target, error = %err, "scaling failed");
-        }
-    }
-    Ok(())
+    };
+    Ok(Some(ReadPath {
+        deployment: target,
+        // The API server defaults an unset count to 1.
+        replicas: deployment.spec.replicas.unwrap_or(1),
+        selector,
+        measured,
+    }))
 }
 
 /// Deletion. `Retain` lets the Projection go at once; `Delete` first stops

@@ -1,9 +1,10 @@
 //! Read-path scaling of a Projection's query Deployment, as a pure
-//! decision: from the signals of the read path to the replica count it
-//! calls for (stabilized like the HorizontalPodAutoscaler: up fast, down
-//! slowly) and why. Its submodules own the stabilization windows, the
-//! signals between two scrapes, the scrape of the query pods and the
-//! ownership of the Deployment's `spec.replicas`.
+//! decision: from the Deployment and the signals of the read path to the
+//! replica count they call for (stabilized like the HorizontalPodAutoscaler:
+//! up fast, down slowly), why, and what to remember for the next reconcile.
+//! Its submodules own the stabilization windows, the signals between two
+//! scrapes, the scrape of the query pods and the ownership of the
+//! Deployment's `spec.replicas`.
 
 pub mod ownership;
 pub mod scrape;
@@ -13,6 +14,7 @@ pub mod stabilize;
 use chrono::{DateTime, Utc};
 use eventplane_api::ScalingSpec;
 
+use scrape::Scrape;
 use stabilize::Recommendations;
 
 /// Why a replica count was chosen, as reported in the Projection's status
@@ -46,6 +48,93 @@ pub struct ScaleDecision {
     pub replicas: i32,
     pub reason: &'static str,
     pub message: String,
+}
+
+/// What scaling remembers of a projection between reconciles.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Memory {
+    pub history: Recommendations,
+    pub scrape: Option<Scrape>,
+}
+
+/// The query Deployment as a reconcile found it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ReadPath {
+    pub deployment: String,
+    /// Its `spec.replicas`.
+    pub replicas: i32,
+    /// Its `matchLabels` as a label selector; empty when it has none.
+    pub selector: String,
+    /// What its pods showed; `None` without a selector: no pods to
+    /// measure, and the Deployment is not scaled.
+    pub measured: Option<Measured>,
+}
+
+/// The read path measured in one reconcile, and what earlier ones left.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Measured {
+    /// Query rate and P99 since the previous scrape; lag and rebuilding
+    /// are filled in by [`step`].
+    pub signals: Signals,
+    pub scrape: Scrape,
+    pub history: Recommendations,
+}
+
+/// What scaling decides in one reconcile.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Step {
+    /// The status' `replicas` and `selector`: the Deployment's, for the
+    /// scale subresource.
+    pub replicas: Option<i32>,
+    pub selector: Option<String>,
+    /// The replica count to apply to `deployment`.
+    pub scale: Option<(String, ScaleDecision)>,
+    /// To keep for the next reconcile; `None` leaves the memory as it was.
+    pub memory: Option<Memory>,
+}
+
+/// The Deployment a projection's read path runs in:
+/// `spec.scaling.deployment`, by default `<projection>-query`.
+pub fn deployment_name(projection: &str, spec: &ScalingSpec) -> String {
+    spec.deployment
+        .clone()
+        .unwrap_or_else(|| format!("{projection}-query"))
+}
+
+/// The scaling part of a reconcile's decision. `lag_seconds` and
+/// `rebuilding` come from the projection's own decision: the query pods do
+/// not know them.
+pub fn step(
+    spec: &ScalingSpec,
+    read_path: Option<ReadPath>,
+    lag_seconds: Option<f64>,
+    rebuilding: bool,
+    now: DateTime<Utc>,
+) -> Step {
+    let Some(read_path) = read_path else {
+        return Step::default();
+    };
+    let mut step = Step {
+        replicas: Some(read_path.replicas),
+        selector: Some(read_path.selector).filter(|s| !s.is_empty()),
+        ..Step::default()
+    };
+    let Some(measured) = read_path.measured else {
+        return step;
+    };
+    let signals = Signals {
+        lag_seconds,
+        rebuilding,
+        ..measured.signals
+    };
+    let mut history = measured.history;
+    let decision = desired_replicas(spec, &signals, &mut history, now, read_path.replicas);
+    step.scale = Some((read_path.deployment, decision));
+    step.memory = Some(Memory {
+        history,
+        scrape: Some(measured.scrape),
+    });
+    step
 }
 
 /// The raw recommendation before stabilization.
@@ -340,6 +429,74 @@ mod tests {
             ..spec()
         };
         assert_eq!(decide(&zero, &rate(900.0), 3).replicas, 0);
+    }
+
+    fn read_path(selector: &str, measured: Option<Measured>) -> ReadPath {
+        ReadPath {
+            deployment: "orders-query".into(),
+            replicas: 2,
+            selector: selector.into(),
+            measured,
+        }
+    }
+
+    #[test]
+    fn without_a_deployment_nothing_is_scaled_or_remembered() {
+        assert_eq!(
+            step(&spec(), None, Some(9.0), false, at(0)),
+            Step::default()
+        );
+    }
+
+    #[test]
+    fn a_deployment_without_a_selector_is_reported_but_not_scaled() {
+        let step = step(&spec(), Some(read_path("", None)), None, false, at(0));
+        assert_eq!(
+            step,
+            Step {
+                replicas: Some(2),
+                ..Step::default()
+            }
+        );
+    }
+
+    #[test]
+    fn the_projection_lag_joins_the_measured_signals_and_the_scrape_is_kept() {
+        let scrape = Scrape {
+            at: at(0),
+            pods: Default::default(),
+        };
+        let measured = Measured {
+            signals: rate(150.0),
+            scrape: scrape.clone(),
+            history: Recommendations::default(),
+        };
+        let lagging = step(
+            &spec(),
+            Some(read_path("app=orders-query", Some(measured.clone()))),
+            Some(9.0),
+            false,
+            at(0),
+        );
+        assert_eq!(lagging.replicas, Some(2));
+        assert_eq!(lagging.selector.as_deref(), Some("app=orders-query"));
+        let (deployment, decision) = lagging.scale.unwrap();
+        assert_eq!(
+            (deployment.as_str(), decision.replicas, decision.reason),
+            ("orders-query", 3, reason::LAG)
+        );
+        let memory = lagging.memory.unwrap();
+        assert_eq!(memory.scrape, Some(scrape));
+        assert_eq!(memory.history.iter().count(), 1);
+
+        let rebuilding = step(
+            &spec(),
+            Some(read_path("app=orders-query", Some(measured))),
+            Some(9.0),
+            true,
+            at(0),
+        );
+        assert_eq!(rebuilding.scale.unwrap().1.reason, reason::QUERY_RATE);
     }
 
     #[test]

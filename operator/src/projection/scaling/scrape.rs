@@ -7,6 +7,7 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::ListParams;
 use kube::{Api, Client};
@@ -90,6 +91,24 @@ pub(super) fn merge_buckets(mut buckets: Vec<(f64, f64)>) -> Vec<(f64, f64)> {
         }
     }
     merged
+}
+
+/// The label selector of a Deployment's pods, from its `matchLabels`;
+/// empty when it has none.
+pub fn pod_selector(deployment: &Deployment) -> String {
+    deployment
+        .spec
+        .selector
+        .match_labels
+        .as_ref()
+        .map(|labels| {
+            labels
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>()
+                .join(",")
+        })
+        .unwrap_or_default()
 }
 
 /// Key and metrics URL of a pod worth scraping: running, ready, not being
