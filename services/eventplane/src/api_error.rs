@@ -27,6 +27,14 @@ pub enum ApiError {
     Conflict { code: &'static str, message: String },
     #[error("request body is larger than the configured limit (--max-body-bytes)")]
     PayloadTooLarge,
+    #[error("expected a body with Content-Type: application/json")]
+    UnsupportedMediaType,
+    #[error("{message}")]
+    MethodNotAllowed { message: String },
+    #[error("{message}")]
+    UriTooLong { message: String },
+    #[error("{message}")]
+    HeadersTooLarge { message: String },
     #[error("{message}")]
     Timeout { code: &'static str, message: String },
     #[error("{message}")]
@@ -75,6 +83,10 @@ impl ApiError {
             }
             Self::Append(AppendError::IdempotencyMismatch(_)) => StatusCode::UNPROCESSABLE_ENTITY,
             Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
+            Self::UriTooLong { .. } => StatusCode::URI_TOO_LONG,
+            Self::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Self::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             Self::Unavailable { .. } | Self::SchemaChanged(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -92,6 +104,10 @@ impl ApiError {
             | Self::Timeout { code, .. }
             | Self::Unavailable { code, .. } => *code,
             Self::PayloadTooLarge => "payload_too_large",
+            Self::UnsupportedMediaType => "unsupported_media_type",
+            Self::MethodNotAllowed { .. } => "method_not_allowed",
+            Self::UriTooLong { .. } => "uri_too_long",
+            Self::HeadersTooLarge { .. } => "headers_too_large",
             Self::SchemaChanged(_) => "projection_changing",
             Self::Internal(_) => "internal",
         };
@@ -99,12 +115,25 @@ impl ApiError {
     }
 }
 
+/// Seconds a client should wait before retrying a 503: the conditions
+/// behind one (a saturated pool, a projection being swapped) clear within
+/// about that.
+const RETRY_AFTER_SECONDS: &str = "1";
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         if let Self::Internal(err) = &self {
             tracing::error!(error = ?err, "request failed");
         }
-        (self.status(), Json(self.body())).into_response()
+        let status = self.status();
+        let mut response = (status, Json(self.body())).into_response();
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            response.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from_static(RETRY_AFTER_SECONDS),
+            );
+        }
+        response
     }
 }
 
@@ -150,10 +179,7 @@ impl From<JsonRejection> for ApiError {
         match rejection {
             JsonRejection::JsonDataError(e) => Self::unprocessable("invalid_body", e.body_text()),
             JsonRejection::JsonSyntaxError(e) => Self::bad_request("malformed_json", e.body_text()),
-            JsonRejection::MissingJsonContentType(_) => Self::Unprocessable {
-                code: "unsupported_media_type",
-                message: "expected a body with Content-Type: application/json".into(),
-            },
+            JsonRejection::MissingJsonContentType(_) => Self::UnsupportedMediaType,
             JsonRejection::BytesRejection(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
                 Self::PayloadTooLarge
             }

@@ -8,6 +8,7 @@ pub mod catalog;
 pub mod cli;
 pub mod command;
 pub mod dev;
+pub mod edge;
 pub mod invalidation;
 pub mod metrics;
 pub mod partitions;

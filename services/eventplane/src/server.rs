@@ -215,6 +215,7 @@ impl Stack {
             app = app.merge(query::router(service));
         }
 
+        let app = crate::edge::around(app);
         let listener = tokio::net::TcpListener::bind(config.listen).await?;
         let addr = listener.local_addr()?;
         tasks.push(tokio::spawn(async move {

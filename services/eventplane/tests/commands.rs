@@ -257,8 +257,20 @@ async fn bad_input_gets_a_clear_error_and_writes_nothing() {
             "{name}"
         );
     }
-    let response = http.post(url("s-1")).body("{}").send().await.unwrap();
-    assert_eq!(response.status().as_u16(), 422, "missing content type");
+    for content_type in [None, Some("text/plain")] {
+        let mut request = http.post(url("s-1")).body("{}");
+        if let Some(content_type) = content_type {
+            request = request.header("content-type", content_type);
+        }
+        let response = request.send().await.unwrap();
+        assert_eq!(
+            response.status().as_u16(),
+            415,
+            "content type {content_type:?}"
+        );
+        let error: Value = response.json().await.unwrap();
+        assert_eq!(error["error"]["code"], "unsupported_media_type");
+    }
     let response = http
         .post(url("s-1"))
         .header("Prefer", "respond-async")

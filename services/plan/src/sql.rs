@@ -354,10 +354,11 @@ pub fn group_ops(
         .collect()
 }
 
-/// Reads one row as a JSON object; `$1` is the key as text.
+/// Reads one row as the text of a JSON object; `$1` is the key as text.
+/// Postgres renders the JSON, so a `numeric` keeps every digit.
 pub fn row_sql(spec: &ProjectionSpec, table: &str) -> String {
     format!(
-        "SELECT to_jsonb(t) FROM (SELECT {} FROM {} WHERE {} = $1::{}) t",
+        "SELECT to_jsonb(t)::text FROM (SELECT {} FROM {} WHERE {} = $1::{}) t",
         all_columns(spec),
         quote_ident(table),
         quote_ident(&spec.key),
@@ -428,10 +429,19 @@ pub fn list_sql(
     } else {
         format!(" WHERE {}", conditions.join(" AND "))
     };
-    // The outer ORDER BY is what orders the result; the inner one only picks
-    // which rows the LIMIT keeps.
+    // Each row comes as JSON text with, beside it, its sort values as a
+    // JSON array (the next page's cursor if it is the last one), both
+    // rendered by Postgres so `numeric` keeps every digit. The outer ORDER
+    // BY is what orders the result; the inner one only picks which rows
+    // the LIMIT keeps.
+    let sort_values = sort
+        .iter()
+        .map(|c| format!("t.{}", quote_ident(&c.name)))
+        .collect::<Vec<_>>()
+        .join(", ");
     let sql = format!(
-        "SELECT to_jsonb(t) FROM (SELECT {} FROM {}{filter} ORDER BY {} LIMIT ${limit}::bigint) t ORDER BY {}",
+        "SELECT to_jsonb(t)::text, jsonb_build_array({sort_values})::text \
+         FROM (SELECT {} FROM {}{filter} ORDER BY {} LIMIT ${limit}::bigint) t ORDER BY {}",
         all_columns(spec),
         quote_ident(table),
         order(""),
@@ -541,7 +551,7 @@ mod tests {
         assert_eq!(
             row_sql(&sample(), "orders"),
             format!(
-                r#"SELECT to_jsonb(t) FROM (SELECT {COLS} FROM "orders" WHERE "id" = $1::text) t"#
+                r#"SELECT to_jsonb(t)::text FROM (SELECT {COLS} FROM "orders" WHERE "id" = $1::text) t"#
             )
         );
     }
@@ -554,7 +564,7 @@ mod tests {
         assert_eq!(
             l.sql,
             format!(
-                r#"SELECT to_jsonb(t) FROM (SELECT {COLS} FROM "orders" WHERE "customer_id" = $1::text ORDER BY "created_at" DESC, "id" DESC LIMIT $2::bigint) t ORDER BY t."created_at" DESC, t."id" DESC"#
+                r#"SELECT to_jsonb(t)::text, jsonb_build_array(t."created_at", t."id")::text FROM (SELECT {COLS} FROM "orders" WHERE "customer_id" = $1::text ORDER BY "created_at" DESC, "id" DESC LIMIT $2::bigint) t ORDER BY t."created_at" DESC, t."id" DESC"#
             )
         );
         assert_eq!(l.filter_columns, ["customer_id"]);
@@ -562,7 +572,7 @@ mod tests {
         assert_eq!(
             l.sql,
             format!(
-                r#"SELECT to_jsonb(t) FROM (SELECT {COLS} FROM "orders" WHERE "customer_id" = $1::text AND ("created_at", "id") < ($2::timestamptz, $3::text) ORDER BY "created_at" DESC, "id" DESC LIMIT $4::bigint) t ORDER BY t."created_at" DESC, t."id" DESC"#
+                r#"SELECT to_jsonb(t)::text, jsonb_build_array(t."created_at", t."id")::text FROM (SELECT {COLS} FROM "orders" WHERE "customer_id" = $1::text AND ("created_at", "id") < ($2::timestamptz, $3::text) ORDER BY "created_at" DESC, "id" DESC LIMIT $4::bigint) t ORDER BY t."created_at" DESC, t."id" DESC"#
             )
         );
         let recent = list_sql(&spec, &spec.queries[2], "orders", true);
@@ -586,7 +596,7 @@ mod tests {
         assert_eq!(
             l.sql,
             format!(
-                r#"SELECT to_jsonb(t) FROM (SELECT {COLS} FROM "orders" ORDER BY "id" LIMIT $1::bigint) t ORDER BY t."id""#
+                r#"SELECT to_jsonb(t)::text, jsonb_build_array(t."id")::text FROM (SELECT {COLS} FROM "orders" ORDER BY "id" LIMIT $1::bigint) t ORDER BY t."id""#
             )
         );
         let l = list_sql(&spec, &q, "orders", true);

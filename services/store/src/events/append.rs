@@ -10,14 +10,17 @@ use std::collections::{BTreeSet, HashMap};
 use serde_json::Value;
 use sqlx::PgConnection;
 
-use super::model::{AppendRequest, AppendResult};
+use super::model::{AppendRequest, AppendResult, ExpectedVersion};
 use crate::error_body::ErrorBody;
 use crate::token::Token;
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum AppendError {
-    #[error("expected version {expected}, stream is at {actual}")]
-    Conflict { expected: String, actual: i64 },
+    #[error("expected version {}, stream is at {actual}", expected.describe())]
+    Conflict {
+        expected: ExpectedVersion,
+        actual: i64,
+    },
     #[error("idempotency key {0:?} was already used for a different request")]
     IdempotencyMismatch(String),
 }
@@ -94,7 +97,7 @@ pub async fn append_in_tx(
         let current = versions.get(&request.stream_id).copied().unwrap_or(0);
         if !request.expected_version.admits(current) {
             outcomes[index] = Some(Err(AppendError::Conflict {
-                expected: request.expected_version.describe(),
+                expected: request.expected_version.clone(),
                 actual: current,
             }));
             continue;

@@ -7,11 +7,48 @@ use sha2::{Digest, Sha256};
 /// Most events one append may carry; larger imports should be split.
 pub const MAX_EVENTS_PER_APPEND: usize = 1000;
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// What the stream's version must be for an append to go in: a number
+/// (the stream's version, 0 for none), `"any"` or `"no_stream"`. In JSON it
+/// is written as the client wrote it, so a 409 answers in kind.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[serde(untagged)]
 pub enum ExpectedVersion {
     Exact(i64),
     Named(NamedVersion),
+}
+
+const EXPECTED_VERSION: &str = r#"a stream version (an integer >= 0), "any" or "no_stream""#;
+
+/// Hand-written so a bad value is named in the client's terms, not after
+/// the Rust types behind it.
+impl<'de> Deserialize<'de> for ExpectedVersion {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = ExpectedVersion;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str(EXPECTED_VERSION)
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<ExpectedVersion, E> {
+                Ok(ExpectedVersion::Exact(v))
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<ExpectedVersion, E> {
+                i64::try_from(v)
+                    .map(ExpectedVersion::Exact)
+                    .map_err(|_| E::custom(format!("expectedVersion {v} is out of range")))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<ExpectedVersion, E> {
+                match v {
+                    "any" => Ok(ExpectedVersion::Named(NamedVersion::Any)),
+                    "no_stream" => Ok(ExpectedVersion::Named(NamedVersion::NoStream)),
+                    other => Err(E::custom(format!(
+                        "expectedVersion {other:?} is not {EXPECTED_VERSION}"
+                    ))),
+                }
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

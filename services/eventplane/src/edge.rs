@@ -1,0 +1,64 @@
+//! The HTTP edge every request crosses before a handler: limits on the
+//! request target and the headers, and answers for unknown routes and
+//! methods, all as the JSON error body every other answer uses.
+//!
+//! Requests the HTTP parser itself cannot read (a malformed request line,
+//! more than 100 headers, a head over hyper's buffer) are refused by it
+//! with a bare status before they get here.
+
+use axum::Router;
+use axum::extract::Request;
+use axum::http::{Method, Uri};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+
+use crate::api_error::ApiError;
+
+/// Longest request target (path and query) accepted.
+pub const MAX_URI_BYTES: usize = 8 * 1024;
+/// Most bytes of header names and values accepted in one request.
+pub const MAX_HEADER_BYTES: usize = 32 * 1024;
+
+/// `router` with the edge around it.
+pub fn around(router: Router) -> Router {
+    router
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn(limits))
+}
+
+async fn limits(request: Request, next: Next) -> Response {
+    let uri = request.uri().to_string().len();
+    if uri > MAX_URI_BYTES {
+        return ApiError::UriTooLong {
+            message: format!(
+                "the request target is {uri} bytes; at most {MAX_URI_BYTES} are accepted"
+            ),
+        }
+        .into_response();
+    }
+    let headers: usize = request
+        .headers()
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len())
+        .sum();
+    if headers > MAX_HEADER_BYTES {
+        return ApiError::HeadersTooLarge {
+            message: format!(
+                "the request headers are {headers} bytes; at most {MAX_HEADER_BYTES} are accepted"
+            ),
+        }
+        .into_response();
+    }
+    next.run(request).await
+}
+
+async fn not_found(uri: Uri) -> ApiError {
+    ApiError::not_found("route_not_found", format!("no route for {}", uri.path()))
+}
+
+async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
+    ApiError::MethodNotAllowed {
+        message: format!("{method} is not allowed on {}", uri.path()),
+    }
+}
