@@ -14,6 +14,7 @@ use kube::{Api, Client};
 use sqlx::PgPool;
 use tokio::sync::Mutex;
 
+use crate::error::Blocked;
 use crate::metrics::Metrics;
 
 pub const MANAGER: &str = "eventplane-operator";
@@ -75,10 +76,10 @@ impl Context {
         &self,
         namespace: &str,
         database: &DatabaseRef,
-    ) -> kube::Result<Result<String, SecretProblem>> {
+    ) -> Result<String, Blocked<SecretProblem>> {
         let secrets: Api<Secret> = Api::namespaced(self.client.clone(), namespace);
         let Some(secret) = secrets.get_opt(&database.secret_name).await? else {
-            return Ok(Err(SecretProblem::NotFound {
+            return Err(Blocked::By(SecretProblem::NotFound {
                 secret: database.secret_name.clone(),
             }));
         };
@@ -87,12 +88,12 @@ impl Context {
             .as_ref()
             .and_then(|d| d.get(&database.key))
             .and_then(|v| String::from_utf8(v.0.clone()).ok());
-        Ok(url
-            .map(|u| u.trim().to_string())
-            .ok_or_else(|| SecretProblem::KeyMissing {
+        url.map(|u| u.trim().to_string()).ok_or_else(|| {
+            Blocked::By(SecretProblem::KeyMissing {
                 secret: database.secret_name.clone(),
                 key: database.key.clone(),
-            }))
+            })
+        })
     }
 }
 

@@ -13,7 +13,7 @@ use serde_json::json;
 
 use super::decide::{Applied, Outcome, decide};
 use crate::context::{Context, MANAGER, SecretProblem, is_connection_error};
-use crate::error::{Error, Result};
+use crate::error::{Blocked, Error, Result};
 use crate::metrics::ControllerLabels;
 
 const LABELS: ControllerLabels = ControllerLabels {
@@ -78,12 +78,15 @@ async fn observe_and_apply(
     if let Err(err) = spec.validate() {
         return Ok(Outcome::InvalidSpec(err.to_string()));
     }
-    let url = match ctx.database_url(namespace, &spec.database).await? {
+    let url = match ctx.database_url(namespace, &spec.database).await {
         Ok(url) => url,
-        Err(SecretProblem::NotFound { secret }) => return Ok(Outcome::SecretNotFound { secret }),
-        Err(SecretProblem::KeyMissing { secret, key }) => {
+        Err(Blocked::By(SecretProblem::NotFound { secret })) => {
+            return Ok(Outcome::SecretNotFound { secret });
+        }
+        Err(Blocked::By(SecretProblem::KeyMissing { secret, key })) => {
             return Ok(Outcome::SecretKeyMissing { secret, key });
         }
+        Err(Blocked::Kube(err)) => return Err(err.into()),
     };
     let pool = match ctx.pool(&url).await {
         Ok(pool) => pool,

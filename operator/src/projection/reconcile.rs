@@ -27,7 +27,7 @@ use super::scaling::ownership::{ApplyOutcome, apply_replicas};
 use super::scaling::{self, Measured, ReadPath, scrape};
 use super::{State, explain, job};
 use crate::context::{Context, MANAGER, SecretProblem, is_connection_error};
-use crate::error::Error;
+use crate::error::{Blocked, Error};
 use crate::metrics::ControllerLabels;
 
 pub const FINALIZER: &str = "eventplane.io/cleanup";
@@ -112,9 +112,10 @@ async fn apply(
     let ctx = &state.ctx;
     let name = projection.name_any();
     let now = (ctx.now)();
-    let (observation, pool) = match observe(projection, namespace, state).await? {
+    let (observation, pool) = match observe(projection, namespace, state).await {
         Ok((observed, pool)) => (Observation::Seen(observed), Some(pool)),
-        Err(problem) => (Observation::Problem(problem), None),
+        Err(Blocked::By(problem)) => (Observation::Problem(problem), None),
+        Err(Blocked::Kube(err)) => return Err(err.into()),
     };
     let mut plan = decide::decide(
         Input {
@@ -234,17 +235,20 @@ async fn database_url(
     projection: &Projection,
     namespace: &str,
     ctx: &Context,
-) -> Result<Result<String, Problem>, kube::Error> {
+) -> Result<String, Blocked<Problem>> {
     let Some(database) = &projection.spec.database else {
-        return Ok(Err(Problem::DatabaseNotSet));
+        return Err(Blocked::By(Problem::DatabaseNotSet));
     };
-    Ok(ctx
-        .database_url(namespace, database)
-        .await?
-        .map_err(|problem| match problem {
-            SecretProblem::NotFound { secret } => Problem::SecretNotFound { secret },
-            SecretProblem::KeyMissing { secret, key } => Problem::SecretKeyMissing { secret, key },
-        }))
+    ctx.database_url(namespace, database)
+        .await
+        .map_err(|blocked| {
+            blocked.map(|problem| match problem {
+                SecretProblem::NotFound { secret } => Problem::SecretNotFound { secret },
+                SecretProblem::KeyMissing { secret, key } => {
+                    Problem::SecretKeyMissing { secret, key }
+                }
+            })
+        })
 }
 
 fn database_problem(err: &anyhow::Error) -> Problem {
@@ -260,25 +264,21 @@ async fn observe(
     projection: &Projection,
     namespace: &str,
     state: &State,
-) -> Result<Result<(Observed, PgPool), Problem>, kube::Error> {
+) -> Result<(Observed, PgPool), Blocked<Problem>> {
     let ctx = &state.ctx;
     let name = projection.name_any();
     let spec = &projection.spec;
-    if let Err(err) = eventplane_api::validate_name(&name).and_then(|()| spec.validate()) {
-        return Ok(Err(Problem::InvalidSpec(err.to_string())));
-    }
-    let url = match database_url(projection, namespace, ctx).await? {
-        Ok(url) => url,
-        Err(problem) => return Ok(Err(problem)),
-    };
-    let pool = match ctx.pool(&url).await {
-        Ok(pool) => pool,
-        Err(err) => return Ok(Err(Problem::DatabaseUnreachable(err.to_string()))),
-    };
-    let registry = match read_registry(projection, &pool, &url, state).await {
-        Ok(found) => found,
-        Err(err) => return Ok(Err(database_problem(&err))),
-    };
+    eventplane_api::validate_name(&name)
+        .and_then(|()| spec.validate())
+        .map_err(|err| Blocked::By(Problem::InvalidSpec(err.to_string())))?;
+    let url = database_url(projection, namespace, ctx).await?;
+    let pool = ctx
+        .pool(&url)
+        .await
+        .map_err(|err| Blocked::By(Problem::DatabaseUnreachable(err.to_string())))?;
+    let registry = read_registry(projection, &pool, &url, state)
+        .await
+        .map_err(|err| Blocked::By(database_problem(&err)))?;
     let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), namespace);
     let listed = jobs
         .list(&ListParams::default().labels(&job::selector(&name)))
@@ -288,7 +288,7 @@ async fn observe(
         read_path: read_path(projection, namespace, state).await?,
         ..registry
     };
-    Ok(Ok((observed, pool)))
+    Ok((observed, pool))
 }
 
 /// The database side: schema, first version, the registry, lag, plans.
@@ -412,7 +412,7 @@ async fn cleanup(
         .as_ref()
         .and_then(|t| DateTime::from_timestamp(t.0.as_second(), 0))
         .unwrap_or(now);
-    match drop_tables(projection, namespace, state).await? {
+    match drop_tables(projection, namespace, state).await {
         Ok(tables) => {
             let note = if tables.is_empty() {
                 "reclaimPolicy is Delete; no tables to drop".to_string()
@@ -432,7 +432,7 @@ async fn cleanup(
             .await?;
             Ok(Action::await_change())
         }
-        Err(why) if now - deleted_at >= CLEANUP_GIVE_UP => {
+        Err(Blocked::By(why)) if now - deleted_at >= CLEANUP_GIVE_UP => {
             let note = format!(
                 "reclaimPolicy is Delete, but the tables of {name} (view {} and its versions) were left behind: {why}",
                 projection.spec.table
@@ -450,17 +450,18 @@ async fn cleanup(
             .await?;
             Ok(Action::await_change())
         }
-        Err(why) => Err(ProjectionError::CleanupPending { name, why }),
+        Err(Blocked::By(why)) => Err(ProjectionError::CleanupPending { name, why }),
+        Err(Blocked::Kube(err)) => Err(err.into()),
     }
 }
 
-/// Stops running rebuilds, then drops every version's table. The inner
-/// error says why it cannot be done yet.
+/// Stops running rebuilds, then drops every version's table; blocked by
+/// why it cannot be done yet.
 async fn drop_tables(
     projection: &Projection,
     namespace: &str,
     state: &State,
-) -> Result<Result<Vec<String>, String>, kube::Error> {
+) -> Result<Vec<String>, Blocked<String>> {
     let ctx = &state.ctx;
     let name = projection.name_any();
     let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), namespace);
@@ -477,24 +478,23 @@ async fn drop_tables(
             match jobs.delete(&job.name, &DeleteParams::foreground()).await {
                 Ok(_) => {}
                 Err(kube::Error::Api(status)) if status.code == 404 => {}
-                Err(err) => return Err(err),
+                Err(err) => return Err(err.into()),
             }
         }
         let names: Vec<&str> = running.iter().map(|j| j.name.as_str()).collect();
-        return Ok(Err(format!(
+        return Err(Blocked::By(format!(
             "waiting for rebuild Job {} to stop",
             names.join(", ")
         )));
     }
-    let url = match database_url(projection, namespace, ctx).await? {
-        Ok(url) => url,
-        Err(problem) => return Ok(Err(problem.describe().1)),
-    };
-    let pool = match ctx.pool(&url).await {
-        Ok(pool) => pool,
-        Err(err) => return Ok(Err(format!("cannot connect to the database: {err}"))),
-    };
-    Ok(versions::drop_all(&pool, &name, &projection.spec.table)
+    let url = database_url(projection, namespace, ctx)
         .await
-        .map_err(|err| format!("dropping the tables failed: {err}")))
+        .map_err(|blocked| blocked.map(|problem| problem.describe().1))?;
+    let pool = ctx
+        .pool(&url)
+        .await
+        .map_err(|err| Blocked::By(format!("cannot connect to the database: {err}")))?;
+    versions::drop_all(&pool, &name, &projection.spec.table)
+        .await
+        .map_err(|err| Blocked::By(format!("dropping the tables failed: {err}")))
 }
