@@ -149,9 +149,9 @@ impl ApiError {
 
     fn classify(err: &sqlx::Error) -> Option<Self> {
         match err {
-            sqlx::Error::PoolTimedOut => Some(Self::Unavailable {
+            busy if eventplane_store::db::is_busy(busy) => Some(Self::Unavailable {
                 code: "database_busy",
-                message: "no database connection became free in time".into(),
+                message: "the database did not answer in time; try again shortly".into(),
             }),
             sqlx::Error::Database(db)
                 if db
@@ -211,6 +211,14 @@ impl From<SubmitError> for ApiError {
         match err {
             SubmitError::Overloaded => Self::Unavailable {
                 code: "overloaded",
+                message: err.to_string(),
+            },
+            SubmitError::Busy(_) => Self::Unavailable {
+                code: "database_busy",
+                message: err.to_string(),
+            },
+            SubmitError::Unstorable(_) => Self::Unprocessable {
+                code: "unstorable_event",
                 message: err.to_string(),
             },
             SubmitError::Database(_) => Self::Internal(err.into()),

@@ -59,6 +59,16 @@ pub struct DbArgs {
     /// Connections in the primary pool.
     #[arg(long, env = "EVENTPLANE_DB_MAX_CONNECTIONS", default_value_t = 16)]
     pub db_max_connections: u32,
+    /// Longest a request waits for a free database connection, in
+    /// milliseconds (503 beyond).
+    #[arg(long, env = "EVENTPLANE_DB_ACQUIRE_TIMEOUT_MS", default_value_t = 2000)]
+    pub db_acquire_timeout_ms: u64,
+}
+
+impl DbArgs {
+    pub fn acquire_timeout(&self) -> Duration {
+        Duration::from_millis(self.db_acquire_timeout_ms.max(1))
+    }
 }
 
 #[derive(Args, Debug, Clone)]
@@ -113,6 +123,10 @@ pub struct CommandArgs {
     /// Async command workers.
     #[arg(long, env = "EVENTPLANE_JOB_WORKERS", default_value_t = 2)]
     pub job_workers: usize,
+    /// Longest an append may take, in milliseconds: queued, waiting for a
+    /// lock and writing; past it the answer is 503 and nothing is written.
+    #[arg(long, env = "EVENTPLANE_APPEND_TIMEOUT_MS", default_value_t = 5000)]
+    pub append_timeout_ms: u64,
 }
 
 impl CommandArgs {
@@ -123,9 +137,11 @@ impl CommandArgs {
                 writers: self.append_writers,
                 max_batch: self.append_max_batch,
                 max_wait: Duration::from_micros(self.append_max_wait_us),
+                deadline: Duration::from_millis(self.append_timeout_ms.max(1)),
                 ..GroupCommitConfig::default()
             },
             job_workers: self.job_workers,
+            append_timeout: Duration::from_millis(self.append_timeout_ms.max(1)),
         }
     }
 }
@@ -198,6 +214,9 @@ pub struct QueryArgs {
     /// (`slow_queries_total`) and logged with their plan.
     #[arg(long, env = "EVENTPLANE_SLOW_QUERY_MS", default_value_t = 100)]
     pub slow_query_ms: u64,
+    /// Longest one read may run, in milliseconds (503 beyond).
+    #[arg(long, env = "EVENTPLANE_READ_TIMEOUT_MS", default_value_t = 5000)]
+    pub read_timeout_ms: u64,
 }
 
 impl QueryArgs {
@@ -206,6 +225,7 @@ impl QueryArgs {
             l1_capacity_bytes: self.l1_capacity_bytes,
             consistency_timeout: Duration::from_millis(self.consistency_timeout_ms),
             slow_query: Duration::from_millis(self.slow_query_ms),
+            read_timeout: Duration::from_millis(self.read_timeout_ms.max(1)),
         }
     }
 }

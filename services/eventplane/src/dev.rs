@@ -37,6 +37,7 @@ pub async fn run(role: DevRole) -> anyhow::Result<()> {
         read_database_url: role.query.read_database_url.clone(),
         db_max_connections: role.db.db_max_connections,
         read_max_connections: role.query.read_max_connections,
+        acquire_timeout: role.db.acquire_timeout(),
         redis_url: Some(role.redis_url.clone()),
         declare,
         declared_by: DEV_SOURCE.into(),

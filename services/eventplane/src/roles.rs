@@ -1,7 +1,9 @@
 //! Entry points of the single-role subcommands: each builds a `Stack` with
 //! one role enabled and serves until it is stopped.
 
-use eventplane_store::{Projection, versions};
+use eventplane_store::{Projection, catalog};
+
+use crate::projections::CLI_SOURCE;
 
 use crate::cli::{CatalogArgs, CommandRole, DbArgs, ProjectorRole, QueryRole, RebuildArgs};
 use crate::metrics::Metrics;
@@ -28,6 +30,7 @@ fn declare(config: &mut StackConfig, catalog: &CatalogArgs) -> anyhow::Result<()
 fn base(db: &DbArgs, listen: std::net::SocketAddr, roles: Roles) -> StackConfig {
     let mut config = StackConfig::local(&db.database_url, None, Vec::new());
     config.db_max_connections = db.db_max_connections;
+    config.acquire_timeout = db.acquire_timeout();
     config.listen = listen;
     config.roles = roles;
     config
@@ -97,8 +100,12 @@ pub async fn rebuild(args: RebuildArgs) -> anyhow::Result<()> {
     let projection = Projection::from_manifest(manifest);
     let pool = eventplane_store::db::connect(&args.db.database_url, 4, "rebuild").await?;
     eventplane_store::db::migrate(&pool).await?;
-    // The first version of a new projection is created here too.
-    versions::ensure(&pool, &projection).await?;
+    // What is built is what is declared: a spec the catalog does not hold
+    // yet is declared first (a rebuild Job's spec is declared already, by
+    // the operator), so no projector undoes the swap.
+    catalog::apply(&pool, &projection.name, &projection.spec, CLI_SOURCE)
+        .await
+        .map_err(|err| anyhow::anyhow!("projection {}: {err}", projection.name))?;
     let redis = match &args.redis_url {
         Some(url) => Some(crate::invalidation::redis_manager(url).await?),
         None => None,

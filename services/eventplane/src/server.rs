@@ -12,6 +12,7 @@ use sqlx::PgPool;
 use tokio::task::JoinHandle;
 
 use eventplane_api::ProjectionManifest;
+use eventplane_store::db::PoolConfig;
 use eventplane_store::events::Appender;
 use eventplane_store::events::notify::CommitSignal;
 use eventplane_store::{catalog, db, jobs};
@@ -44,6 +45,8 @@ pub struct StackConfig {
     pub read_database_url: Option<String>,
     pub db_max_connections: u32,
     pub read_max_connections: u32,
+    /// Longest any caller waits for a free database connection.
+    pub acquire_timeout: Duration,
     pub redis_url: Option<String>,
     /// Declared in the catalog at start (`--projections`, the dev stack's
     /// sample), under `declared_by`; the roles then serve whatever the
@@ -74,6 +77,7 @@ impl StackConfig {
             read_database_url: None,
             db_max_connections: 16,
             read_max_connections: 16,
+            acquire_timeout: db::DEFAULT_ACQUIRE_TIMEOUT,
             redis_url: redis_url.map(str::to_string),
             declare,
             declared_by: "files".into(),
@@ -110,7 +114,15 @@ impl Drop for Stack {
 
 impl Stack {
     pub async fn start(config: StackConfig) -> anyhow::Result<Stack> {
-        let pool = db::connect(&config.database_url, config.db_max_connections, "primary").await?;
+        let pool = db::connect_with(
+            &config.database_url,
+            "primary",
+            &PoolConfig {
+                acquire_timeout: config.acquire_timeout,
+                ..PoolConfig::new(config.db_max_connections)
+            },
+        )
+        .await?;
         db::migrate(&pool).await?;
         let metrics = Metrics::new();
         metrics.watch_pool("primary", &pool);
@@ -142,6 +154,20 @@ impl Stack {
         };
 
         if config.roles.command {
+            // Appends run on a pool of their own whose statement timeout
+            // bounds every append transaction (lock waits included).
+            let commands = db::connect_with(
+                &config.database_url,
+                "command",
+                &PoolConfig {
+                    statement_timeout: Some(config.command.append_timeout),
+                    acquire_timeout: config.acquire_timeout,
+                    ..PoolConfig::new(config.db_max_connections)
+                },
+            )
+            .await?;
+            metrics.watch_pool("command", &commands);
+            let pool = commands;
             let (signal, notifier) = CommitSignal::start(pool.clone());
             tasks.push(notifier);
             let (appender, committers) = Appender::start(
@@ -195,14 +221,22 @@ impl Stack {
         }
         let mut subscription = None;
         if let (true, Some(follower)) = (config.roles.query, &follower) {
-            let read_pool = match &config.read_database_url {
-                Some(url) => {
-                    let read = db::connect(url, config.read_max_connections, "read").await?;
-                    metrics.watch_pool("read", &read);
-                    read
-                }
-                None => pool.clone(),
-            };
+            // Reads run on a pool of their own (on a replica when one is
+            // given) whose statement timeout bounds every read.
+            let read_pool = db::connect_with(
+                config
+                    .read_database_url
+                    .as_deref()
+                    .unwrap_or(&config.database_url),
+                "read",
+                &PoolConfig {
+                    statement_timeout: Some(config.query.read_timeout),
+                    acquire_timeout: config.acquire_timeout,
+                    ..PoolConfig::new(config.read_max_connections)
+                },
+            )
+            .await?;
+            metrics.watch_pool("read", &read_pool);
             let (service, follow) = QueryService::new(
                 follower.clone(),
                 read_pool,

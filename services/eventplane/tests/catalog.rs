@@ -634,14 +634,11 @@ async fn bad_declarations_are_refused_and_change_nothing() {
         ),
         "{err}"
     );
-    let err = catalog::apply(
-        &pool,
-        "orders",
-        &variant("orders", "orders").spec,
-        "operator:ns/orders",
-    )
-    .await
-    .unwrap_err();
+    let mut changed = variant("orders", "orders");
+    changed.spec.version = 2;
+    let err = catalog::apply(&pool, "orders", &changed.spec, "operator:ns/orders")
+        .await
+        .unwrap_err();
     assert!(matches!(err, CatalogError::Owned { .. }), "{err}");
 
     assert_eq!(

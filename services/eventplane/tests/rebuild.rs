@@ -35,6 +35,14 @@ fn orders_manifest(name: &str, table: &str, version: u32, marker: &str) -> Proje
     eventplane_api::load_manifests(&yaml).unwrap().remove(0)
 }
 
+/// Declares `projection`'s spec in the catalog, as the operator does
+/// before it starts a rebuild Job.
+async fn declare(pool: &PgPool, projection: &Projection) {
+    eventplane_store::catalog::apply(pool, &projection.name, &projection.spec, "files")
+        .await
+        .expect("declared");
+}
+
 /// Reads the stable name in a loop; counts errors and answers that mix
 /// two versions' markers.
 fn plain_reader(
@@ -71,7 +79,11 @@ fn plain_reader(
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_rebuild_swaps_in_under_readers_and_writers_and_can_swap_back() {
     let db = TestDb::new().await;
-    let stack = stack(&db).await;
+    // As in a cluster: the projector leaves rebuilds to their own runs
+    // (Jobs there), and each version is declared before it is built.
+    let mut config = local(&db.url, Some(&redis_url()), orders());
+    config.projector.rebuild_in_process = false;
+    let stack = stack_with(config).await;
     let http = client();
     for i in 0..300 {
         let (status, _) = append(
@@ -158,6 +170,7 @@ async fn a_rebuild_swaps_in_under_readers_and_writers_and_can_swap_back() {
     };
 
     let v2 = orders_version("orders", "orders", 2, "OPEN");
+    declare(&pool, &v2).await;
     let mut options = RebuildOptions::from_spec(&v2.spec);
     options.batch_size = 100;
     let report = run(&pool, &v2, None, stack.metrics.clone(), &options)
@@ -240,6 +253,7 @@ async fn a_rebuild_swaps_in_under_readers_and_writers_and_can_swap_back() {
         )
         .await;
     }
+    declare(&pool, &v1).await;
     let report = run(
         &pool,
         &v1,
@@ -303,6 +317,7 @@ async fn rebuilding_the_active_version_does_nothing() {
     let stack = stack(&db).await;
     let pool = db.pool().await;
     let v1 = orders_version("orders", "orders", 1, "PENDING");
+    declare(&pool, &v1).await;
     let report = run(
         &pool,
         &v1,

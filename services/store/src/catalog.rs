@@ -137,20 +137,23 @@ pub async fn apply(
             .fetch_optional(&mut *tx)
             .await?;
     if let Some((stored, owner)) = &existing {
+        let stored = serde_json::from_value::<ProjectionSpec>(stored.clone()).ok();
+        // Declaring what is declared already changes nothing, whoever
+        // declares it (a rebuild Job repeats its Projection's spec).
+        if stored.as_ref() == Some(spec) {
+            return Ok(Applied {
+                change: Change::Unchanged,
+                generation,
+                ensured: None,
+            });
+        }
         if !may_change(owner, source) {
             return Err(CatalogError::Owned {
                 name: name.to_string(),
                 owner: owner.clone(),
             });
         }
-        if let Ok(stored) = serde_json::from_value::<ProjectionSpec>(stored.clone()) {
-            if stored == *spec && owner == source {
-                return Ok(Applied {
-                    change: Change::Unchanged,
-                    generation,
-                    ensured: None,
-                });
-            }
+        if let Some(stored) = stored {
             immutable("spec.table", &stored.table, &spec.table)?;
             immutable("spec.key", &stored.key, &spec.key)?;
         }

@@ -13,20 +13,79 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 /// any of our transactions wait between statements.
 const IDLE_IN_TRANSACTION_TIMEOUT: &str = "10s";
 
+/// How a pool connects and how long its work may wait.
+#[derive(Clone, Debug)]
+pub struct PoolConfig {
+    pub max_connections: u32,
+    /// Longest a caller waits for a free connection.
+    pub acquire_timeout: Duration,
+    /// `statement_timeout` of every connection, if any: the longest one
+    /// statement (lock waits included) may run before Postgres cancels it.
+    pub statement_timeout: Option<Duration>,
+}
+
+impl PoolConfig {
+    pub fn new(max_connections: u32) -> Self {
+        PoolConfig {
+            max_connections,
+            acquire_timeout: DEFAULT_ACQUIRE_TIMEOUT,
+            statement_timeout: None,
+        }
+    }
+}
+
+/// Long enough to ride out a burst, short enough that a saturated pool
+/// answers 503 instead of holding clients.
+pub const DEFAULT_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(2);
+
 pub async fn connect(url: &str, max_connections: u32, name: &str) -> sqlx::Result<PgPool> {
+    connect_with(url, name, &PoolConfig::new(max_connections)).await
+}
+
+pub async fn connect_with(url: &str, name: &str, config: &PoolConfig) -> sqlx::Result<PgPool> {
+    let mut settings = vec![(
+        "idle_in_transaction_session_timeout",
+        IDLE_IN_TRANSACTION_TIMEOUT.to_string(),
+    )];
+    if let Some(timeout) = config.statement_timeout {
+        settings.push((
+            "statement_timeout",
+            format!("{}ms", timeout.as_millis().max(1)),
+        ));
+    }
     let options: PgConnectOptions = url
         .parse::<PgConnectOptions>()?
         .application_name(&format!("eventplane-{name}"))
-        .options([(
-            "idle_in_transaction_session_timeout",
-            IDLE_IN_TRANSACTION_TIMEOUT,
-        )]);
+        .options(settings);
     let pool = PgPoolOptions::new()
-        .max_connections(max_connections)
-        .acquire_timeout(Duration::from_secs(5))
+        .max_connections(config.max_connections)
+        .acquire_timeout(config.acquire_timeout)
         .connect_with(options)
         .await?;
     Ok(pool)
+}
+
+/// Errors that say the database is busy or out of reach rather than that
+/// it refused the work: no connection came free, a statement ran past its
+/// timeout or waited past `lock_timeout`, too many connections, the
+/// connection broke. Retrying later may succeed.
+pub fn is_busy(err: &sqlx::Error) -> bool {
+    match err {
+        sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) => true,
+        sqlx::Error::Database(db) => db
+            .code()
+            .is_some_and(|code| matches!(code.as_ref(), "57014" | "55P03" | "53300" | "57P01")),
+        _ => false,
+    }
+}
+
+/// Errors that say a value cannot be stored (SQLSTATE class 22, data
+/// exception: a NUL in a string, a number out of range): the request that
+/// carries it fails, and nothing else.
+pub fn is_data_error(err: &sqlx::Error) -> bool {
+    err.as_database_error()
+        .and_then(|db| db.code())
+        .is_some_and(|code| code.starts_with("22"))
 }
 
 /// Applies pending migrations and makes sure this month's and next month's

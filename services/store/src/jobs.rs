@@ -129,6 +129,20 @@ pub async fn run_one(pool: &PgPool) -> sqlx::Result<bool> {
             finish(&mut tx, id, result, error).await?;
             tx.commit().await?;
         }
+        Err(err) if crate::db::is_data_error(&err) => {
+            // Retrying cannot help a value Postgres refuses to store.
+            drop(tx);
+            let message = err
+                .as_database_error()
+                .map_or_else(|| err.to_string(), |db| db.message().to_string());
+            let error = ErrorBody::new(
+                "unstorable_event",
+                format!("the events cannot be stored: {message}"),
+            );
+            let mut tx = pool.begin().await?;
+            finish(&mut tx, id, None, Some(error.to_json())).await?;
+            tx.commit().await?;
+        }
         Err(err) => {
             drop(tx);
             tracing::warn!(job = %id, error = %err, "async command failed, will retry");

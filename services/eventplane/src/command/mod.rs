@@ -31,6 +31,10 @@ pub struct CommandConfig {
     pub group_commit: GroupCommitConfig,
     /// Async command workers.
     pub job_workers: usize,
+    /// Longest an append may take: its wait in the queue, and every
+    /// statement of its transaction (Postgres cancels one past it). Past
+    /// it the client gets 503 and nothing was written.
+    pub append_timeout: std::time::Duration,
 }
 
 impl Default for CommandConfig {
@@ -39,6 +43,7 @@ impl Default for CommandConfig {
             max_body_bytes: 1 << 20,
             group_commit: GroupCommitConfig::default(),
             job_workers: 2,
+            append_timeout: std::time::Duration::from_secs(5),
         }
     }
 }

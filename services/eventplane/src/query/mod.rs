@@ -108,6 +108,8 @@ pub struct QueryConfig {
     pub consistency_timeout: Duration,
     /// Reads at least this slow are counted and logged with their plan.
     pub slow_query: Duration,
+    /// Postgres cancels a read that runs longer (503 to the client).
+    pub read_timeout: Duration,
 }
 
 impl Default for QueryConfig {
@@ -116,6 +118,7 @@ impl Default for QueryConfig {
             l1_capacity_bytes: 64 << 20,
             consistency_timeout: Duration::from_secs(5),
             slow_query: Duration::from_millis(100),
+            read_timeout: Duration::from_secs(5),
         }
     }
 }

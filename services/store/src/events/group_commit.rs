@@ -3,6 +3,13 @@
 //! in one transaction and answer each request with its own outcome. Under
 //! load batches grow by themselves; when idle a request commits alone, so
 //! there is no fixed wait added to its latency.
+//!
+//! A request has a deadline: one still queued when it passes is answered
+//! "busy" without being written, and the pool's statement timeout bounds
+//! the batch it joins, so no client waits without bound and nothing
+//! commits after its client was told it failed. A batch that fails on a
+//! value Postgres cannot store is retried one request at a time, so only
+//! the request that carries the value fails.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -27,6 +34,8 @@ pub struct GroupCommitConfig {
     pub max_wait: Duration,
     /// Requests waiting for a committer before new ones are refused.
     pub queue: usize,
+    /// Longest a request may wait in the queue before it is answered busy.
+    pub deadline: Duration,
 }
 
 impl Default for GroupCommitConfig {
@@ -36,26 +45,51 @@ impl Default for GroupCommitConfig {
             max_batch: 256,
             max_wait: Duration::ZERO,
             queue: 8192,
+            deadline: Duration::from_secs(5),
         }
     }
 }
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum SubmitError {
     #[error("the append queue is full")]
     Overloaded,
+    /// The database was busy or out of reach (no connection in time, a
+    /// statement or lock timeout): nothing was written; retry later.
+    #[error("the database did not take the append in time: {0}")]
+    Busy(String),
+    /// The request carries a value Postgres cannot store.
+    #[error("the events cannot be stored: {0}")]
+    Unstorable(String),
     #[error("the append could not be committed: {0}")]
     Database(String),
 }
 
+impl SubmitError {
+    fn of(err: &sqlx::Error) -> Self {
+        if crate::db::is_busy(err) {
+            SubmitError::Busy(err.to_string())
+        } else if crate::db::is_data_error(err) {
+            SubmitError::Unstorable(
+                err.as_database_error()
+                    .map_or_else(|| err.to_string(), |db| db.message().to_string()),
+            )
+        } else {
+            SubmitError::Database(err.to_string())
+        }
+    }
+}
+
 struct Pending {
     request: AppendRequest,
+    deadline: Instant,
     reply: oneshot::Sender<Result<Outcome, SubmitError>>,
 }
 
 #[derive(Clone)]
 pub struct Appender {
     queue: mpsc::Sender<Pending>,
+    deadline: Duration,
 }
 
 /// Retries of a whole batch after a deadlock or serialization failure.
@@ -83,13 +117,23 @@ impl Appender {
                 ))
             })
             .collect();
-        (Appender { queue: tx }, handles)
+        (
+            Appender {
+                queue: tx,
+                deadline: config.deadline,
+            },
+            handles,
+        )
     }
 
     pub async fn append(&self, request: AppendRequest) -> Result<Outcome, SubmitError> {
         let (reply, answer) = oneshot::channel();
         self.queue
-            .try_send(Pending { request, reply })
+            .try_send(Pending {
+                request,
+                deadline: Instant::now() + self.deadline,
+                reply,
+            })
             .map_err(|_| SubmitError::Overloaded)?;
         answer
             .await
@@ -126,28 +170,57 @@ async fn committer(
     signal: CommitSignal,
 ) {
     while let Some(batch) = next_batch(&rx, &config).await {
+        let now = Instant::now();
+        let (batch, late): (Vec<Pending>, Vec<Pending>) =
+            batch.into_iter().partition(|p| p.deadline > now);
+        for pending in late {
+            let _ = pending.reply.send(Err(SubmitError::Busy(
+                "the request waited in the append queue past its deadline".into(),
+            )));
+        }
+        if batch.is_empty() {
+            continue;
+        }
         batch_sizes.observe(batch.len() as f64);
         let requests: Vec<&AppendRequest> = batch.iter().map(|p| &p.request).collect();
-        let result = commit_with_retry(&pool, &requests).await;
-        match result {
-            Ok(outcomes) => {
-                if outcomes.iter().any(|o| o.is_ok()) {
-                    signal.committed();
-                }
-                for (pending, outcome) in batch.into_iter().zip(outcomes) {
-                    let _ = pending.reply.send(Ok(outcome));
-                }
+        let answers = match commit_with_retry(&pool, &requests).await {
+            Ok(outcomes) => outcomes.into_iter().map(Ok).collect(),
+            Err(err) if crate::db::is_data_error(&err) && batch.len() > 1 => {
+                tracing::info!(error = %err, batch = batch.len(), "a value in the batch cannot be stored; appending its requests one by one");
+                one_by_one(&pool, &requests).await
             }
             Err(err) => {
-                tracing::error!(error = %err, batch = batch.len(), "append batch failed");
-                for pending in batch {
-                    let _ = pending
-                        .reply
-                        .send(Err(SubmitError::Database(err.to_string())));
-                }
+                tracing::warn!(error = %err, batch = batch.len(), "append batch failed");
+                let failure = SubmitError::of(&err);
+                batch.iter().map(|_| Err(failure.clone())).collect()
             }
+        };
+        if answers
+            .iter()
+            .any(|a: &Result<Outcome, SubmitError>| matches!(a, Ok(Ok(_))))
+        {
+            signal.committed();
+        }
+        for (pending, answer) in batch.into_iter().zip(answers) {
+            let _ = pending.reply.send(answer);
         }
     }
+}
+
+/// Each request in a transaction of its own, so a value that cannot be
+/// stored fails only the request that carries it.
+async fn one_by_one(
+    pool: &PgPool,
+    requests: &[&AppendRequest],
+) -> Vec<Result<Outcome, SubmitError>> {
+    let mut answers = Vec::with_capacity(requests.len());
+    for request in requests {
+        answers.push(match commit_with_retry(pool, &[request]).await {
+            Ok(mut outcomes) => Ok(outcomes.remove(0)),
+            Err(err) => Err(SubmitError::of(&err)),
+        });
+    }
+    answers
 }
 
 pub async fn commit_with_retry(

@@ -220,6 +220,14 @@ impl AppendRequest {
                     format!("events[{i}].metadata must be a JSON object"),
                 ));
             }
+            for (field, value) in [("data", &event.data), ("metadata", &event.metadata)] {
+                if let Some(at) = nul_at(value, &format!("events[{i}].{field}")) {
+                    return Err(invalid(
+                        "unstorable_value",
+                        format!("{at} holds a NUL character (\\u0000), which cannot be stored"),
+                    ));
+                }
+            }
         }
         Ok(())
     }
@@ -229,6 +237,26 @@ impl AppendRequest {
     pub fn digest(&self) -> Vec<u8> {
         let canonical = serde_json::json!([self.stream_id, self.expected_version, self.events]);
         Sha256::digest(canonical.to_string().as_bytes()).to_vec()
+    }
+}
+
+/// Where in `value` a string or an object key holds a NUL character
+/// (`jsonb` refuses them), as a path below `at`.
+fn nul_at(value: &Value, at: &str) -> Option<String> {
+    match value {
+        Value::String(s) if s.contains('\0') => Some(at.to_string()),
+        Value::Array(items) => items
+            .iter()
+            .enumerate()
+            .find_map(|(i, item)| nul_at(item, &format!("{at}[{i}]"))),
+        Value::Object(fields) => fields.iter().find_map(|(key, item)| {
+            if key.contains('\0') {
+                Some(format!("{at} (a key)"))
+            } else {
+                nul_at(item, &format!("{at}.{key}"))
+            }
+        }),
+        _ => None,
     }
 }
 
@@ -294,6 +322,22 @@ mod tests {
         assert_eq!(bad_stream.validate().unwrap_err().code, "invalid_stream_id");
         let ok = request(json!([{"type": "OrderPlaced", "data": {"a": 1}}]));
         assert_eq!(ok.validate(), Ok(()));
+        let nul = request(json!([{"type": "A", "data": {"a": [1, "x\u{0}y"]}}]));
+        let err = nul.validate().unwrap_err();
+        assert_eq!(err.code, "unstorable_value");
+        assert!(
+            err.message.starts_with("events[0].data.a[1] "),
+            "{}",
+            err.message
+        );
+        let nul_key = request(json!([{"type": "A", "data": {}, "metadata": {"k\u{0}": 1}}]));
+        assert!(
+            nul_key
+                .validate()
+                .unwrap_err()
+                .message
+                .contains("events[0].metadata (a key)")
+        );
     }
 
     #[test]
