@@ -325,221 +325,338 @@ fn eta(row: &Version, started: Option<DateTime<Utc>>, now: DateTime<Utc>) -> Opt
     Some(((row.events_total - row.events_done) as f64 / rate).ceil() as i64)
 }
 
-/// The condition set of an observed projection.
+/// Where an observed projection stands: its phase and condition, when to
+/// look again, and what its phase calls for.
 struct Standing {
     phase: Phase,
     reason: &'static str,
     message: String,
     requeue: Duration,
+    /// The rebuild under way, for the status.
+    building: Option<BuildProgress>,
+    /// The reason and message of a failed rebuild, for `Degraded`.
+    failure: Option<(String, String)>,
+    /// Start the rebuild Job of the wanted version.
+    start_job: bool,
 }
 
-fn seen(input: Input<'_>, observed: Observed) -> Plan {
-    let spec = input.spec;
-    let now = input.now;
-    let wanted = spec.version;
-    let hash = job::spec_hash(spec);
-    let job_name = job::job_name(input.name, wanted);
-    let active = observed
-        .versions
-        .iter()
-        .find(|v| v.state == VersionState::Active);
-    let active_version = active.map(|v| v.version);
-    let wanted_row = observed.versions.iter().find(|v| v.version == wanted);
-
-    let mut actions = Vec::new();
-    let mut events = Vec::new();
-    let mut cancelled: Vec<&RebuildJob> = Vec::new();
-    for job in &observed.jobs {
-        if let Some(why) = unwanted(job, wanted, &hash, active_version, wanted_row) {
-            actions.push(Action::DeleteJob {
-                name: job.name.clone(),
-            });
-            events.push(EventSpec {
-                warning: false,
-                reason: event::REBUILD_CANCELLED,
-                action: format!("Cancel/{}", job.name),
-                note: format!("deleted rebuild Job {}: {why}", job.name),
-            });
-            cancelled.push(job);
+impl Standing {
+    fn new(phase: Phase, reason: &'static str, message: String, requeue: Duration) -> Self {
+        Standing {
+            phase,
+            reason,
+            message,
+            requeue,
+            building: None,
+            failure: None,
+            start_job: false,
         }
     }
-    let in_way = |job: &&RebuildJob| job.deleting || cancelled.iter().any(|c| c.name == job.name);
-    // Jobs that must be gone before another rebuild starts: two rebuilds of
-    // one projection never run at once, and a Job name is reused only once
-    // the old Job has left.
-    let blockers: Vec<&RebuildJob> = observed
-        .jobs
-        .iter()
-        .filter(in_way)
-        .filter(|j| !j.finished() || j.name == job_name)
-        .collect();
-    let current = observed
-        .jobs
-        .iter()
-        .filter(|j| !in_way(j))
-        .find(|j| j.version == Some(wanted) && j.name == job_name);
-    let unfinished = observed.jobs.iter().any(|j| !j.finished());
 
-    let progress = |job: Option<&RebuildJob>| {
-        let row = wanted_row;
+    fn with_progress(self, progress: BuildProgress) -> Self {
+        Standing {
+            building: Some(progress),
+            ..self
+        }
+    }
+}
+
+/// What the phase decisions of an observed projection share.
+struct View<'a> {
+    spec: &'a ProjectionSpec,
+    now: DateTime<Utc>,
+    wanted: u32,
+    /// The name of the wanted version's rebuild Job.
+    job_name: String,
+    active: Option<&'a Version>,
+    wanted_row: Option<&'a Version>,
+    /// Which version serves reads meanwhile, for messages.
+    serving: String,
+}
+
+impl<'a> View<'a> {
+    fn new(input: Input<'a>, versions: &'a [Version]) -> Self {
+        let wanted = input.spec.version;
+        let active = versions.iter().find(|v| v.state == VersionState::Active);
+        View {
+            spec: input.spec,
+            now: input.now,
+            wanted,
+            job_name: job::job_name(input.name, wanted),
+            active,
+            wanted_row: versions.iter().find(|v| v.version == wanted),
+            serving: active.map_or_else(
+                || "no version serves reads yet".to_string(),
+                |a| format!("version {} keeps serving", a.version),
+            ),
+        }
+    }
+
+    fn active_version(&self) -> Option<u32> {
+        self.active.map(|v| v.version)
+    }
+
+    /// The wanted version's rebuild, as the status shows it.
+    fn progress(&self, job: Option<&RebuildJob>) -> BuildProgress {
+        let row = self.wanted_row;
         BuildProgress {
-            version: wanted,
-            table: eventplane_store::version_table(&spec.table, wanted),
-            job: Some(job_name.clone()),
+            version: self.wanted,
+            table: eventplane_store::version_table(&self.spec.table, self.wanted),
+            job: Some(self.job_name.clone()),
             events_done: row.map_or(0, |r| r.events_done),
             events_total: row.map_or(0, |r| r.events_total),
-            eta_seconds: row.and_then(|r| eta(r, job.and_then(|j| j.started_at), now)),
+            eta_seconds: row.and_then(|r| eta(r, job.and_then(|j| j.started_at), self.now)),
         }
-    };
-    let serving = active.map_or_else(
-        || "no version serves reads yet".to_string(),
-        |a| format!("version {} keeps serving", a.version),
-    );
-
-    let mut building = None;
-    let mut failure: Option<(String, String)> = None;
-    let standing = if active_version == Some(wanted) {
-        if current.is_some_and(|j| !j.finished()) {
-            building = Some(progress(current));
-            Standing {
-                phase: Phase::Swapping,
-                reason: reason::SWAPPING,
-                message: format!("version {wanted} is active; its rebuild Job is finishing"),
-                requeue: SHORTLY,
-            }
-        } else {
-            Standing {
-                phase: Phase::Ready,
-                reason: reason::VERSION_CURRENT,
-                message: format!("version {wanted} is active"),
-                requeue: WHEN_READY,
-            }
-        }
-    } else if active.is_none() {
-        Standing {
-            phase: Phase::Pending,
-            reason: reason::CREATING,
-            message: "the first version is being created".into(),
-            requeue: SHORTLY,
-        }
-    } else {
-        match current {
-            None if !blockers.is_empty() => {
-                building = Some(progress(None));
-                let names: Vec<&str> = blockers.iter().map(|j| j.name.as_str()).collect();
-                Standing {
-                    phase: Phase::Building,
-                    reason: reason::PREVIOUS_REBUILD_STOPPING,
-                    message: format!(
-                        "waiting for rebuild Job {} to stop before rebuilding version {wanted}; {serving}",
-                        names.join(", ")
-                    ),
-                    requeue: SHORTLY,
-                }
-            }
-            None => {
-                actions.push(Action::CreateJob { version: wanted });
-                building = Some(progress(None));
-                Standing {
-                    phase: Phase::Building,
-                    reason: reason::REBUILDING,
-                    message: format!("rebuilding version {wanted} with Job {job_name}; {serving}"),
-                    requeue: WHILE_BUILDING,
-                }
-            }
-            Some(job) => match &job.state {
-                JobState::Running => {
-                    let progress = progress(Some(job));
-                    let loaded = wanted_row.is_some_and(|r| {
-                        r.state != VersionState::Building || r.events_done >= r.events_total
-                    });
-                    let standing = if loaded {
-                        Standing {
-                            phase: Phase::CatchingUp,
-                            reason: reason::CATCHING_UP,
-                            message: format!(
-                                "version {wanted} is loaded and catching up with the log; {serving}"
-                            ),
-                            requeue: WHILE_BUILDING,
-                        }
-                    } else {
-                        Standing {
-                            phase: Phase::Building,
-                            reason: reason::REBUILDING,
-                            message: format!(
-                                "loading version {wanted}: {} of {} events; {serving}",
-                                progress.events_done, progress.events_total
-                            ),
-                            requeue: WHILE_BUILDING,
-                        }
-                    };
-                    building = Some(progress);
-                    standing
-                }
-                JobState::Succeeded => {
-                    building = Some(progress(Some(job)));
-                    Standing {
-                        phase: Phase::Swapping,
-                        reason: reason::SWAPPING,
-                        message: format!(
-                            "rebuild Job {} finished; waiting for version {wanted} to show as active",
-                            job.name
-                        ),
-                        requeue: SHORTLY,
-                    }
-                }
-                JobState::Failed {
-                    reason: why,
-                    message,
-                } => {
-                    building = Some(progress(Some(job)));
-                    let detail = if message.is_empty() {
-                        why.clone()
-                    } else {
-                        format!("{why}: {message}")
-                    };
-                    let text = format!(
-                        "rebuild Job {} of version {wanted} failed ({detail}); {serving}. \
-                         See `kubectl logs job/{}`. Fix the spec, or delete the Job to retry; \
-                         a failed Job is removed after {} minutes and the rebuild then retried",
-                        job.name,
-                        job.name,
-                        job::TTL_AFTER_FINISHED / 60
-                    );
-                    failure = Some((why.clone(), text.clone()));
-                    Standing {
-                        phase: Phase::Failed,
-                        reason: reason::REBUILD_FAILED,
-                        message: text,
-                        requeue: RETRY_STALLED,
-                    }
-                }
-            },
-        }
-    };
-
-    // Retention: only when no rebuild runs, so a swap back never races the
-    // drop of the version it swaps in.
-    let cutoff = now - hours(spec.rebuild.retain_previous_hours);
-    let expired = |v: &&Version| {
-        v.state == VersionState::Retained && v.retired_at.is_some_and(|t| t < cutoff)
-    };
-    if !unfinished
-        && standing.phase == Phase::Ready
-        && observed.versions.iter().any(|v| expired(&v))
-    {
-        actions.push(Action::DropExpired { cutoff });
     }
+}
 
-    let previous = input.previous;
+/// The rebuild Jobs of a projection, by what they mean for the wanted
+/// version.
+struct Jobs<'a> {
+    /// To delete, each with why.
+    cancelled: Vec<(&'a RebuildJob, String)>,
+    /// Jobs that must be gone before another rebuild starts: two rebuilds
+    /// of one projection never run at once, and a Job name is reused only
+    /// once the old Job has left.
+    blockers: Vec<&'a RebuildJob>,
+    /// The wanted version's Job, when it is not in the way.
+    current: Option<&'a RebuildJob>,
+    /// Some Job, of whatever version, still runs.
+    unfinished: bool,
+}
+
+impl<'a> Jobs<'a> {
+    fn sort(view: &View<'_>, jobs: &'a [RebuildJob]) -> Self {
+        let hash = job::spec_hash(view.spec);
+        let cancelled: Vec<(&RebuildJob, String)> = jobs
+            .iter()
+            .filter_map(|job| {
+                unwanted(
+                    job,
+                    view.wanted,
+                    &hash,
+                    view.active_version(),
+                    view.wanted_row,
+                )
+                .map(|why| (job, why))
+            })
+            .collect();
+        let in_way =
+            |job: &&RebuildJob| job.deleting || cancelled.iter().any(|(c, _)| c.name == job.name);
+        let blockers = jobs
+            .iter()
+            .filter(in_way)
+            .filter(|j| !j.finished() || j.name == view.job_name)
+            .collect();
+        let current = jobs
+            .iter()
+            .filter(|j| !in_way(j))
+            .find(|j| j.version == Some(view.wanted) && j.name == view.job_name);
+        Jobs {
+            blockers,
+            current,
+            unfinished: jobs.iter().any(|j| !j.finished()),
+            cancelled,
+        }
+    }
+}
+
+fn cancel(job: &RebuildJob, why: &str) -> (Action, EventSpec) {
+    (
+        Action::DeleteJob {
+            name: job.name.clone(),
+        },
+        EventSpec {
+            warning: false,
+            reason: event::REBUILD_CANCELLED,
+            action: format!("Cancel/{}", job.name),
+            note: format!("deleted rebuild Job {}: {why}", job.name),
+        },
+    )
+}
+
+fn standing(view: &View<'_>, jobs: &Jobs<'_>) -> Standing {
+    match view.active {
+        Some(active) if active.version == view.wanted => current(view, jobs.current),
+        None => first_version(),
+        Some(_) => match jobs.current {
+            None if !jobs.blockers.is_empty() => waiting(view, &jobs.blockers),
+            None => starting(view),
+            Some(job) => match &job.state {
+                JobState::Running => running(view, job),
+                JobState::Succeeded => finished(view, job),
+                JobState::Failed { reason, message } => failed(view, job, reason, message),
+            },
+        },
+    }
+}
+
+/// The wanted version is active; its Job may still be finishing.
+fn current(view: &View<'_>, job: Option<&RebuildJob>) -> Standing {
+    let wanted = view.wanted;
+    if job.is_some_and(|j| !j.finished()) {
+        Standing::new(
+            Phase::Swapping,
+            reason::SWAPPING,
+            format!("version {wanted} is active; its rebuild Job is finishing"),
+            SHORTLY,
+        )
+        .with_progress(view.progress(job))
+    } else {
+        Standing::new(
+            Phase::Ready,
+            reason::VERSION_CURRENT,
+            format!("version {wanted} is active"),
+            WHEN_READY,
+        )
+    }
+}
+
+/// No version is active yet: the registry creates the first one.
+fn first_version() -> Standing {
+    Standing::new(
+        Phase::Pending,
+        reason::CREATING,
+        "the first version is being created".into(),
+        SHORTLY,
+    )
+}
+
+/// Another rebuild Job must leave before the wanted one starts.
+fn waiting(view: &View<'_>, blockers: &[&RebuildJob]) -> Standing {
+    let names: Vec<&str> = blockers.iter().map(|j| j.name.as_str()).collect();
+    Standing::new(
+        Phase::Building,
+        reason::PREVIOUS_REBUILD_STOPPING,
+        format!(
+            "waiting for rebuild Job {} to stop before rebuilding version {}; {}",
+            names.join(", "),
+            view.wanted,
+            view.serving
+        ),
+        SHORTLY,
+    )
+    .with_progress(view.progress(None))
+}
+
+/// Nothing in the way: the wanted version's rebuild Job is created.
+fn starting(view: &View<'_>) -> Standing {
+    Standing {
+        start_job: true,
+        ..Standing::new(
+            Phase::Building,
+            reason::REBUILDING,
+            format!(
+                "rebuilding version {} with Job {}; {}",
+                view.wanted, view.job_name, view.serving
+            ),
+            WHILE_BUILDING,
+        )
+        .with_progress(view.progress(None))
+    }
+}
+
+/// The rebuild Job runs: loading the log, then catching up with it.
+fn running(view: &View<'_>, job: &RebuildJob) -> Standing {
+    let (wanted, serving) = (view.wanted, &view.serving);
+    let progress = view.progress(Some(job));
+    let loaded = view
+        .wanted_row
+        .is_some_and(|r| r.state != VersionState::Building || r.events_done >= r.events_total);
+    let standing = if loaded {
+        Standing::new(
+            Phase::CatchingUp,
+            reason::CATCHING_UP,
+            format!("version {wanted} is loaded and catching up with the log; {serving}"),
+            WHILE_BUILDING,
+        )
+    } else {
+        Standing::new(
+            Phase::Building,
+            reason::REBUILDING,
+            format!(
+                "loading version {wanted}: {} of {} events; {serving}",
+                progress.events_done, progress.events_total
+            ),
+            WHILE_BUILDING,
+        )
+    };
+    standing.with_progress(progress)
+}
+
+/// The rebuild Job succeeded; the swap is yet to show in the registry.
+fn finished(view: &View<'_>, job: &RebuildJob) -> Standing {
+    Standing::new(
+        Phase::Swapping,
+        reason::SWAPPING,
+        format!(
+            "rebuild Job {} finished; waiting for version {} to show as active",
+            job.name, view.wanted
+        ),
+        SHORTLY,
+    )
+    .with_progress(view.progress(Some(job)))
+}
+
+/// The rebuild Job failed: reported until the spec is fixed or the Job is
+/// gone.
+fn failed(view: &View<'_>, job: &RebuildJob, why: &str, message: &str) -> Standing {
+    let detail = if message.is_empty() {
+        why.to_string()
+    } else {
+        format!("{why}: {message}")
+    };
+    let text = format!(
+        "rebuild Job {} of version {} failed ({detail}); {}. \
+         See `kubectl logs job/{}`. Fix the spec, or delete the Job to retry; \
+         a failed Job is removed after {} minutes and the rebuild then retried",
+        job.name,
+        view.wanted,
+        view.serving,
+        job.name,
+        job::TTL_AFTER_FINISHED / 60
+    );
+    Standing {
+        failure: Some((why.to_string(), text.clone())),
+        ..Standing::new(Phase::Failed, reason::REBUILD_FAILED, text, RETRY_STALLED)
+            .with_progress(view.progress(Some(job)))
+    }
+}
+
+/// Retained versions retired before this are dropped.
+fn retention_cutoff(spec: &ProjectionSpec, now: DateTime<Utc>) -> DateTime<Utc> {
+    now - hours(spec.rebuild.retain_previous_hours)
+}
+
+fn expired(version: &Version, cutoff: DateTime<Utc>) -> bool {
+    version.state == VersionState::Retained && version.retired_at.is_some_and(|t| t < cutoff)
+}
+
+/// `Ready`, `Reconciling`, `Stalled` and `Degraded` of an observed
+/// projection.
+fn observed_conditions(
+    input: Input<'_>,
+    standing: &Standing,
+    halted: Option<&str>,
+) -> Vec<Condition> {
     let before = previous_conditions(input);
-    let generation = input.generation;
+    let (generation, now) = (input.generation, input.now);
     let in_progress = matches!(
         standing.phase,
         Phase::Pending | Phase::Building | Phase::CatchingUp | Phase::Swapping
     );
-    let halted = observed.lag.as_ref().and_then(|l| l.halted.clone());
-    let degraded = match (&failure, &halted) {
+    let failed = standing.phase == Phase::Failed;
+    // A condition that holds carries the standing's reason and message.
+    let about = |holds: bool| {
+        if holds {
+            (standing.reason, standing.message.clone())
+        } else {
+            (reason::RECONCILED, String::new())
+        }
+    };
+    let (reconciling_reason, reconciling_message) = about(in_progress);
+    let (stalled_reason, stalled_message) = about(failed);
+    let degraded = match (&standing.failure, halted) {
         (Some((why, text)), _) => {
             conditions::condition(before, DEGRADED, true, why, text.clone(), generation, now)
         }
@@ -562,7 +679,7 @@ fn seen(input: Input<'_>, observed: Observed) -> Plan {
             now,
         ),
     };
-    let conditions = vec![
+    vec![
         conditions::condition(
             before,
             READY,
@@ -576,47 +693,116 @@ fn seen(input: Input<'_>, observed: Observed) -> Plan {
             before,
             RECONCILING,
             in_progress,
-            if in_progress {
-                standing.reason
-            } else {
-                reason::RECONCILED
-            },
-            if in_progress {
-                standing.message.clone()
-            } else {
-                String::new()
-            },
+            reconciling_reason,
+            reconciling_message,
             generation,
             now,
         ),
         conditions::condition(
             before,
             STALLED,
-            standing.phase == Phase::Failed,
-            if standing.phase == Phase::Failed {
-                standing.reason
-            } else {
-                reason::RECONCILED
-            },
-            if standing.phase == Phase::Failed {
-                standing.message.clone()
-            } else {
-                String::new()
-            },
+            failed,
+            stalled_reason,
+            stalled_message,
             generation,
             now,
         ),
         degraded,
-    ];
+    ]
+}
 
-    // An Event when the phase changes, or the version it is about does.
+/// An Event when the phase changes, or the version it is about does.
+fn phase_event(
+    previous: Option<&ProjectionStatus>,
+    status: &ProjectionStatus,
+    standing: &Standing,
+    wanted: u32,
+) -> Option<EventSpec> {
+    let about = |status: &ProjectionStatus| {
+        (
+            status.phase,
+            status
+                .building
+                .as_ref()
+                .map(|b| b.version)
+                .or(status.active_version),
+        )
+    };
+    if previous.map(about) == Some(about(status)) {
+        return None;
+    }
+    let subject = about(status).1.unwrap_or(wanted);
+    let (warning, why) = match standing.phase {
+        Phase::Pending => (false, event::PENDING),
+        Phase::Building => (false, event::BUILDING),
+        Phase::CatchingUp => (false, event::CATCHING_UP),
+        Phase::Swapping => (false, event::SWAPPING),
+        Phase::Ready => (false, event::READY),
+        Phase::Failed => (true, event::REBUILD_FAILED),
+    };
+    Some(EventSpec {
+        warning,
+        reason: why,
+        action: format!("{why}/v{subject}"),
+        note: standing.message.clone(),
+    })
+}
+
+/// A Warning for each list query that has come to read the whole table.
+fn full_scan_events(previous: Option<&ProjectionStatus>, queries: &[QueryCheck]) -> Vec<EventSpec> {
+    queries
+        .iter()
+        .filter(|q| q.full_scan)
+        .filter(|query| {
+            let before = previous.and_then(|p| p.queries.iter().find(|q2| q2.name == query.name));
+            !before.is_some_and(|b| b.full_scan)
+        })
+        .map(|query| EventSpec {
+            warning: true,
+            reason: event::QUERY_SCANS_WHOLE_TABLE,
+            action: format!("Explain/{}", query.name),
+            note: format!(
+                "list query {:?} reads the whole table ({}); add an index on its filters and order",
+                query.name, query.plan
+            ),
+        })
+        .collect()
+}
+
+fn seen(input: Input<'_>, observed: Observed) -> Plan {
+    let view = View::new(input, &observed.versions);
+    let jobs = Jobs::sort(&view, &observed.jobs);
+    let (mut actions, mut events): (Vec<Action>, Vec<EventSpec>) = jobs
+        .cancelled
+        .iter()
+        .map(|(job, why)| cancel(job, why))
+        .unzip();
+    let standing = standing(&view, &jobs);
+    if standing.start_job {
+        actions.push(Action::CreateJob {
+            version: view.wanted,
+        });
+    }
+
+    // Retention: only when no rebuild runs, so a swap back never races the
+    // drop of the version it swaps in.
+    let cutoff = retention_cutoff(input.spec, input.now);
+    if !jobs.unfinished
+        && standing.phase == Phase::Ready
+        && observed.versions.iter().any(|v| expired(v, cutoff))
+    {
+        actions.push(Action::DropExpired { cutoff });
+    }
+
+    let halted = observed.lag.as_ref().and_then(|l| l.halted.as_deref());
+    let conditions = observed_conditions(input, &standing, halted);
     let scaling = scaling::step(
-        &spec.scaling,
+        &input.spec.scaling,
         observed.read_path,
         observed.lag.as_ref().map(|l| l.seconds),
         // A rebuild's lag is expected while it loads and catches up.
         matches!(standing.phase, Phase::Building | Phase::CatchingUp),
-        now,
+        input.now,
     );
     if let Some((deployment, decision)) = scaling.scale {
         actions.push(Action::Scale {
@@ -625,24 +811,16 @@ fn seen(input: Input<'_>, observed: Observed) -> Plan {
             why: format!("{}: {}", decision.reason, decision.message),
         });
     }
-    let about = |status: Option<&ProjectionStatus>| {
-        status.map(|s| {
-            (
-                s.phase,
-                s.building.as_ref().map(|b| b.version).or(s.active_version),
-            )
-        })
-    };
     let status = ProjectionStatus {
-        observed_generation: generation,
+        observed_generation: input.generation,
         phase: Some(standing.phase),
-        active_version,
-        active_table: active.map(|a| a.table.clone()),
-        building,
+        active_version: view.active_version(),
+        active_table: view.active.map(|a| a.table.clone()),
+        building: standing.building.clone(),
         retained: observed
             .versions
             .iter()
-            .filter(|v| v.state == VersionState::Retained && !expired(v))
+            .filter(|v| v.state == VersionState::Retained && !expired(v, cutoff))
             .map(|v| RetainedVersion {
                 version: v.version,
                 table: v.table.clone(),
@@ -656,42 +834,8 @@ fn seen(input: Input<'_>, observed: Observed) -> Plan {
         queries: observed.queries.clone(),
         conditions,
     };
-    if about(previous) != about(Some(&status)) {
-        let subject = status
-            .building
-            .as_ref()
-            .map(|b| b.version)
-            .or(status.active_version)
-            .unwrap_or(wanted);
-        let (warning, why) = match standing.phase {
-            Phase::Pending => (false, event::PENDING),
-            Phase::Building => (false, event::BUILDING),
-            Phase::CatchingUp => (false, event::CATCHING_UP),
-            Phase::Swapping => (false, event::SWAPPING),
-            Phase::Ready => (false, event::READY),
-            Phase::Failed => (true, event::REBUILD_FAILED),
-        };
-        events.push(EventSpec {
-            warning,
-            reason: why,
-            action: format!("{why}/v{subject}"),
-            note: standing.message.clone(),
-        });
-    }
-    for query in status.queries.iter().filter(|q| q.full_scan) {
-        let before = previous.and_then(|p| p.queries.iter().find(|q2| q2.name == query.name));
-        if !before.is_some_and(|b| b.full_scan) {
-            events.push(EventSpec {
-                warning: true,
-                reason: event::QUERY_SCANS_WHOLE_TABLE,
-                action: format!("Explain/{}", query.name),
-                note: format!(
-                    "list query {:?} reads the whole table ({}); add an index on its filters and order",
-                    query.name, query.plan
-                ),
-            });
-        }
-    }
+    events.extend(phase_event(input.previous, &status, &standing, view.wanted));
+    events.extend(full_scan_events(input.previous, &status.queries));
     Plan {
         actions,
         status,
