@@ -5,14 +5,18 @@
 //! keys) and publishes `{projection, version, generation, keys}` so every
 //! query process drops those L1 entries.
 //!
-//! Every key names the projection version it caches: a query process that
-//! still serves the old version after a swap never reads the new
-//! version's rows from the cache (nor the other way round).
+//! Every key names the database (its instance id) and the projection
+//! version it caches: two stacks sharing a Redis never see each other's
+//! entries, and a query process that still serves the old version after a
+//! swap never reads the new version's rows from the cache (nor the other
+//! way round).
 //!
 //! An invalidation that cannot be delivered is retried with the next batch;
 //! if too many pile up, or at projector start (a previous run may have died
-//! with some undelivered), the projection's epoch is bumped instead, which
-//! orphans every L2 key of the projection at once.
+//! with some undelivered), the projection gets a fresh random epoch instead,
+//! which orphans every L2 key of the projection at once. An epoch is never
+//! reused, so one that Redis lost (a restart, a failover, a flush) cannot
+//! come back and revive the keys of its time.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -24,44 +28,76 @@ use tokio::sync::Mutex;
 
 use crate::metrics::Metrics;
 
-pub const CHANNEL: &str = "eventplane:invalidate";
-
 /// Undelivered row keys kept per projection before falling back to an epoch
 /// bump.
 const MAX_PENDING_KEYS: usize = 10_000;
 
-pub fn generation_key(projection: &str) -> String {
-    format!("ep:{{{projection}}}:gen")
-}
-
-pub fn epoch_key(projection: &str) -> String {
-    format!("ep:{{{projection}}}:epoch")
-}
-
-/// The prefix of every L2 key of one version of a projection. The
-/// projection name sits in a hash tag so that a projection's keys share a
+/// Where one database's cache lives in a Redis that several databases may
+/// share: every key and the invalidation channel carry the database's
+/// instance id. Keys hold the projection in a hash tag with it, so one
+/// projection's keys (and the scripts that touch several) stay in one
 /// Redis Cluster slot.
-fn version_prefix(projection: &str, version: u32) -> String {
-    format!("ep:{{{projection}}}:v{version}:")
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Scope(String);
+
+impl Scope {
+    /// The scope of the database whose instance id is `instance`
+    /// (`eventplane_store::db::instance_id`).
+    pub fn new(instance: &str) -> Self {
+        Scope(instance.to_string())
+    }
+
+    /// The channel the projector publishes invalidations on.
+    pub fn channel(&self) -> String {
+        format!("eventplane:invalidate:{}", self.0)
+    }
+
+    fn tag(&self, projection: &str) -> String {
+        format!("ep:{{{}:{projection}}}", self.0)
+    }
+
+    pub fn generation_key(&self, projection: &str) -> String {
+        format!("{}:gen", self.tag(projection))
+    }
+
+    pub fn epoch_key(&self, projection: &str) -> String {
+        format!("{}:epoch", self.tag(projection))
+    }
+
+    /// The prefix of every L2 key of one version of a projection.
+    fn version_prefix(&self, projection: &str, version: u32) -> String {
+        format!("{}:v{version}:", self.tag(projection))
+    }
+
+    /// L2 key of one row.
+    pub fn row_key(&self, projection: &str, version: u32, epoch: u64, key: &str) -> String {
+        format!(
+            "{}{epoch}:row:{key}",
+            self.version_prefix(projection, version)
+        )
+    }
+
+    pub fn list_key(
+        &self,
+        projection: &str,
+        version: u32,
+        epoch: u64,
+        generation: u64,
+        query: &str,
+        params_digest: &str,
+    ) -> String {
+        format!(
+            "{}{epoch}:list:{generation}:{query}:{params_digest}",
+            self.version_prefix(projection, version)
+        )
+    }
 }
 
-/// L2 key of one row.
-pub fn row_key(projection: &str, version: u32, epoch: u64, key: &str) -> String {
-    format!("{}{epoch}:row:{key}", version_prefix(projection, version))
-}
-
-pub fn list_key(
-    projection: &str,
-    version: u32,
-    epoch: u64,
-    generation: u64,
-    query: &str,
-    params_digest: &str,
-) -> String {
-    format!(
-        "{}{epoch}:list:{generation}:{query}:{params_digest}",
-        version_prefix(projection, version)
-    )
+/// A fresh epoch: random, so an epoch never comes back after Redis lost
+/// its data (a counter would start again at 1 and meet numbers query
+/// processes still hold). 63 bits keep it a plain JSON number.
+fn fresh_epoch() -> u64 {
+    (uuid::Uuid::new_v4().as_u128() as u64) >> 1
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -92,25 +128,31 @@ struct Pending {
     overflowed: bool,
 }
 
-/// Deletes the changed rows' L2 keys under the projection's current epoch
-/// (bumping it first when asked), bumps the generation and publishes the
-/// message, all in one atomic script: a concurrent epoch bump (a swap by a
-/// rebuild) can never leave keys of the new epoch undeleted.
+/// Deletes the changed rows' L2 keys under the projection's current epoch,
+/// bumps the generation and publishes the message, all in one atomic
+/// script: a concurrent epoch change (a swap by a rebuild) can never leave
+/// keys of the new epoch undeleted. When asked, or when Redis has no epoch
+/// (it restarted empty, failed over or was flushed), the projection gets a
+/// fresh epoch first, which orphans every key it had.
 /// KEYS: epoch key, generation key. ARGV: bump flag, row-key prefix (up to
 /// the epoch), message prefix (JSON up to the epoch), keys as a JSON array,
-/// then the keys themselves.
+/// a fresh epoch, the channel, then the keys themselves.
 const DELIVER: &str = r#"
-local epoch = redis.call('GET', KEYS[1]) or '0'
-if ARGV[1] == '1' then epoch = tostring(redis.call('INCR', KEYS[1])) end
-for i = 5, #ARGV do redis.call('DEL', ARGV[2] .. epoch .. ':row:' .. ARGV[i]) end
+local epoch = redis.call('GET', KEYS[1])
+if (not epoch) or ARGV[1] == '1' then
+  epoch = ARGV[5]
+  redis.call('SET', KEYS[1], epoch)
+end
+for i = 7, #ARGV do redis.call('DEL', ARGV[2] .. epoch .. ':row:' .. ARGV[i]) end
 local generation = redis.call('INCR', KEYS[2])
-redis.call('PUBLISH', 'eventplane:invalidate',
+redis.call('PUBLISH', ARGV[6],
   ARGV[3] .. epoch .. ',"generation":' .. generation .. ',"keys":' .. ARGV[4] .. '}')
 return generation
 "#;
 
 /// The projector's side: one per projection.
 pub struct Invalidator {
+    scope: Scope,
     projection: String,
     redis: ConnectionManager,
     pending: Mutex<Pending>,
@@ -118,8 +160,14 @@ pub struct Invalidator {
 }
 
 impl Invalidator {
-    pub fn new(projection: &str, redis: ConnectionManager, metrics: Arc<Metrics>) -> Self {
+    pub fn new(
+        scope: Scope,
+        projection: &str,
+        redis: ConnectionManager,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         Self {
+            scope,
             projection: projection.to_string(),
             redis,
             // A new projector cannot know what a previous one failed to
@@ -184,15 +232,17 @@ impl Invalidator {
         let script = redis::Script::new(DELIVER);
         let mut invocation = script.prepare_invoke();
         invocation
-            .key(epoch_key(&self.projection))
-            .key(generation_key(&self.projection))
+            .key(self.scope.epoch_key(&self.projection))
+            .key(self.scope.generation_key(&self.projection))
             .arg(if pending.overflowed { "1" } else { "0" })
-            .arg(version_prefix(&self.projection, pending.version))
+            .arg(self.scope.version_prefix(&self.projection, pending.version))
             .arg(format!(
                 "{{\"projection\":{name},\"version\":{},\"epoch\":",
                 pending.version
             ))
-            .arg(serde_json::to_string(&keys).expect("strings serialize"));
+            .arg(serde_json::to_string(&keys).expect("strings serialize"))
+            .arg(fresh_epoch().to_string())
+            .arg(self.scope.channel());
         for key in keys {
             invocation.arg(key);
         }

@@ -19,7 +19,7 @@ use eventplane_store::{catalog, db, jobs};
 
 use crate::catalog::{FollowConfig, Follower, member_name};
 use crate::command::{self, CommandConfig, CommandState};
-use crate::invalidation::redis_manager;
+use crate::invalidation::{Scope, redis_manager};
 use crate::metrics::{Metrics, metrics_handler};
 use crate::projector::{self, ProjectorConfig};
 use crate::query::{self, QueryConfig, QueryService};
@@ -142,6 +142,7 @@ impl Stack {
             .map_err(|err| anyhow::anyhow!("projection {}: {err}", manifest.metadata.name))?;
         }
 
+        let scope = Scope::new(&db::instance_id(&pool).await?);
         let redis = match &config.redis_url {
             Some(url) => match redis_manager(url).await {
                 Ok(manager) => Some((manager, url.clone())),
@@ -214,7 +215,7 @@ impl Stack {
             tasks.extend(projector::start(
                 pool.clone(),
                 follower.clone(),
-                redis.as_ref().map(|(m, _)| m.clone()),
+                redis.as_ref().map(|(m, _)| (m.clone(), scope.clone())),
                 metrics.clone(),
                 config.projector.clone(),
             ));
@@ -241,6 +242,7 @@ impl Stack {
                 follower.clone(),
                 read_pool,
                 redis.clone(),
+                scope.clone(),
                 metrics.clone(),
                 config.query.clone(),
             );

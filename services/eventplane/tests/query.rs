@@ -458,11 +458,18 @@ async fn concurrent_misses_on_one_key_load_once() {
     // published together with the generation bump.
     let client = redis::Client::open(redis.url()).unwrap();
     let conn = client.get_multiplexed_async_connection().await.unwrap();
+    let scope = eventplane::invalidation::Scope::new(
+        &eventplane_store::db::instance_id(&stack.pool)
+            .await
+            .unwrap(),
+    );
+    let generation_key = scope.generation_key("orders");
     let published = eventually(Duration::from_secs(5), || {
         let mut conn = conn.clone();
+        let generation_key = generation_key.clone();
         async move {
             let generation: Option<u64> = redis::cmd("GET")
-                .arg(eventplane::invalidation::generation_key("orders"))
+                .arg(generation_key)
                 .query_async(&mut conn)
                 .await
                 .unwrap();
@@ -513,4 +520,128 @@ async fn reads_over_the_slow_query_threshold_are_counted() {
             .unwrap_or(0.0);
         assert!(count >= 1.0, "{query_type} reads were counted:\n{text}");
     }
+}
+
+/// The sample with an L1 TTL long enough that a stale entry would outlive
+/// the test: only invalidation can make a read current.
+fn long_lived_cache() -> Vec<eventplane_api::ProjectionManifest> {
+    let mut manifest = orders().remove(0);
+    manifest.spec.cache.l1_ttl_ms = 600_000;
+    vec![manifest]
+}
+
+async fn list_ids(http: &reqwest::Client, stack: &Stack, customer: &str) -> HashSet<String> {
+    let (status, page, _) = get(
+        http,
+        stack,
+        &format!("/v1/projections/orders/queries/by_customer?customer_id={customer}"),
+    )
+    .await;
+    assert_eq!(status, 200, "{page}");
+    page["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|row| row["id"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// Until `ids` are all listed; then the list must keep them.
+async fn lists_and_keeps(http: &reqwest::Client, stack: &Stack, customer: &str, ids: &[&str]) {
+    let want: HashSet<String> = ids.iter().map(|s| s.to_string()).collect();
+    let listed = eventually(Duration::from_secs(5), || async {
+        list_ids(http, stack, customer).await.is_superset(&want)
+    })
+    .await;
+    assert!(
+        listed,
+        "the list shows {ids:?}: {:?}",
+        list_ids(http, stack, customer).await
+    );
+    for _ in 0..20 {
+        assert!(
+            list_ids(http, stack, customer).await.is_superset(&want),
+            "a stale list came back"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn lists_stay_current_after_redis_restarts_empty() {
+    let db = TestDb::new().await;
+    let mut redis = OwnRedis::start();
+    let stack = stack_with(local(&db.url, Some(&redis.url()), long_lived_cache())).await;
+    live(&stack).await;
+    let http = client();
+    // Several writes move the list generation well past 1.
+    for n in 0..5 {
+        place(&http, &stack, &format!("e{n}"), "cust-e", "1").await;
+    }
+    lists_and_keeps(&http, &stack, "cust-e", &["e0", "e4"]).await;
+
+    redis.stop();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    redis.restart();
+    live(&stack).await;
+    let back = eventually(Duration::from_secs(10), || async {
+        get(&http, &stack, "/v1/projections/orders/rows/e0")
+            .await
+            .2
+            .as_deref()
+            == Some("l1")
+    })
+    .await;
+    assert!(back, "caching resumed on the empty Redis");
+    // The counters start again from nothing in Redis; cached lists must
+    // still follow every write.
+    for n in 5..8 {
+        place(&http, &stack, &format!("e{n}"), "cust-e", "1").await;
+        lists_and_keeps(&http, &stack, "cust-e", &[&format!("e{n}")]).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_databases_sharing_one_redis_never_see_each_others_rows() {
+    let (db_a, db_b) = (TestDb::new().await, TestDb::new().await);
+    let redis = OwnRedis::start();
+    let a = stack_with(local(&db_a.url, Some(&redis.url()), long_lived_cache())).await;
+    let b = stack_with(local(&db_b.url, Some(&redis.url()), long_lived_cache())).await;
+    live(&a).await;
+    live(&b).await;
+    let http = client();
+    // The same projection, key and customer in both, with other values.
+    let token_a = place(&http, &a, "same", "cust-t", "1.00").await;
+    let token_b = place(&http, &b, "same", "cust-t", "2.00").await;
+    get(
+        &http,
+        &a,
+        &format!("/v1/projections/orders/rows/same?token={token_a}"),
+    )
+    .await;
+    get(
+        &http,
+        &b,
+        &format!("/v1/projections/orders/rows/same?token={token_b}"),
+    )
+    .await;
+    place(&http, &b, "only-b", "cust-t", "3.00").await;
+    lists_and_keeps(&http, &b, "cust-t", &["same", "only-b"]).await;
+    for _ in 0..20 {
+        for (stack, total) in [(&a, 1.0), (&b, 2.0)] {
+            let (status, row, _) = get(&http, stack, "/v1/projections/orders/rows/same").await;
+            assert_eq!(status, 200);
+            assert_eq!(row["total"].as_f64(), Some(total), "{row}");
+        }
+        assert_eq!(
+            list_ids(&http, &a, "cust-t").await,
+            HashSet::from(["same".to_string()]),
+            "database A never lists B's rows"
+        );
+    }
+    let (_, _, layer) = get(&http, &a, "/v1/projections/orders/rows/same").await;
+    assert_eq!(
+        layer.as_deref(),
+        Some("l1"),
+        "the reads were cached, not only loaded"
+    );
 }

@@ -88,6 +88,14 @@ pub fn is_data_error(err: &sqlx::Error) -> bool {
         .is_some_and(|code| code.starts_with("22"))
 }
 
+/// This database's name among all others (`eventplane_instance`), made by
+/// the migrations.
+pub async fn instance_id(conn: impl sqlx::PgExecutor<'_>) -> sqlx::Result<String> {
+    sqlx::query_scalar("SELECT id FROM eventplane_instance")
+        .fetch_one(conn)
+        .await
+}
+
 /// Applies pending migrations and makes sure this month's and next month's
 /// event partitions exist.
 pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {

@@ -18,6 +18,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::catalog::Follower;
+use crate::invalidation::Scope;
 use crate::metrics::Metrics;
 use supervisor::Supervisor;
 
@@ -52,7 +53,7 @@ impl Default for ProjectorConfig {
 pub fn start(
     pool: PgPool,
     follower: Follower,
-    redis: Option<redis::aio::ConnectionManager>,
+    redis: Option<(redis::aio::ConnectionManager, Scope)>,
     metrics: Arc<Metrics>,
     config: ProjectorConfig,
 ) -> Vec<JoinHandle<()>> {

@@ -38,7 +38,7 @@ use eventplane_store::batch::{
 use eventplane_store::checkpoints::{self, version_checkpoint};
 use eventplane_store::{Projection, versions};
 
-use crate::invalidation::Invalidator;
+use crate::invalidation::{Invalidator, Scope};
 use crate::metrics::Metrics;
 
 #[derive(Clone, Debug)]
@@ -131,7 +131,8 @@ pub async fn run(
     let mut report = result?;
     if !report.already_active {
         if let Some(redis) = redis {
-            Invalidator::new(&projection.name, redis, metrics)
+            let scope = Scope::new(&eventplane_store::db::instance_id(pool).await?);
+            Invalidator::new(scope, &projection.name, redis, metrics)
                 .invalidate_all()
                 .await;
         }

@@ -22,7 +22,7 @@ use tokio::task::JoinHandle;
 use super::tail::Tail;
 use super::{ProjectorConfig, rebuild, share};
 use crate::catalog::Follower;
-use crate::invalidation::Invalidator;
+use crate::invalidation::{Invalidator, Scope};
 use crate::metrics::{Metrics, ProjectionLabels};
 
 /// The role name projectors register under.
@@ -66,7 +66,8 @@ impl Running {
 pub struct Supervisor {
     pub pool: PgPool,
     pub follower: Follower,
-    pub redis: Option<redis::aio::ConnectionManager>,
+    /// Redis for cache invalidations, and this database's scope in it.
+    pub redis: Option<(redis::aio::ConnectionManager, Scope)>,
     pub metrics: Arc<Metrics>,
     pub config: ProjectorConfig,
     /// Bumped on every `NOTIFY eventplane_events`; tails wait on it.
@@ -198,7 +199,7 @@ impl Supervisor {
         let invalidator = self
             .redis
             .clone()
-            .map(|r| Invalidator::new(&entry.name, r, self.metrics.clone()));
+            .map(|(r, scope)| Invalidator::new(scope, &entry.name, r, self.metrics.clone()));
         let tail = Tail {
             pool: self.pool.clone(),
             projection: active,
@@ -216,7 +217,8 @@ impl Supervisor {
     }
 
     fn spawn_rebuild(&self, projection: Projection) -> JoinHandle<()> {
-        let (pool, redis, metrics) = (self.pool.clone(), self.redis.clone(), self.metrics.clone());
+        let (pool, metrics) = (self.pool.clone(), self.metrics.clone());
+        let redis = self.redis.as_ref().map(|(r, _)| r.clone());
         tokio::spawn(async move {
             let options = rebuild::RebuildOptions::from_spec(&projection.spec);
             if let Err(err) = rebuild::run(&pool, &projection, redis, metrics, &options).await {

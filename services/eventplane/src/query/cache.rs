@@ -23,7 +23,7 @@ use redis::AsyncCommands;
 use redis::aio::ConnectionManager;
 use tokio::sync::Mutex;
 
-use crate::invalidation::{self, CHANNEL, Message};
+use crate::invalidation::{Message, Scope};
 use crate::metrics::Metrics;
 
 /// After a Redis error, L2 is skipped for this long instead of making every
@@ -92,9 +92,11 @@ impl ProjectionCache {
 
     async fn apply(&self, message: &Message) {
         if message.epoch != self.epoch() {
+            // A new epoch starts a new key space, whose generations count
+            // from wherever Redis has them now (from 1 after Redis lost its
+            // data): take them as they come, even if lower.
             self.epoch.store(message.epoch, Ordering::Release);
-            self.generation
-                .fetch_max(message.generation, Ordering::AcqRel);
+            self.generation.store(message.generation, Ordering::Release);
             self.l1.invalidate_all();
             return;
         }
@@ -131,6 +133,8 @@ impl Layer {
 }
 
 pub struct CacheBus {
+    /// Whose cache this is, in a Redis several databases may share.
+    pub scope: Scope,
     projections: RwLock<HashMap<String, Arc<ProjectionCache>>>,
     redis: Option<ConnectionManager>,
     live: AtomicBool,
@@ -138,9 +142,15 @@ pub struct CacheBus {
     pub metrics: Arc<Metrics>,
 }
 
-const FILL_IF_GENERATION: &str = r#"
-local current = redis.call('GET', KEYS[1]) or '0'
-if current == ARGV[1] then
+/// Fills an L2 key only if the projection's epoch and generation are still
+/// those the read began with (no invalidation raced it, and Redis did not
+/// lose and restart the projection's state meanwhile).
+/// KEYS: generation key, the key to fill, epoch key. ARGV: generation,
+/// value, TTL in ms, epoch.
+const FILL_IF_CURRENT: &str = r#"
+local generation = redis.call('GET', KEYS[1]) or '0'
+local epoch = redis.call('GET', KEYS[3]) or '0'
+if generation == ARGV[1] and epoch == ARGV[4] then
   redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
   return 1
 end
@@ -148,8 +158,9 @@ return 0
 "#;
 
 impl CacheBus {
-    pub fn new(redis: Option<ConnectionManager>, metrics: Arc<Metrics>) -> Arc<Self> {
+    pub fn new(scope: Scope, redis: Option<ConnectionManager>, metrics: Arc<Metrics>) -> Arc<Self> {
         Arc::new(Self {
+            scope,
             projections: RwLock::new(HashMap::new()),
             redis,
             live: AtomicBool::new(false),
@@ -164,9 +175,11 @@ impl CacheBus {
     }
 
     /// Whether `cache`'s layers may answer: caching is on for it and, with
-    /// Redis, it knows the current epoch and generation.
+    /// Redis, it knows the current epoch and generation and the
+    /// invalidations keep reaching it (without them an epoch may have moved
+    /// unseen, and L2 keys of the old one are no longer invalidated).
     pub fn usable(&self, cache: &ProjectionCache) -> bool {
-        cache.enabled && (self.redis.is_none() || cache.synced())
+        cache.enabled && (self.redis.is_none() || (cache.synced() && self.l1_live()))
     }
 
     /// The cache of projection `name`, made (and synced in the background)
@@ -223,8 +236,8 @@ impl CacheBus {
             return;
         };
         let read: redis::RedisResult<(Option<u64>, Option<u64>)> = redis::pipe()
-            .get(invalidation::epoch_key(&cache.name))
-            .get(invalidation::generation_key(&cache.name))
+            .get(self.scope.epoch_key(&cache.name))
+            .get(self.scope.generation_key(&cache.name))
             .query_async(&mut redis)
             .await;
         match read {
@@ -269,19 +282,22 @@ impl CacheBus {
         &self,
         cache: &ProjectionCache,
         key: &str,
+        epoch: u64,
         generation: u64,
         value: &Cached,
     ) {
         let Some(mut redis) = self.redis().await else {
             return;
         };
-        let script = redis::Script::new(FILL_IF_GENERATION);
+        let script = redis::Script::new(FILL_IF_CURRENT);
         let result: redis::RedisResult<i64> = script
-            .key(invalidation::generation_key(&cache.name))
+            .key(self.scope.generation_key(&cache.name))
             .key(key)
+            .key(self.scope.epoch_key(&cache.name))
             .arg(generation.to_string())
             .arg(encode_l2(value))
             .arg(cache.l2_ttl.as_millis() as u64)
+            .arg(epoch.to_string())
             .invoke_async(&mut redis)
             .await;
         if let Err(err) = result {
@@ -306,14 +322,13 @@ impl CacheBus {
     async fn subscription(self: Arc<Self>, redis_url: &str) -> redis::RedisResult<()> {
         let client = redis::Client::open(redis_url)?;
         let mut pubsub = client.get_async_pubsub().await?;
-        pubsub.subscribe(CHANNEL).await?;
+        pubsub.subscribe(self.scope.channel()).await?;
         // Learn where each projection stands now; anything before is gone
         // from L1 already.
         let mut conn = client.get_multiplexed_async_connection().await?;
         for cache in self.all() {
-            let generation: Option<u64> =
-                conn.get(invalidation::generation_key(&cache.name)).await?;
-            let epoch: Option<u64> = conn.get(invalidation::epoch_key(&cache.name)).await?;
+            let generation: Option<u64> = conn.get(self.scope.generation_key(&cache.name)).await?;
+            let epoch: Option<u64> = conn.get(self.scope.epoch_key(&cache.name)).await?;
             cache.sync(epoch.unwrap_or(0), generation.unwrap_or(0));
         }
         self.live.store(true, Ordering::Release);

@@ -39,7 +39,7 @@ use eventplane_store::{Projection, Token};
 
 use crate::api_error::{ApiError, ApiResult};
 use crate::catalog::Follower;
-use crate::invalidation;
+use crate::invalidation::Scope;
 use crate::metrics::Metrics;
 use cache::{CacheBus, Cached, Layer, ProjectionCache, row_l1_key};
 
@@ -131,6 +131,7 @@ impl QueryService {
         follower: Follower,
         read_pool: PgPool,
         redis: Option<(redis::aio::ConnectionManager, String)>,
+        scope: Scope,
         metrics: Arc<Metrics>,
         config: QueryConfig,
     ) -> (Self, tokio::task::JoinHandle<()>) {
@@ -138,7 +139,7 @@ impl QueryService {
             Some((m, url)) => (Some(m), Some(url)),
             None => (None, None),
         };
-        let bus = CacheBus::new(manager, metrics.clone());
+        let bus = CacheBus::new(scope, manager, metrics.clone());
         let subscription = url.map(|url| Arc::new(tokio::spawn(bus.clone().subscribe(url))));
         let service = QueryService {
             served: Arc::new(ArcSwap::from_pointee(ServedSet::default())),
@@ -333,18 +334,29 @@ async fn row(
         Ok((load().await?, Layer::L3))
     } else {
         let version = served.projection.spec.version;
-        let l2_key =
-            invalidation::row_key(&served.projection.name, version, served.cache.epoch(), &key);
-        cached(service, &served, row_l1_key(version, &key), l2_key, load).await
+        let epoch = served.cache.epoch();
+        let l2_key = service
+            .bus
+            .scope
+            .row_key(&served.projection.name, version, epoch, &key);
+        cached(
+            service,
+            &served,
+            row_l1_key(version, &key),
+            (l2_key, epoch),
+            load,
+        )
+        .await
     }
 }
 
-/// L1 → L2 → load, recording which layer answered.
+/// L1 → L2 → load, recording which layer answered. `l2` is the L2 key and
+/// the epoch it was made with.
 async fn cached<F, Fut>(
     service: &QueryService,
     served: &Served,
     l1_key: String,
-    l2_key: String,
+    l2: (String, u64),
     load: F,
 ) -> ApiResult<(Cached, Layer)>
 where
@@ -358,7 +370,8 @@ where
     }
     let generation = cache.generation();
     let through_l2 = async {
-        if let Some(hit) = service.bus.l2_get(&l2_key).await {
+        let (l2_key, epoch) = &l2;
+        if let Some(hit) = service.bus.l2_get(l2_key).await {
             counts[1].record(true);
             return Ok::<_, sqlx::Error>((hit, Layer::L2));
         }
@@ -367,7 +380,7 @@ where
         counts[2].record(true);
         service
             .bus
-            .l2_fill(cache, &l2_key, generation, &value)
+            .l2_fill(cache, l2_key, *epoch, generation, &value)
             .await;
         Ok((value, Layer::L3))
     };
@@ -556,15 +569,13 @@ async fn list(
         let generation = served.cache.generation();
         let version = spec.version;
         let l1_key = format!("l:{version}:{generation}:{}:{digest}", query.name);
-        let l2_key = invalidation::list_key(
-            name,
-            version,
-            served.cache.epoch(),
-            generation,
-            &query.name,
-            &digest,
-        );
-        cached(service, &served, l1_key, l2_key, load).await
+        let epoch = served.cache.epoch();
+        let l2_key =
+            service
+                .bus
+                .scope
+                .list_key(name, version, epoch, generation, &query.name, &digest);
+        cached(service, &served, l1_key, (l2_key, epoch), load).await
     }
 }
 
