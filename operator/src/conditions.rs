@@ -1,9 +1,10 @@
 //! Condition types and reasons (kstatus conventions: `Ready`, plus
 //! `Reconciling` while work is under way and `Stalled` when it cannot go on
 //! without a change from someone), with constructors that keep a
-//! condition's transition time when its status did not change.
+//! condition's transition time when its status did not change; and the two
+//! forms a status gives a time in.
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, SecondsFormat, Utc};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
 pub const READY: &str = "Ready";
@@ -42,6 +43,11 @@ pub fn time(t: DateTime<Utc>) -> Time {
         k8s_openapi::jiff::Timestamp::from_second(t.timestamp())
             .expect("timestamps of this era are in range"),
     )
+}
+
+/// A time in a status string field: RFC 3339 in whole seconds, in UTC.
+pub fn rfc3339(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::Secs, true)
 }
 
 /// Builds a condition; `previous` supplies the last transition time when

@@ -14,6 +14,7 @@ use kube::{Api, Client};
 use sqlx::PgPool;
 use tokio::sync::Mutex;
 
+use crate::conditions::reason;
 use crate::error::Blocked;
 use crate::metrics::Metrics;
 
@@ -68,6 +69,23 @@ impl Context {
 pub enum SecretProblem {
     NotFound { secret: String },
     KeyMissing { secret: String, key: String },
+}
+
+impl SecretProblem {
+    /// The condition reason and the message for users; `owner` names the
+    /// resource whose namespace the Secret was looked for in.
+    pub fn describe(&self, owner: &str) -> (&'static str, String) {
+        match self {
+            SecretProblem::NotFound { secret } => (
+                reason::SECRET_NOT_FOUND,
+                format!("Secret {secret:?} was not found in the {owner}'s namespace"),
+            ),
+            SecretProblem::KeyMissing { secret, key } => (
+                reason::SECRET_KEY_MISSING,
+                format!("Secret {secret:?} has no key {key:?}"),
+            ),
+        }
+    }
 }
 
 impl Context {

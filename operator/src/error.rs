@@ -15,6 +15,10 @@ pub enum Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// A failed reconcile is retried this soon: most API failures are brief,
+/// and a longer wait would leave the resource's status stale for minutes.
+pub const RETRY_AFTER_ERROR: std::time::Duration = std::time::Duration::from_secs(15);
+
 /// Why a step of a reconcile stopped short: for a reason the reconcile
 /// reports (a condition, an Event, a deletion that waits), or because a
 /// Kubernetes API call failed, which fails the reconcile.

@@ -5,12 +5,13 @@
 pub use crate::events::EventSpec;
 use std::time::Duration;
 
-use chrono::{DateTime, SecondsFormat, Utc};
+use chrono::{DateTime, Utc};
 use eventplane_api::resource::{PartitionInfo, PartitionPolicyStatus};
 use eventplane_plan::{Bound, ExistingPartition, Plan, PlanError, Step};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 
-use crate::conditions::{self, reason};
+use crate::conditions::{self, reason, rfc3339};
+use crate::context::SecretProblem;
 
 /// Look again at least this often, so drift (a partition dropped by hand)
 /// is noticed and corrected within minutes.
@@ -37,13 +38,7 @@ pub struct Applied {
 pub enum Outcome {
     Suspended,
     InvalidSpec(String),
-    SecretNotFound {
-        secret: String,
-    },
-    SecretKeyMissing {
-        secret: String,
-        key: String,
-    },
+    Secret(SecretProblem),
     DatabaseUnreachable(String),
     PlanFailed(PlanError),
     /// The lock is held by another runner (another operator replica or the CLI).
@@ -90,10 +85,6 @@ pub struct Decision {
     pub status: PartitionPolicyStatus,
     pub events: Vec<EventSpec>,
     pub requeue: Option<Duration>,
-}
-
-fn rfc3339(t: DateTime<Utc>) -> String {
-    t.to_rfc3339_opts(SecondsFormat::Secs, true)
 }
 
 /// The Event reason of a DDL step.
@@ -165,23 +156,9 @@ pub fn decide(
         Outcome::InvalidSpec(message) => {
             stall(&mut status, reason::INVALID_SPEC, message, RETRY_STALLED)
         }
-        Outcome::SecretNotFound { secret } => {
-            let message = format!("Secret {secret:?} was not found in the policy's namespace");
-            stall(
-                &mut status,
-                reason::SECRET_NOT_FOUND,
-                message,
-                RETRY_STALLED,
-            )
-        }
-        Outcome::SecretKeyMissing { secret, key } => {
-            let message = format!("Secret {secret:?} has no key {key:?}");
-            stall(
-                &mut status,
-                reason::SECRET_KEY_MISSING,
-                message,
-                RETRY_STALLED,
-            )
+        Outcome::Secret(problem) => {
+            let (why, message) = problem.describe("policy");
+            stall(&mut status, why, message, RETRY_STALLED)
         }
         Outcome::DatabaseUnreachable(message) => {
             let message = format!("cannot connect to the database: {message}");

@@ -2,7 +2,7 @@
 //! connect, run the executor, then write what `decide` says.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use eventplane_api::PartitionPolicy;
 use eventplane_store::partitions::{ApplyOptions, PartitionError, apply};
@@ -12,8 +12,8 @@ use kube::{Api, ResourceExt};
 use serde_json::json;
 
 use super::decide::{Applied, Outcome, decide};
-use crate::context::{Context, MANAGER, SecretProblem, is_connection_error};
-use crate::error::{Blocked, Error, Result};
+use crate::context::{Context, MANAGER, is_connection_error};
+use crate::error::{Blocked, Error, RETRY_AFTER_ERROR, Result};
 use crate::metrics::ControllerLabels;
 
 const LABELS: ControllerLabels = ControllerLabels {
@@ -61,7 +61,7 @@ pub async fn reconcile(policy: Arc<PartitionPolicy>, ctx: Arc<Context>) -> Resul
 pub fn error_policy(_policy: Arc<PartitionPolicy>, err: &Error, ctx: Arc<Context>) -> Action {
     ctx.metrics.failures.get_or_create(&LABELS).inc();
     tracing::warn!(error = %err, "partitionpolicy reconcile failed; retrying");
-    Action::requeue(Duration::from_secs(15))
+    Action::requeue(RETRY_AFTER_ERROR)
 }
 
 /// Everything that can go wrong with the policy's content or its database
@@ -80,12 +80,7 @@ async fn observe_and_apply(
     }
     let url = match ctx.database_url(namespace, &spec.database).await {
         Ok(url) => url,
-        Err(Blocked::By(SecretProblem::NotFound { secret })) => {
-            return Ok(Outcome::SecretNotFound { secret });
-        }
-        Err(Blocked::By(SecretProblem::KeyMissing { secret, key })) => {
-            return Ok(Outcome::SecretKeyMissing { secret, key });
-        }
+        Err(Blocked::By(problem)) => return Ok(Outcome::Secret(problem)),
         Err(Blocked::Kube(err)) => return Err(err.into()),
     };
     let pool = match ctx.pool(&url).await {

@@ -8,7 +8,7 @@
 pub use crate::events::EventSpec;
 use std::time::Duration;
 
-use chrono::{DateTime, SecondsFormat, Utc};
+use chrono::{DateTime, Utc};
 use eventplane_api::resource::{
     BuildProgress, Phase, ProjectionStatus, QueryCheck, RetainedVersion,
 };
@@ -17,7 +17,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 
 use super::job::{self, JobState, RebuildJob};
 use super::scaling::{self, ReadPath};
-use crate::conditions::{self, DEGRADED, READY, RECONCILING, STALLED, reason};
+use crate::conditions::{self, DEGRADED, READY, RECONCILING, STALLED, reason, rfc3339};
+use crate::context::SecretProblem;
 
 /// Look again this often while a rebuild runs, to keep its progress in the
 /// status current (Job changes trigger a reconcile on their own).
@@ -87,8 +88,7 @@ pub struct Observed {
 pub enum Problem {
     InvalidSpec(String),
     DatabaseNotSet,
-    SecretNotFound { secret: String },
-    SecretKeyMissing { secret: String, key: String },
+    Secret(SecretProblem),
     DatabaseUnreachable(String),
     DatabaseError(String),
 }
@@ -187,10 +187,6 @@ impl Plan {
     }
 }
 
-fn rfc3339(t: DateTime<Utc>) -> String {
-    t.to_rfc3339_opts(SecondsFormat::Secs, true)
-}
-
 fn hours(h: u32) -> chrono::Duration {
     chrono::Duration::hours(i64::from(h))
 }
@@ -212,16 +208,10 @@ impl Problem {
                 "spec.database is not set: name the Secret that holds the Postgres URL of the projection's tables".to_string(),
                 RETRY_STALLED,
             ),
-            Problem::SecretNotFound { secret } => (
-                reason::SECRET_NOT_FOUND,
-                format!("Secret {secret:?} was not found in the projection's namespace"),
-                RETRY_STALLED,
-            ),
-            Problem::SecretKeyMissing { secret, key } => (
-                reason::SECRET_KEY_MISSING,
-                format!("Secret {secret:?} has no key {key:?}"),
-                RETRY_STALLED,
-            ),
+            Problem::Secret(problem) => {
+                let (why, message) = problem.describe("projection");
+                (why, message, RETRY_STALLED)
+            }
             Problem::DatabaseUnreachable(message) => (
                 reason::DATABASE_UNREACHABLE,
                 format!("cannot connect to the database: {message}"),
@@ -1440,9 +1430,9 @@ mod tests {
                 previous: Some(&ready.status),
                 now: now(),
             },
-            Observation::Problem(Problem::SecretNotFound {
+            Observation::Problem(Problem::Secret(SecretProblem::NotFound {
                 secret: "orders-db".into(),
-            }),
+            })),
         );
         assert_eq!(plan.status.active_version, Some(1));
         assert_eq!(plan.status.phase, Some(Phase::Ready));

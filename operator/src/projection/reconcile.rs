@@ -5,7 +5,7 @@
 
 use crate::events::publish;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use chrono::DateTime;
 use eventplane_api::{Projection, ReclaimPolicy};
@@ -26,8 +26,8 @@ use super::decide::{
 use super::scaling::ownership::{ApplyOutcome, apply_replicas};
 use super::scaling::{self, Measured, ReadPath, scrape};
 use super::{State, explain, job};
-use crate::context::{Context, MANAGER, SecretProblem, is_connection_error};
-use crate::error::{Blocked, Error};
+use crate::context::{Context, MANAGER, is_connection_error};
+use crate::error::{Blocked, Error, RETRY_AFTER_ERROR};
 use crate::metrics::ControllerLabels;
 
 pub const FINALIZER: &str = "eventplane.io/cleanup";
@@ -101,7 +101,7 @@ pub fn error_policy(
         state.ctx.metrics.failures.get_or_create(&LABELS).inc();
         tracing::warn!(error = %err, "projection reconcile failed; retrying");
     }
-    Action::requeue(Duration::from_secs(15))
+    Action::requeue(RETRY_AFTER_ERROR)
 }
 
 async fn apply(
@@ -172,13 +172,7 @@ async fn carry_out(
     let name = projection.name_any();
     let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), namespace);
     match action {
-        decide::Action::DeleteJob { name } => {
-            match jobs.delete(name, &DeleteParams::foreground()).await {
-                Ok(_) => {}
-                Err(kube::Error::Api(status)) if status.code == 404 => {}
-                Err(err) => return Err(err.into()),
-            }
-        }
+        decide::Action::DeleteJob { name } => delete_job(&jobs, name).await?,
         decide::Action::CreateJob { version } => {
             let Some(manifest) = job::build(projection, &state.jobs) else {
                 tracing::warn!(projection = %name, version, "no rebuild Job without a database and a uid");
@@ -225,6 +219,16 @@ async fn carry_out(
     Ok(None)
 }
 
+/// Deletes a rebuild Job, its pods first (foreground propagation); a Job
+/// that is gone already is what was wanted.
+async fn delete_job(jobs: &Api<Job>, name: &str) -> Result<(), kube::Error> {
+    match jobs.delete(name, &DeleteParams::foreground()).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(status)) if status.code == 404 => Ok(()),
+        Err(err) => Err(err),
+    }
+}
+
 /// Where a projection's scaling memory is kept in [`State`].
 fn scaling_key(namespace: &str, name: &str) -> String {
     format!("{namespace}/{name}")
@@ -241,14 +245,7 @@ async fn database_url(
     };
     ctx.database_url(namespace, database)
         .await
-        .map_err(|blocked| {
-            blocked.map(|problem| match problem {
-                SecretProblem::NotFound { secret } => Problem::SecretNotFound { secret },
-                SecretProblem::KeyMissing { secret, key } => {
-                    Problem::SecretKeyMissing { secret, key }
-                }
-            })
-        })
+        .map_err(|blocked| blocked.map(Problem::Secret))
 }
 
 fn database_problem(err: &anyhow::Error) -> Problem {
@@ -412,47 +409,36 @@ async fn cleanup(
         .as_ref()
         .and_then(|t| DateTime::from_timestamp(t.0.as_second(), 0))
         .unwrap_or(now);
-    match drop_tables(projection, namespace, state).await {
-        Ok(tables) => {
-            let note = if tables.is_empty() {
-                "reclaimPolicy is Delete; no tables to drop".to_string()
-            } else {
-                format!("reclaimPolicy is Delete; dropped {}", tables.join(", "))
-            };
-            publish(
-                &ctx.recorder,
-                projection,
-                &[EventSpec {
-                    warning: false,
-                    reason: event::TABLES_DROPPED,
-                    action: "Cleanup".into(),
-                    note,
-                }],
-            )
-            .await?;
-            Ok(Action::await_change())
-        }
-        Err(Blocked::By(why)) if now - deleted_at >= CLEANUP_GIVE_UP => {
-            let note = format!(
+    let (warning, reason, note) = match drop_tables(projection, namespace, state).await {
+        Ok(tables) if tables.is_empty() => (
+            false,
+            event::TABLES_DROPPED,
+            "reclaimPolicy is Delete; no tables to drop".to_string(),
+        ),
+        Ok(tables) => (
+            false,
+            event::TABLES_DROPPED,
+            format!("reclaimPolicy is Delete; dropped {}", tables.join(", ")),
+        ),
+        Err(Blocked::By(why)) if now - deleted_at >= CLEANUP_GIVE_UP => (
+            true,
+            event::TABLES_LEFT_BEHIND,
+            format!(
                 "reclaimPolicy is Delete, but the tables of {name} (view {} and its versions) were left behind: {why}",
                 projection.spec.table
-            );
-            publish(
-                &ctx.recorder,
-                projection,
-                &[EventSpec {
-                    warning: true,
-                    reason: event::TABLES_LEFT_BEHIND,
-                    action: "Cleanup".into(),
-                    note,
-                }],
-            )
-            .await?;
-            Ok(Action::await_change())
-        }
-        Err(Blocked::By(why)) => Err(ProjectionError::CleanupPending { name, why }),
-        Err(Blocked::Kube(err)) => Err(err.into()),
-    }
+            ),
+        ),
+        Err(Blocked::By(why)) => return Err(ProjectionError::CleanupPending { name, why }),
+        Err(Blocked::Kube(err)) => return Err(err.into()),
+    };
+    let event = EventSpec {
+        warning,
+        reason,
+        action: "Cleanup".into(),
+        note,
+    };
+    publish(&ctx.recorder, projection, &[event]).await?;
+    Ok(Action::await_change())
 }
 
 /// Stops running rebuilds, then drops every version's table; blocked by
@@ -475,11 +461,7 @@ async fn drop_tables(
         .collect();
     if !running.is_empty() {
         for job in running.iter().filter(|j| !j.deleting) {
-            match jobs.delete(&job.name, &DeleteParams::foreground()).await {
-                Ok(_) => {}
-                Err(kube::Error::Api(status)) if status.code == 404 => {}
-                Err(err) => return Err(err.into()),
-            }
+            delete_job(&jobs, &job.name).await?;
         }
         let names: Vec<&str> = running.iter().map(|j| j.name.as_str()).collect();
         return Err(Blocked::By(format!(
