@@ -20,6 +20,10 @@ pub enum ApiError {
     Unprocessable { code: &'static str, message: String },
     #[error("{message}")]
     NotFound { code: &'static str, message: String },
+    #[error("{message}")]
+    Unauthorized { message: String },
+    #[error("{message}")]
+    Forbidden { message: String },
     /// An append the store refused; the store names the problem.
     #[error("{0}")]
     Append(AppendError),
@@ -78,6 +82,8 @@ impl ApiError {
             Self::BadRequest { .. } => StatusCode::BAD_REQUEST,
             Self::Unprocessable { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             Self::NotFound { .. } => StatusCode::NOT_FOUND,
+            Self::Unauthorized { .. } => StatusCode::UNAUTHORIZED,
+            Self::Forbidden { .. } => StatusCode::FORBIDDEN,
             Self::Append(AppendError::Conflict { .. }) | Self::Conflict { .. } => {
                 StatusCode::CONFLICT
             }
@@ -104,6 +110,8 @@ impl ApiError {
             | Self::Timeout { code, .. }
             | Self::Unavailable { code, .. } => *code,
             Self::PayloadTooLarge => "payload_too_large",
+            Self::Unauthorized { .. } => "unauthorized",
+            Self::Forbidden { .. } => "forbidden",
             Self::UnsupportedMediaType => "unsupported_media_type",
             Self::MethodNotAllowed { .. } => "method_not_allowed",
             Self::UriTooLong { .. } => "uri_too_long",
@@ -127,6 +135,12 @@ impl IntoResponse for ApiError {
         }
         let status = self.status();
         let mut response = (status, Json(self.body())).into_response();
+        if status == StatusCode::UNAUTHORIZED {
+            response.headers_mut().insert(
+                axum::http::header::WWW_AUTHENTICATE,
+                axum::http::HeaderValue::from_static("Bearer"),
+            );
+        }
         if status == StatusCode::SERVICE_UNAVAILABLE {
             response.headers_mut().insert(
                 axum::http::header::RETRY_AFTER,

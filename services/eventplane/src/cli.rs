@@ -9,6 +9,7 @@ use clap::{Args, Parser, Subcommand};
 
 use eventplane_store::events::GroupCommitConfig;
 
+use crate::auth::AuthConfig;
 use crate::command::CommandConfig;
 use crate::projector::ProjectorConfig;
 use crate::query::QueryConfig;
@@ -100,9 +101,41 @@ impl CatalogArgs {
 
 #[derive(Args, Debug, Clone)]
 pub struct ListenArgs {
-    /// Address the HTTP server listens on.
+    /// Address the HTTP API listens on.
     #[arg(long, env = "EVENTPLANE_LISTEN", default_value = "0.0.0.0:8080")]
     pub listen: SocketAddr,
+    /// Address of `/metrics`, `/healthz` and `/readyz` (no token needed).
+    #[arg(long, env = "EVENTPLANE_ADMIN_LISTEN", default_value = "0.0.0.0:9090")]
+    pub admin_listen: SocketAddr,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct AuthArgs {
+    /// A JWKS file (`{"keys": [...]}`, in a cluster mounted from a
+    /// Secret): every API request then needs a bearer JWT signed by one of
+    /// its keys. Without it the API is open.
+    #[arg(long, env = "EVENTPLANE_AUTH_JWKS")]
+    pub auth_jwks: Option<PathBuf>,
+    /// The `iss` a token must carry.
+    #[arg(long, env = "EVENTPLANE_AUTH_ISSUER")]
+    pub auth_issuer: Option<String>,
+    /// The `aud` a token must carry.
+    #[arg(long, env = "EVENTPLANE_AUTH_AUDIENCE")]
+    pub auth_audience: Option<String>,
+    /// Clock skew tolerated on `exp` and `nbf`, in seconds.
+    #[arg(long, env = "EVENTPLANE_AUTH_LEEWAY_SECONDS", default_value_t = 30)]
+    pub auth_leeway_seconds: u64,
+}
+
+impl AuthArgs {
+    pub fn config(&self) -> Option<AuthConfig> {
+        self.auth_jwks.as_ref().map(|jwks| AuthConfig {
+            jwks: jwks.clone(),
+            issuer: self.auth_issuer.clone(),
+            audience: self.auth_audience.clone(),
+            leeway: Duration::from_secs(self.auth_leeway_seconds),
+        })
+    }
 }
 
 #[derive(Args, Debug, Clone)]
@@ -237,6 +270,8 @@ pub struct CommandRole {
     #[command(flatten)]
     pub listen: ListenArgs,
     #[command(flatten)]
+    pub auth: AuthArgs,
+    #[command(flatten)]
     pub command: CommandArgs,
 }
 
@@ -265,6 +300,8 @@ pub struct QueryRole {
     #[command(flatten)]
     pub listen: ListenArgs,
     #[command(flatten)]
+    pub auth: AuthArgs,
+    #[command(flatten)]
     pub query: QueryArgs,
 }
 
@@ -279,9 +316,19 @@ pub struct DevRole {
     /// `orders` sample is declared.
     #[command(flatten)]
     pub catalog: CatalogArgs,
-    /// Address the HTTP server listens on.
+    /// Address the HTTP API listens on.
     #[arg(long, env = "EVENTPLANE_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
+    /// Address of `/metrics`, `/healthz` and `/readyz`.
+    #[arg(
+        long,
+        env = "EVENTPLANE_ADMIN_LISTEN",
+        default_value = "127.0.0.1:9090"
+    )]
+    pub admin_listen: SocketAddr,
+    /// Bearer tokens are off unless a JWKS is given.
+    #[command(flatten)]
+    pub auth: AuthArgs,
     /// Orders the start-up demo places (0: no demo).
     #[arg(long, env = "EVENTPLANE_DEMO_ORDERS", default_value_t = 2000)]
     pub demo_orders: usize,

@@ -42,6 +42,8 @@ pub async fn run(role: DevRole) -> anyhow::Result<()> {
         declare,
         declared_by: DEV_SOURCE.into(),
         listen: role.listen,
+        admin_listen: role.admin_listen,
+        auth: role.auth.config(),
         roles: Roles::ALL,
         command: role.command.config(),
         projector: role.projector.config(),
@@ -52,11 +54,12 @@ pub async fn run(role: DevRole) -> anyhow::Result<()> {
     let stack = Stack::start(config).await?;
     let maintenance = tokio::spawn(keep_events_partitioned(stack.pool.clone()));
     let base = stack.url("");
+    let admin = stack.admin_url("");
     if role.demo_orders > 0 {
-        let summary = demo(&base, role.demo_orders, role.demo_clients.max(1)).await?;
+        let summary = demo(&base, &admin, role.demo_orders, role.demo_clients.max(1)).await?;
         println!("{summary}");
     }
-    println!("{}", examples(&base));
+    println!("{}", examples(&base, &admin));
     if role.exit_after_demo {
         stack.shutdown().await;
         return Ok(());
@@ -105,7 +108,7 @@ async fn keep_events_partitioned(pool: sqlx::PgPool) {
     }
 }
 
-fn examples(base: &str) -> String {
+fn examples(base: &str, admin: &str) -> String {
     format!(
         r#"Eventplane is serving at {base}. Try:
   curl -s -X POST {base}/v1/streams/order-demo-1/events -H 'content-type: application/json' \
@@ -113,7 +116,7 @@ fn examples(base: &str) -> String {
   curl -s {base}/v1/projections/orders/rows/demo-1
   curl -s '{base}/v1/projections/orders/queries/by_customer?customer_id=c-1&limit=10'
   curl -s {base}/v1/projections/orders/status
-  curl -s {base}/metrics | grep -E '^(command_latency|query_latency|cache_hit_rate)'
+  curl -s {admin}/metrics | grep -E '^(command_latency|query_latency|cache_hit_rate)'
 Stop with Ctrl-C."#
     )
 }
@@ -146,7 +149,7 @@ fn line(name: &str, h: &Option<Histogram<u64>>) -> String {
 /// Places `orders` orders from `clients` concurrent clients over HTTP: each
 /// order is placed, read back with its token (read-your-writes), read again
 /// (cache), half are paid; then the customers' lists are read.
-async fn demo(base: &str, orders: usize, clients: usize) -> anyhow::Result<String> {
+async fn demo(base: &str, admin: &str, orders: usize, clients: usize) -> anyhow::Result<String> {
     let http = reqwest::Client::new();
     let run = format!("{:x}", chrono::Utc::now().timestamp_millis());
     let next = Arc::new(AtomicUsize::new(0));
@@ -209,7 +212,7 @@ async fn demo(base: &str, orders: usize, clients: usize) -> anyhow::Result<Strin
         .json()
         .await?;
     let metrics = http
-        .get(format!("{base}/metrics"))
+        .get(format!("{admin}/metrics"))
         .send()
         .await?
         .text()

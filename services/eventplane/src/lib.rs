@@ -3,7 +3,9 @@
 //! their invalidation through Redis, the command line, and the local stack
 //! that runs every role in one process.
 
+pub mod admin;
 pub mod api_error;
+pub mod auth;
 pub mod catalog;
 pub mod cli;
 pub mod command;

@@ -5,7 +5,9 @@ use eventplane_store::{Projection, catalog};
 
 use crate::projections::CLI_SOURCE;
 
-use crate::cli::{CatalogArgs, CommandRole, DbArgs, ProjectorRole, QueryRole, RebuildArgs};
+use crate::cli::{
+    CatalogArgs, CommandRole, DbArgs, ListenArgs, ProjectorRole, QueryRole, RebuildArgs,
+};
 use crate::metrics::Metrics;
 use crate::projector::rebuild::{self, RebuildOptions};
 use crate::server::{Roles, Stack, StackConfig};
@@ -27,11 +29,12 @@ fn declare(config: &mut StackConfig, catalog: &CatalogArgs) -> anyhow::Result<()
     Ok(())
 }
 
-fn base(db: &DbArgs, listen: std::net::SocketAddr, roles: Roles) -> StackConfig {
+fn base(db: &DbArgs, listen: &ListenArgs, roles: Roles) -> StackConfig {
     let mut config = StackConfig::local(&db.database_url, None, Vec::new());
     config.db_max_connections = db.db_max_connections;
     config.acquire_timeout = db.acquire_timeout();
-    config.listen = listen;
+    config.listen = listen.listen;
+    config.admin_listen = listen.admin_listen;
     config.roles = roles;
     config
 }
@@ -39,7 +42,7 @@ fn base(db: &DbArgs, listen: std::net::SocketAddr, roles: Roles) -> StackConfig 
 pub async fn command(role: CommandRole) -> anyhow::Result<()> {
     let mut config = base(
         &role.db,
-        role.listen.listen,
+        &role.listen,
         Roles {
             command: true,
             projector: false,
@@ -47,13 +50,14 @@ pub async fn command(role: CommandRole) -> anyhow::Result<()> {
         },
     );
     config.command = role.command.config();
+    config.auth = role.auth.config();
     serve(config).await
 }
 
 pub async fn projector(role: ProjectorRole) -> anyhow::Result<()> {
     let mut config = base(
         &role.db,
-        role.listen.listen,
+        &role.listen,
         Roles {
             command: false,
             projector: true,
@@ -69,7 +73,7 @@ pub async fn projector(role: ProjectorRole) -> anyhow::Result<()> {
 pub async fn query(role: QueryRole) -> anyhow::Result<()> {
     let mut config = base(
         &role.db,
-        role.listen.listen,
+        &role.listen,
         Roles {
             command: false,
             projector: false,
@@ -81,6 +85,7 @@ pub async fn query(role: QueryRole) -> anyhow::Result<()> {
     config.read_database_url = role.query.read_database_url.clone();
     config.read_max_connections = role.query.read_max_connections;
     config.query = role.query.config();
+    config.auth = role.auth.config();
     serve(config).await
 }
 

@@ -7,7 +7,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use axum::routing::get;
 use sqlx::PgPool;
 use tokio::task::JoinHandle;
 
@@ -17,10 +16,11 @@ use eventplane_store::events::Appender;
 use eventplane_store::events::notify::CommitSignal;
 use eventplane_store::{catalog, db, jobs};
 
+use crate::auth::{AuthConfig, Authenticator};
 use crate::catalog::{FollowConfig, Follower, member_name};
 use crate::command::{self, CommandConfig, CommandState};
 use crate::invalidation::{Scope, redis_manager};
-use crate::metrics::{Metrics, metrics_handler};
+use crate::metrics::Metrics;
 use crate::projector::{self, ProjectorConfig};
 use crate::query::{self, QueryConfig, QueryService};
 
@@ -54,6 +54,10 @@ pub struct StackConfig {
     pub declare: Vec<ProjectionManifest>,
     pub declared_by: String,
     pub listen: SocketAddr,
+    /// Where `/metrics`, `/healthz` and `/readyz` are served.
+    pub admin_listen: SocketAddr,
+    /// Bearer-token checks of the API; `None` lets every request through.
+    pub auth: Option<AuthConfig>,
     pub roles: Roles,
     pub command: CommandConfig,
     pub projector: ProjectorConfig,
@@ -82,6 +86,8 @@ impl StackConfig {
             declare,
             declared_by: "files".into(),
             listen: "127.0.0.1:0".parse().expect("a valid address"),
+            admin_listen: "127.0.0.1:0".parse().expect("a valid address"),
+            auth: None,
             roles: Roles::ALL,
             command: CommandConfig::default(),
             projector: ProjectorConfig::default(),
@@ -95,7 +101,10 @@ impl StackConfig {
 /// A running process: its address and tasks. Dropping it stops every task,
 /// as a crash would (open transactions roll back).
 pub struct Stack {
+    /// The API listener.
     pub addr: SocketAddr,
+    /// The admin listener: `/metrics`, `/healthz`, `/readyz`, no token.
+    pub admin_addr: SocketAddr,
     pub pool: PgPool,
     pub metrics: Arc<Metrics>,
     /// The catalog this process follows (projector and query roles).
@@ -127,9 +136,7 @@ impl Stack {
         let metrics = Metrics::new();
         metrics.watch_pool("primary", &pool);
         let mut tasks = Vec::new();
-        let mut app = Router::new()
-            .route("/healthz", get(|| async { "ok" }))
-            .route("/metrics", get(metrics_handler).with_state(metrics.clone()));
+        let mut app = Router::new();
 
         for manifest in &config.declare {
             catalog::apply(
@@ -251,7 +258,14 @@ impl Stack {
             app = app.merge(query::router(service));
         }
 
-        let app = crate::edge::around(app);
+        let authenticator = match &config.auth {
+            Some(auth) => Some(Authenticator::new(auth.clone())?),
+            None => None,
+        };
+        let app = crate::edge::around(app.layer(axum::middleware::from_fn_with_state(
+            authenticator,
+            crate::auth::authenticate,
+        )));
         let listener = tokio::net::TcpListener::bind(config.listen).await?;
         let addr = listener.local_addr()?;
         tasks.push(tokio::spawn(async move {
@@ -259,9 +273,22 @@ impl Stack {
                 tracing::error!(error = %err, "http server stopped");
             }
         }));
-        tracing::info!(%addr, roles = ?config.roles, "eventplane serving");
+        let admin = crate::edge::around(crate::admin::router(crate::admin::Admin {
+            pool: pool.clone(),
+            metrics: metrics.clone(),
+            follower: follower.clone(),
+        }));
+        let admin_listener = tokio::net::TcpListener::bind(config.admin_listen).await?;
+        let admin_addr = admin_listener.local_addr()?;
+        tasks.push(tokio::spawn(async move {
+            if let Err(err) = axum::serve(admin_listener, admin).await {
+                tracing::error!(error = %err, "admin server stopped");
+            }
+        }));
+        tracing::info!(%addr, %admin_addr, roles = ?config.roles, "eventplane serving");
         Ok(Stack {
             addr,
+            admin_addr,
             pool,
             metrics,
             follower,
@@ -286,5 +313,9 @@ impl Stack {
 
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
+    }
+
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.admin_addr)
     }
 }

@@ -416,6 +416,8 @@ fn spawn_projector(db: &TestDb, lease_ttl_ms: u64) -> std::process::Child {
             "projector",
             "--listen",
             "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
             "--batch-size",
             "7",
             "--catalog-resync-ms",

@@ -407,7 +407,7 @@ async fn metrics_carry_the_seed_names_and_pool_usage() {
     assert_eq!(status, 201);
     get(&http, &stack, "/v1/projections/orders/rows/m1").await;
     let text = http
-        .get(stack.url("/metrics"))
+        .get(stack.admin_url("/metrics"))
         .send()
         .await
         .unwrap()

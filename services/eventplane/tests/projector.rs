@@ -225,6 +225,8 @@ async fn a_projector_process_killed_mid_batch_recovers_exactly() {
                 "projector",
                 "--listen",
                 "127.0.0.1:0",
+                "--admin-listen",
+                "127.0.0.1:0",
                 "--batch-size",
                 "5",
                 "--projections",

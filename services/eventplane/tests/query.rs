@@ -115,7 +115,7 @@ async fn live(stack: &Stack) {
             let http = &http;
             async move {
                 let text = http
-                    .get(stack.url("/metrics"))
+                    .get(stack.admin_url("/metrics"))
                     .send()
                     .await
                     .unwrap()

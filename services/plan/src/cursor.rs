@@ -30,8 +30,8 @@ pub fn decode_cursor(
         .decode(s)
         .map_err(|e| bad(format!("not base64: {e}")))?;
     // Raw, so a number keeps every digit until its column's type reads it.
-    let values: Vec<Box<RawValue>> = serde_json::from_slice(&bytes)
-        .map_err(|e| bad(format!("not a JSON array: {e}")))?;
+    let values: Vec<Box<RawValue>> =
+        serde_json::from_slice(&bytes).map_err(|e| bad(format!("not a JSON array: {e}")))?;
     let cols = sort_columns(spec, query);
     if values.len() != cols.len() {
         return Err(bad(format!(

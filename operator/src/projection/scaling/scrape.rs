@@ -17,8 +17,9 @@ use serde::{Deserialize, Serialize};
 use super::Signals;
 use super::signals::signals_between;
 
-/// Port and path where query pods serve Prometheus metrics.
-const METRICS_PORT: u16 = 8080;
+/// Port of the query pods' admin listener (`--admin-listen`), where they
+/// serve Prometheus metrics without a token.
+const METRICS_PORT: u16 = 9090;
 
 /// A scrape slower than this is skipped: a pod that cannot answer in time
 /// is no signal, and the reconcile must not wait on it.
@@ -283,13 +284,13 @@ command_latency_bucket{le="+Inf",command_type="place"} 7
     fn only_running_ready_pods_with_an_ip_are_scraped() {
         assert_eq!(
             scrape_target(&pod("Running", "True", Some("10.0.0.7"))),
-            Some(("u-1".into(), "http://10.0.0.7:8080/metrics".into()))
+            Some(("u-1".into(), "http://10.0.0.7:9090/metrics".into()))
         );
         assert_eq!(
             scrape_target(&pod("Running", "True", Some("fd00::7")))
                 .unwrap()
                 .1,
-            "http://[fd00::7]:8080/metrics"
+            "http://[fd00::7]:9090/metrics"
         );
         assert_eq!(
             scrape_target(&pod("Pending", "True", Some("10.0.0.7"))),

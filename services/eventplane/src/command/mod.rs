@@ -7,7 +7,7 @@ use std::time::Instant;
 use axum::Json;
 use axum::Router;
 use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
-use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::extract::{DefaultBodyLimit, Extension, Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -21,6 +21,7 @@ use eventplane_store::events::{AppendRequest, Appender, GroupCommitConfig};
 use eventplane_store::jobs::{self, Priority};
 
 use crate::api_error::{ApiError, ApiResult};
+use crate::auth::{Access, Grants};
 use crate::metrics::Metrics;
 
 /// How the command role runs.
@@ -86,6 +87,7 @@ fn wants_async(headers: &HeaderMap) -> bool {
 
 async fn append(
     State(state): State<CommandState>,
+    Extension(grants): Extension<Grants>,
     path: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
     body: Result<Json<AppendBody>, JsonRejection>,
@@ -93,6 +95,7 @@ async fn append(
     let started = Instant::now();
     let Path(stream_id) = path?;
     validate_stream_id(&stream_id).map_err(|e| ApiError::bad_request(e.code, e.message))?;
+    grants.require(Access::Append(&stream_id))?;
     let Json(body) = body?;
     let request = AppendRequest {
         stream_id,
@@ -152,12 +155,14 @@ const MAX_STREAM_PAGE: i64 = 1000;
 
 async fn read(
     State(state): State<CommandState>,
+    Extension(grants): Extension<Grants>,
     path: Result<Path<String>, PathRejection>,
     params: Result<Query<ReadParams>, QueryRejection>,
 ) -> ApiResult<Response> {
     let started = Instant::now();
     let Path(stream_id) = path?;
     validate_stream_id(&stream_id).map_err(|e| ApiError::bad_request(e.code, e.message))?;
+    grants.require(Access::ReadStream(&stream_id))?;
     let Query(params) = params?;
     let from = params.from.unwrap_or(1);
     let limit = params.limit.unwrap_or(100);
@@ -186,8 +191,10 @@ async fn read(
 
 async fn job(
     State(state): State<CommandState>,
+    Extension(grants): Extension<Grants>,
     path: Result<Path<String>, PathRejection>,
 ) -> ApiResult<Response> {
+    grants.require(Access::Jobs)?;
     let Path(id) = path?;
     let id = Uuid::parse_str(&id)
         .map_err(|_| ApiError::bad_request("invalid_job_id", format!("{id:?} is not a job id")))?;

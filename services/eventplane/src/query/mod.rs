@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use axum::Json;
 use axum::Router;
 use axum::extract::rejection::{PathRejection, QueryRejection};
-use axum::extract::{Path, Query, State};
+use axum::extract::{Extension, Path, Query, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -38,6 +38,7 @@ use eventplane_store::catalog::Snapshot;
 use eventplane_store::{Projection, Token};
 
 use crate::api_error::{ApiError, ApiResult};
+use crate::auth::{Access, Grants};
 use crate::catalog::Follower;
 use crate::invalidation::Scope;
 use crate::metrics::Metrics;
@@ -284,11 +285,13 @@ fn parse_token(params: &BTreeMap<String, String>) -> ApiResult<Option<Token>> {
 
 async fn get_row(
     State(service): State<QueryService>,
+    Extension(grants): Extension<Grants>,
     path: Result<Path<(String, String)>, PathRejection>,
     params: Result<Query<BTreeMap<String, String>>, QueryRejection>,
 ) -> ApiResult<Response> {
     let started = Instant::now();
     let Path((name, key)) = path?;
+    grants.require(Access::Read(&name))?;
     let Query(params) = params?;
     if let Some(unknown) = params.keys().find(|k| k.as_str() != "token") {
         return Err(ApiError::bad_request(
@@ -486,11 +489,13 @@ fn list_params(
 
 async fn run_query(
     State(service): State<QueryService>,
+    Extension(grants): Extension<Grants>,
     path: Result<Path<(String, String)>, PathRejection>,
     params: Result<Query<BTreeMap<String, String>>, QueryRejection>,
 ) -> ApiResult<Response> {
     let started = Instant::now();
     let Path((name, query_name)) = path?;
+    grants.require(Access::Read(&name))?;
     let Query(params) = params?;
     let (body, layer) = service
         .read(&name, |served| list(&service, served, &query_name, &params))
@@ -610,9 +615,17 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-async fn list_projections(State(service): State<QueryService>) -> Json<Value> {
+/// The projections this token may read.
+async fn list_projections(
+    State(service): State<QueryService>,
+    Extension(grants): Extension<Grants>,
+) -> Json<Value> {
     let served = service.served.load();
-    let mut names: Vec<&String> = served.projections.keys().collect();
+    let mut names: Vec<&String> = served
+        .projections
+        .keys()
+        .filter(|name| grants.allows(Access::Read(name)))
+        .collect();
     names.sort();
     Json(serde_json::json!({ "projections": names, "catalogGeneration": served.generation }))
 }
@@ -629,9 +642,11 @@ struct ServedStatus {
 
 async fn projection_status(
     State(service): State<QueryService>,
+    Extension(grants): Extension<Grants>,
     path: Result<Path<String>, PathRejection>,
 ) -> ApiResult<Response> {
     let Path(name) = path?;
+    grants.require(Access::Read(&name))?;
     let generation = service.served.load().generation;
     let served = service.served(&name)?;
     let status = eventplane_store::status::status(&service.read_pool, &served.projection)
