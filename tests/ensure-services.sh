@@ -145,6 +145,33 @@ ensure_rust() {
     fi
 }
 
+python_has_emulator_deps() { python3 -c 'import aiohttp, yaml' >/dev/null 2>&1; }
+
+# The operator's end-to-end test (tests/tests/operator_emulated.rs) runs the
+# Kubernetes API emulator tests/k8s/emulator.py: python3 with aiohttp and
+# PyYAML.
+ensure_python() {
+    if ! command -v python3 >/dev/null; then
+        log "python: not installed; installing python3 with aiohttp and PyYAML"
+        apt_install python3 python3-aiohttp python3-yaml
+    fi
+    if python_has_emulator_deps; then
+        log "python: reused $(python3 --version 2>&1) with aiohttp and PyYAML"
+        return
+    fi
+    log "python: installing aiohttp and PyYAML"
+    # pip where python3 has one of its own (pyenv, a venv); Debian's packages
+    # where the system Python refuses pip installs (PEP 668).
+    if ! { python3 -m pip --version >/dev/null 2>&1 &&
+        python3 -m pip install --quiet --disable-pip-version-check aiohttp pyyaml 2>/dev/null; }; then
+        apt_install python3-aiohttp python3-yaml
+    fi
+    python_has_emulator_deps ||
+        die "python3 still cannot import aiohttp and yaml; install them (pip install aiohttp pyyaml)"
+    log "python: installed aiohttp and PyYAML for $(python3 --version 2>&1)"
+}
+
 ensure_postgres
 ensure_redis
 ensure_rust
+ensure_python

@@ -22,6 +22,11 @@ cargo fmt --all -- --check
 step "cargo clippy"
 cargo clippy --workspace --all-targets -- -D warnings
 
+step "Kubernetes API emulator (tests/k8s)"
+# The emulator that the operator's end-to-end test runs against checks its
+# own API semantics first.
+python3 -m unittest discover -s tests/k8s
+
 step "tests"
 if cargo nextest --version >/dev/null 2>&1; then
     cargo nextest run --workspace --no-fail-fast
