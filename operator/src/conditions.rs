@@ -36,6 +36,7 @@ pub mod reason {
     pub const PREVIOUS_REBUILD_STOPPING: &str = "PreviousRebuildStopping";
     pub const REBUILD_FAILED: &str = "RebuildFailed";
     pub const PROJECTION_HALTED: &str = "ProjectionHalted";
+    pub const DECLARATION_REFUSED: &str = "DeclarationRefused";
 }
 
 pub fn time(t: DateTime<Utc>) -> Time {

@@ -1,7 +1,8 @@
 //! The Projection controller against a mocked API server (every request
-//! asserted) and a real Postgres: the finalizer, the first version, rebuild
-//! Jobs (created, failed, replaced), deletion with each reclaim policy and
-//! a missing Secret.
+//! asserted) and a real Postgres: the finalizer, the declaration in the
+//! catalog and the first version, rebuild Jobs (created, failed, replaced),
+//! deletion with each reclaim policy, a missing Secret and a refused
+//! declaration.
 
 mod common;
 
@@ -26,6 +27,16 @@ const SECRET_PATH: &str = "/api/v1/namespaces/shop/secrets/orders-db";
 const JOBS_PATH: &str = "/apis/batch/v1/namespaces/shop/jobs";
 const DEPLOYMENT_PATH: &str = "/apis/apps/v1/namespaces/shop/deployments/orders-query";
 const EVENTS_PATH: &str = "/apis/events.k8s.io/v1/namespaces/shop/events";
+/// Who the operator declares this resource as in the catalog.
+const SOURCE: &str = "operator:shop/orders";
+
+/// The catalog entries: name, declared version, source, generation.
+async fn catalog_rows(db: &Db) -> Vec<(String, i32, String, i64)> {
+    sqlx::query_as("SELECT name, version, source, generation FROM projection_catalog ORDER BY name")
+        .fetch_all(&db.pool().await)
+        .await
+        .unwrap()
+}
 
 fn fixed_now() -> DateTime<Utc> {
     DateTime::parse_from_rfc3339("2026-03-01T12:00:00Z")
@@ -42,12 +53,12 @@ trait ProjectionDb: Sized {
 }
 
 impl ProjectionDb for Db {
-    /// The projection's first version, as the services would have made it.
+    /// The projection declared at version 1, as an earlier reconcile of
+    /// this resource left it.
     async fn with_version_1(self) -> Self {
         let pool = self.pool().await;
         eventplane_store::db::migrate(&pool).await.unwrap();
-        let live = eventplane_store::Projection::live("orders".into(), spec(1, json!({})));
-        eventplane_store::versions::ensure(&pool, &live)
+        eventplane_store::catalog::apply(&pool, "orders", &spec(1, json!({})), SOURCE)
             .await
             .unwrap();
         self
@@ -317,6 +328,20 @@ async fn a_new_projection_gets_a_finalizer_then_its_first_version_and_a_ready_st
     assert_eq!(queries[2]["name"], "recent");
     assert_eq!(queries[2]["fullScan"], true);
     assert_eq!(action, Action::requeue(Duration::from_secs(60)));
+
+    // The resource is what the services serve: its spec is in the catalog.
+    let rows = catalog_rows(&db).await;
+    assert_eq!(rows.len(), 1);
+    let (name, version, source, generation) = &rows[0];
+    assert_eq!(
+        (name.as_str(), *version, source.as_str()),
+        ("orders", 1, SOURCE)
+    );
+    assert_eq!(status["catalogGeneration"], json!(generation));
+    assert_eq!(
+        status["served"], "query 0/0, projector 0/0",
+        "no service runs yet"
+    );
 }
 
 #[tokio::test]
@@ -622,8 +647,9 @@ async fn deleting_with_reclaim_policy_delete_drops_every_table_then_releases_the
 }
 
 #[tokio::test]
-async fn deleting_with_reclaim_policy_retain_keeps_the_tables() {
+async fn deleting_with_reclaim_policy_retain_stops_serving_and_keeps_the_tables() {
     let db = Db::new().await.with_version_1().await;
+    assert_eq!(catalog_rows(&db).await.len(), 1);
     let (state, mut server) = setup();
     let run = tokio::spawn(reconcile(
         projection(Setup {
@@ -632,9 +658,110 @@ async fn deleting_with_reclaim_policy_retain_keeps_the_tables() {
         }),
         state,
     ));
+    expect_job_list(&mut server, vec![]).await;
+    expect_secret(&mut server, &db).await;
+    let event = expect_event(&mut server, "Normal", "NoLongerServed").await;
+    assert!(
+        event["note"].as_str().unwrap().contains("tables stay"),
+        "{event}"
+    );
     expect_finalizer_removed(&mut server).await;
     run.await.unwrap().unwrap();
-    assert_eq!(db.relations().await.len(), 2);
+    assert!(
+        catalog_rows(&db).await.is_empty(),
+        "the services stop serving it"
+    );
+    assert_eq!(db.relations().await.len(), 2, "the tables stay");
+}
+
+#[tokio::test]
+async fn a_spec_change_moves_the_catalog_generation_and_the_same_spec_does_not() {
+    let db = Db::new().await.with_version_1().await;
+    let before = catalog_rows(&db).await[0].3;
+    let (state, mut server) = setup();
+    let changed = json!({"cache": {"enabled": false}});
+    let run = tokio::spawn(reconcile(
+        projection(Setup {
+            extra: changed.clone(),
+            status: Some(ready_v1()),
+            ..Setup::default()
+        }),
+        state.clone(),
+    ));
+    expect_secret(&mut server, &db).await;
+    expect_job_list(&mut server, vec![]).await;
+    expect_no_deployment(&mut server).await;
+    let status = expect_status(&mut server).await;
+    run.await.unwrap().unwrap();
+    let after = catalog_rows(&db).await[0].3;
+    assert!(after > before, "the change is a new catalog generation");
+    assert_eq!(status["catalogGeneration"], json!(after));
+
+    let run = tokio::spawn(reconcile(
+        projection(Setup {
+            extra: changed,
+            status: Some(status),
+            ..Setup::default()
+        }),
+        state,
+    ));
+    expect_secret(&mut server, &db).await;
+    expect_job_list(&mut server, vec![]).await;
+    expect_no_deployment(&mut server).await;
+    expect_status(&mut server).await;
+    run.await.unwrap().unwrap();
+    assert_eq!(
+        catalog_rows(&db).await[0].3,
+        after,
+        "the same spec changes nothing"
+    );
+}
+
+#[tokio::test]
+async fn a_declaration_the_catalog_refuses_stalls_with_its_reason_and_changes_nothing() {
+    let db = Db::new().await.with_version_1().await;
+    let (state, mut server) = setup();
+    // Another resource declaring the event store's own table.
+    let mut p = (*projection(Setup::default())).clone();
+    p.metadata.name = Some("intruder".into());
+    p.spec.table = "events".into();
+    let run = tokio::spawn(reconcile(Arc::new(p), state));
+    expect_secret(&mut server, &db).await;
+    let seen = server.expect(Method::POST, EVENTS_PATH).await;
+    assert_eq!(seen.body["reason"], "DeclarationRefused", "{}", seen.body);
+    assert!(
+        seen.body["note"]
+            .as_str()
+            .unwrap()
+            .contains("\"events\" is taken"),
+        "{}",
+        seen.body
+    );
+    seen.echo();
+    let seen = server
+        .expect(
+            Method::PATCH,
+            "/apis/eventplane.io/v1alpha1/namespaces/shop/projections/intruder/status",
+        )
+        .await;
+    let status = seen.body["status"].clone();
+    let mut object = serde_json::to_value(&*projection(Setup::default())).unwrap();
+    object["metadata"]["name"] = json!("intruder");
+    object["status"] = status.clone();
+    seen.reply(StatusCode::OK, object);
+    run.await.unwrap().unwrap();
+    assert_eq!(condition(&status, "Stalled")["status"], "True");
+    assert_eq!(
+        condition(&status, "Stalled")["reason"],
+        "DeclarationRefused"
+    );
+    assert_eq!(catalog_rows(&db).await.len(), 1, "nothing declared");
+    let events_kind: String =
+        sqlx::query_scalar("SELECT relkind::text FROM pg_class WHERE relname = 'events'")
+            .fetch_one(&db.pool().await)
+            .await
+            .unwrap();
+    assert_eq!(events_kind, "p", "the event store's table is untouched");
 }
 
 #[tokio::test]

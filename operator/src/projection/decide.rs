@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use eventplane_api::resource::{
-    BuildProgress, Phase, ProjectionStatus, QueryCheck, RetainedVersion,
+    BuildProgress, Phase, ProjectionStatus, QueryCheck, RetainedVersion, RoleServing,
 };
 use eventplane_api::{ProjectionSpec, VersionState};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
@@ -47,6 +47,7 @@ pub mod event {
     pub const QUERY_SCANS_WHOLE_TABLE: &str = "QueryScansWholeTable";
     pub const VERSION_DROPPED: &str = "VersionDropped";
     pub const TABLES_DROPPED: &str = "TablesDropped";
+    pub const NO_LONGER_SERVED: &str = "NoLongerServed";
     pub const TABLES_LEFT_BEHIND: &str = "TablesLeftBehind";
     pub const SCALED: &str = "Scaled";
 }
@@ -81,12 +82,26 @@ pub struct Observed {
     pub queries: Vec<QueryCheck>,
     /// The query Deployment, when it exists.
     pub read_path: Option<ReadPath>,
+    /// The declaration in the database's catalog and how far it reached.
+    pub catalog: Option<CatalogSeen>,
+}
+
+/// The projection's catalog entry as a reconcile found it.
+#[derive(Clone, Debug, PartialEq, Default)]
+pub struct CatalogSeen {
+    /// The catalog generation of the entry's last change.
+    pub generation: i64,
+    pub served_by: Vec<RoleServing>,
 }
 
 /// Why a reconcile could not observe the projection.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Problem {
     InvalidSpec(String),
+    /// The catalog refused the declaration (a table another projection or
+    /// the event store holds, a name declared from elsewhere, a changed
+    /// table or key).
+    Refused(String),
     DatabaseNotSet,
     Secret(SecretProblem),
     DatabaseUnreachable(String),
@@ -203,6 +218,11 @@ impl Problem {
     pub fn describe(&self) -> (&'static str, String, Duration) {
         match self {
             Problem::InvalidSpec(message) => (reason::INVALID_SPEC, message.clone(), RETRY_STALLED),
+            Problem::Refused(message) => (
+                reason::DECLARATION_REFUSED,
+                message.clone(),
+                RETRY_STALLED,
+            ),
             Problem::DatabaseNotSet => (
                 reason::DATABASE_NOT_SET,
                 "spec.database is not set: name the Secret that holds the Postgres URL of the projection's tables".to_string(),
@@ -822,6 +842,16 @@ fn seen(input: Input<'_>, observed: Observed) -> Plan {
         replicas: scaling.replicas,
         selector: scaling.selector,
         queries: observed.queries.clone(),
+        catalog_generation: observed.catalog.as_ref().map(|c| c.generation),
+        served: observed
+            .catalog
+            .as_ref()
+            .map(|c| RoleServing::summary(&c.served_by)),
+        served_by: observed
+            .catalog
+            .as_ref()
+            .map(|c| c.served_by.clone())
+            .unwrap_or_default(),
         conditions,
     };
     events.extend(phase_event(input.previous, &status, &standing, view.wanted));

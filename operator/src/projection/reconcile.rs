@@ -1,16 +1,22 @@
 //! The thin I/O layer of the Projection controller: the finalizer; reading
-//! the Secret, the version registry, the Jobs, the lag, the query plans,
-//! the query Deployment and its pods' metrics; then carrying out the
-//! actions `decide` returns and writing the Events and the status.
+//! the Secret; declaring the spec in its database's projection catalog
+//! (which sets up the first version) and reading back the version registry,
+//! the lag, the query plans and how far the declaration reached the
+//! services; the Jobs, the query Deployment and its pods' metrics; then
+//! carrying out the actions `decide` returns and writing the Events and the
+//! status. Deletion removes the catalog entry, so the services stop serving
+//! it, and with `reclaimPolicy: Delete` the tables too.
 
 use crate::events::publish;
 use std::sync::Arc;
 use std::time::Instant;
 
 use chrono::DateTime;
+use eventplane_api::resource::RoleServing;
 use eventplane_api::{Projection, ReclaimPolicy};
 use eventplane_store::Projection as Runtime;
-use eventplane_store::{db, status, versions};
+use eventplane_store::catalog::{self, CatalogError};
+use eventplane_store::{db, processes, status, versions};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::batch::v1::Job;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
@@ -21,7 +27,8 @@ use serde_json::json;
 use sqlx::PgPool;
 
 use super::decide::{
-    self, EventSpec, Input, Lag, Observation, Observed, Outcome, Problem, Version, event,
+    self, CatalogSeen, EventSpec, Input, Lag, Observation, Observed, Outcome, Problem, Version,
+    event,
 };
 use super::scaling::ownership::{ApplyOutcome, apply_replicas};
 use super::scaling::{self, Measured, ReadPath, scrape};
@@ -248,10 +255,31 @@ async fn database_url(
         .map_err(|blocked| blocked.map(Problem::Secret))
 }
 
-fn database_problem(err: &anyhow::Error) -> Problem {
-    match err.downcast_ref::<sqlx::Error>() {
-        Some(sqlx) if is_connection_error(sqlx) => Problem::DatabaseUnreachable(err.to_string()),
-        _ => Problem::DatabaseError(format!("{err:#}")),
+/// Who the operator declares a Projection as in the catalog: the resource
+/// owns its entry.
+pub fn catalog_source(namespace: &str, name: &str) -> String {
+    format!("operator:{namespace}/{name}")
+}
+
+/// A process counts as running if it reported within this long.
+const RUNNING_WINDOW: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// The roles whose processes serve a declaration.
+const SERVING_ROLES: [&str; 2] = ["query", "projector"];
+
+fn database_problem(err: &sqlx::Error) -> Problem {
+    if is_connection_error(err) {
+        Problem::DatabaseUnreachable(err.to_string())
+    } else {
+        Problem::DatabaseError(err.to_string())
+    }
+}
+
+fn catalog_problem(err: CatalogError) -> Problem {
+    match err {
+        CatalogError::Invalid(invalid) => Problem::InvalidSpec(invalid.to_string()),
+        CatalogError::Database(db) => database_problem(&db),
+        refused => Problem::Refused(refused.to_string()),
     }
 }
 
@@ -273,9 +301,9 @@ async fn observe(
         .pool(&url)
         .await
         .map_err(|err| Blocked::By(Problem::DatabaseUnreachable(err.to_string())))?;
-    let registry = read_registry(projection, &pool, &url, state)
+    let registry = read_registry(projection, namespace, &pool, &url, state)
         .await
-        .map_err(|err| Blocked::By(database_problem(&err)))?;
+        .map_err(Blocked::By)?;
     let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), namespace);
     let listed = jobs
         .list(&ListParams::default().labels(&job::selector(&name)))
@@ -288,28 +316,77 @@ async fn observe(
     Ok((observed, pool))
 }
 
-/// The database side: schema, first version, the registry, lag, plans.
+/// The database side: schema, the declaration (and with it the first
+/// version), the registry, lag, plans, and who serves it.
 async fn read_registry(
     projection: &Projection,
+    namespace: &str,
     pool: &PgPool,
     url: &str,
     state: &State,
-) -> anyhow::Result<Observed> {
+) -> Result<Observed, Problem> {
     let name = projection.name_any();
     // The projection's bookkeeping tables come with the service schema; a
     // Projection may be created before any service has started.
     if !state.migrated.lock().await.contains(url) {
-        db::migrate(pool).await?;
+        db::migrate(pool).await.map_err(|err| match err {
+            sqlx::migrate::MigrateError::Execute(db) => database_problem(&db),
+            other => Problem::DatabaseError(other.to_string()),
+        })?;
         state.migrated.lock().await.insert(url.to_string());
     }
-    let (_, runtime) =
-        versions::ensure(pool, &Runtime::live(name.clone(), projection.spec.clone())).await?;
-    let rows = versions::list(pool, &name).await?;
-    let lag = status::status(pool, &runtime).await?.map(|s| Lag {
-        seconds: s.lag_seconds,
-        events: s.lag_events,
-        halted: s.halted_reason,
-    });
+    let applied = catalog::apply(
+        pool,
+        &name,
+        &projection.spec,
+        &catalog_source(namespace, &name),
+    )
+    .await
+    .map_err(catalog_problem)?;
+    let db = |err: sqlx::Error| database_problem(&err);
+    let active = {
+        let mut conn = pool.acquire().await.map_err(db)?;
+        versions::active(&mut conn, &name).await.map_err(db)?
+    };
+    let runtime = match active {
+        Some(row) => Runtime::live(name.clone(), row.spec().map_err(db)?),
+        None => Runtime::live(name.clone(), projection.spec.clone()),
+    };
+    let rows = versions::list(pool, &name).await.map_err(db)?;
+    let entry_generation = catalog::load(pool)
+        .await
+        .map_err(db)?
+        .get(&name)
+        .map_or(applied.generation, |entry| entry.generation);
+    let running = processes::live(pool, None, RUNNING_WINDOW)
+        .await
+        .map_err(db)?;
+    let served_by = SERVING_ROLES
+        .iter()
+        .map(|role| {
+            let of_role = running.iter().filter(|p| p.roles.iter().any(|r| r == role));
+            let (mut loaded, mut total) = (0, 0);
+            for process in of_role {
+                total += 1;
+                if process.catalog_generation >= entry_generation {
+                    loaded += 1;
+                }
+            }
+            RoleServing {
+                role: role.to_string(),
+                loaded,
+                running: total,
+            }
+        })
+        .collect();
+    let lag = status::status(pool, &runtime)
+        .await
+        .map_err(db)?
+        .map(|s| Lag {
+            seconds: s.lag_seconds,
+            events: s.lag_events,
+            halted: s.halted_reason,
+        });
     let queries = explain_queries(pool, &runtime).await;
     Ok(Observed {
         versions: rows
@@ -329,6 +406,10 @@ async fn read_registry(
         queries,
         jobs: Vec::new(),
         read_path: None,
+        catalog: Some(CatalogSeen {
+            generation: entry_generation,
+            served_by,
+        }),
     })
 }
 
@@ -389,17 +470,16 @@ async fn read_path(
     }))
 }
 
-/// Deletion. `Retain` lets the Projection go at once; `Delete` first stops
-/// any rebuild and drops every table, but gives up (with a Warning) once
-/// the deletion is older than [`CLEANUP_GIVE_UP`].
+/// Deletion: the catalog entry goes, so the services stop serving the
+/// projection. `Retain` keeps its tables; `Delete` first stops any rebuild
+/// and drops every table with the entry. Either gives up (with a Warning)
+/// once the deletion is older than [`CLEANUP_GIVE_UP`] and the database
+/// still cannot be reached.
 async fn cleanup(
     projection: &Projection,
     namespace: &str,
     state: &State,
 ) -> Result<Action, ProjectionError> {
-    if projection.spec.reclaim_policy == ReclaimPolicy::Retain {
-        return Ok(Action::await_change());
-    }
     let ctx = &state.ctx;
     let name = projection.name_any();
     let now = (ctx.now)();
@@ -409,7 +489,14 @@ async fn cleanup(
         .as_ref()
         .and_then(|t| DateTime::from_timestamp(t.0.as_second(), 0))
         .unwrap_or(now);
-    let (warning, reason, note) = match drop_tables(projection, namespace, state).await {
+    let retain = projection.spec.reclaim_policy == ReclaimPolicy::Retain;
+    let (warning, reason, note) = match remove(projection, namespace, state).await {
+        Ok(_) if retain => (
+            false,
+            event::NO_LONGER_SERVED,
+            "reclaimPolicy is Retain; the projection is no longer served and its tables stay"
+                .to_string(),
+        ),
         Ok(tables) if tables.is_empty() => (
             false,
             event::TABLES_DROPPED,
@@ -424,8 +511,15 @@ async fn cleanup(
             true,
             event::TABLES_LEFT_BEHIND,
             format!(
-                "reclaimPolicy is Delete, but the tables of {name} (view {} and its versions) were left behind: {why}",
-                projection.spec.table
+                "the catalog entry of {name}{} was left behind: {why}",
+                if retain {
+                    String::new()
+                } else {
+                    format!(
+                        " and its tables (view {} and its versions)",
+                        projection.spec.table
+                    )
+                }
             ),
         ),
         Err(Blocked::By(why)) => return Err(ProjectionError::CleanupPending { name, why }),
@@ -441,15 +535,17 @@ async fn cleanup(
     Ok(Action::await_change())
 }
 
-/// Stops running rebuilds, then drops every version's table; blocked by
-/// why it cannot be done yet.
-async fn drop_tables(
+/// Stops running rebuilds, then removes the catalog entry (with
+/// `reclaimPolicy: Delete`, and every version's table); returns the tables
+/// dropped, or is blocked by why it cannot be done yet.
+async fn remove(
     projection: &Projection,
     namespace: &str,
     state: &State,
 ) -> Result<Vec<String>, Blocked<String>> {
     let ctx = &state.ctx;
     let name = projection.name_any();
+    let drop_tables = projection.spec.reclaim_policy == ReclaimPolicy::Delete;
     let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), namespace);
     let running: Vec<job::RebuildJob> = jobs
         .list(&ListParams::default().labels(&job::selector(&name)))
@@ -476,7 +572,16 @@ async fn drop_tables(
         .pool(&url)
         .await
         .map_err(|err| Blocked::By(format!("cannot connect to the database: {err}")))?;
-    versions::drop_all(&pool, &name, &projection.spec.table)
-        .await
-        .map_err(|err| Blocked::By(format!("dropping the tables failed: {err}")))
+    let source = catalog_source(namespace, &name);
+    match catalog::remove(&pool, &name, Some(&source), drop_tables).await {
+        Ok(removed) => Ok(removed.dropped),
+        // Never declared (a spec the catalog refused) or removed already:
+        // nothing here is this resource's to drop.
+        Err(CatalogError::NotFound(_)) => Ok(Vec::new()),
+        // Declared from elsewhere: it is not this resource's to remove.
+        Err(CatalogError::Owned { .. }) => Ok(Vec::new()),
+        Err(err) => Err(Blocked::By(format!(
+            "removing the catalog entry failed: {err}"
+        ))),
+    }
 }

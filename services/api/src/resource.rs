@@ -103,9 +103,43 @@ pub struct ProjectionStatus {
     /// Each declared list query checked against the live table.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub queries: Vec<QueryCheck>,
+    /// The catalog generation of this projection's declaration in its
+    /// database: a process that has loaded it (or a later one) serves
+    /// this spec.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub catalog_generation: Option<i64>,
+    /// The running Eventplane processes of the database, by role, and how
+    /// many of them have loaded this declaration.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub served_by: Vec<RoleServing>,
+    /// `servedBy` in short, e.g. `query 2/2, projector 1/1`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub served: Option<String>,
     /// Ready, Reconciling, Stalled and Degraded.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
+}
+
+/// How far a declaration has reached the processes of one role.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct RoleServing {
+    /// `query` or `projector`.
+    pub role: String,
+    /// Processes of the role that have loaded the declaration.
+    pub loaded: u32,
+    /// Processes of the role running (heartbeat within the last 30 s).
+    pub running: u32,
+}
+
+impl RoleServing {
+    /// `query 2/2, projector 1/1`.
+    pub fn summary(all: &[RoleServing]) -> String {
+        all.iter()
+            .map(|r| format!("{} {}/{}", r.role, r.loaded, r.running))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
 }
 
 /// One partition as the operator last saw it.

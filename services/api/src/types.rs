@@ -60,6 +60,7 @@ fn l2_ttl_seconds() -> u64 {
     printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
     printcolumn = r#"{"name":"Lag","type":"number","jsonPath":".status.lagSeconds","description":"seconds behind the log"}"#,
     printcolumn = r#"{"name":"Replicas","type":"integer","jsonPath":".status.replicas"}"#,
+    printcolumn = r#"{"name":"Served","type":"string","jsonPath":".status.served","description":"processes that loaded this declaration, of those running, by role"}"#,
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]

@@ -380,7 +380,9 @@ pub async fn drop_all_in(
             .bind(name)
             .fetch_all(&mut *tx)
             .await?;
-    if relkind(&mut *tx, base).await?.as_deref() == Some("v") {
+    // The stable name is this projection's only if it has versions: a
+    // view of that name without them belongs to something else.
+    if !tables.is_empty() && relkind(&mut *tx, base).await?.as_deref() == Some("v") {
         sqlx::query(AssertSqlSafe(format!("DROP VIEW {}", quote_ident(base))))
             .execute(&mut *tx)
             .await?;
