@@ -4,7 +4,7 @@
 
 const README: &str = include_str!("../../README.md");
 
-/// The bodies of the ```yaml fenced blocks, with the line each starts on.
+/// The bodies of the fenced `yaml` blocks, with the line each starts on.
 fn yaml_blocks(markdown: &str) -> Vec<(usize, String)> {
     let mut blocks = Vec::new();
     let mut current: Option<(usize, String)> = None;
