@@ -356,6 +356,15 @@ async fn scenario(client: &Client, db: &TestDb, pool: &PgPool) -> anyhow::Result
     );
     assert!(relation_exists(pool, "orders", 'v').await?, "view orders");
     assert_eq!(versions(pool).await?, vec![(1, "active".to_string())]);
+    assert_eq!(
+        catalog(pool).await?,
+        vec![(
+            "orders".to_string(),
+            1,
+            "operator:default/orders".to_string()
+        )],
+        "the Projection is declared in its database's catalog"
+    );
 
     place_orders(pool, 3).await?;
 
@@ -433,9 +442,22 @@ async fn scenario(client: &Client, db: &TestDb, pool: &PgPool) -> anyhow::Result
     )
     .await?;
     assert_eq!(second.metadata.generation, Some(2));
+    let status = second.status.unwrap_or_default();
+    assert_eq!(status.active_table.as_deref(), Some("orders_v2"));
     assert_eq!(
-        second.status.and_then(|s| s.active_table).as_deref(),
-        Some("orders_v2")
+        catalog(pool).await?,
+        vec![(
+            "orders".to_string(),
+            2,
+            "operator:default/orders".to_string()
+        )],
+        "the catalog holds the declared version"
+    );
+    assert!(status.catalog_generation.is_some(), "{status:?}");
+    assert_eq!(
+        status.served.as_deref(),
+        Some("query 0/0, projector 0/0"),
+        "no service process runs in this test"
     );
     assert!(
         relation_exists(pool, "orders_v2", 'r').await?,
@@ -478,7 +500,20 @@ async fn scenario(client: &Client, db: &TestDb, pool: &PgPool) -> anyhow::Result
         relation_exists(pool, "orders", 'v').await?,
         "reclaimPolicy Retain keeps the view"
     );
+    assert!(
+        catalog(pool).await?.is_empty(),
+        "and no service serves it any more"
+    );
     Ok(())
+}
+
+/// The catalog entries: name, declared version, who declared it.
+async fn catalog(pool: &sqlx::PgPool) -> anyhow::Result<Vec<(String, i32, String)>> {
+    Ok(
+        sqlx::query_as("SELECT name, version, source FROM projection_catalog ORDER BY name")
+            .fetch_all(pool)
+            .await?,
+    )
 }
 
 #[tokio::test]
