@@ -5,7 +5,8 @@
 //!
 //! - `append:<streams>`: appends to matching streams (and async job status);
 //! - `read:<projection>`: rows, queries and status of a projection;
-//! - `read-stream:<streams>`: a stream's events.
+//! - `read-stream:<streams>`: a stream's events;
+//! - `replay:<projection>`: replaying a projection's dead letters.
 //!
 //! A pattern is a name, `*`, or a prefix ending in `*` (`append:order-*`).
 //! Scopes come from the `scope` claim (space-separated) or the `scp`
@@ -73,6 +74,7 @@ pub enum Access<'a> {
     Append(&'a str),
     ReadStream(&'a str),
     Read(&'a str),
+    Replay(&'a str),
     /// Async job status: whoever may append somewhere.
     Jobs,
 }
@@ -87,15 +89,19 @@ pub enum Grants {
         append: Vec<Pattern>,
         read: Vec<Pattern>,
         read_stream: Vec<Pattern>,
+        replay: Vec<Pattern>,
     },
 }
 
 impl Grants {
     fn from_scopes<'a>(subject: Option<String>, scopes: impl Iterator<Item = &'a str>) -> Self {
-        let (mut append, mut read, mut read_stream) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut append, mut read, mut read_stream, mut replay) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for scope in scopes {
             if let Some(p) = scope.strip_prefix("append:") {
                 append.push(Pattern::parse(p));
+            } else if let Some(p) = scope.strip_prefix("replay:") {
+                replay.push(Pattern::parse(p));
             } else if let Some(p) = scope.strip_prefix("read-stream:") {
                 read_stream.push(Pattern::parse(p));
             } else if let Some(p) = scope.strip_prefix("read:") {
@@ -107,6 +113,7 @@ impl Grants {
             append,
             read,
             read_stream,
+            replay,
         }
     }
 
@@ -115,6 +122,7 @@ impl Grants {
             append,
             read,
             read_stream,
+            replay,
             ..
         } = self
         else {
@@ -125,6 +133,7 @@ impl Grants {
             Access::Append(stream) => any(append, stream),
             Access::ReadStream(stream) => any(read_stream, stream),
             Access::Read(projection) => any(read, projection),
+            Access::Replay(projection) => any(replay, projection),
             Access::Jobs => !append.is_empty(),
         }
     }
@@ -141,6 +150,9 @@ impl Grants {
                 format!("read stream {stream:?} (scope read-stream:…)")
             }
             Access::Read(projection) => format!("read projection {projection:?} (scope read:…)"),
+            Access::Replay(projection) => {
+                format!("replay the dead letters of {projection:?} (scope replay:…)")
+            }
             Access::Jobs => "read async jobs (any append:… scope)".to_string(),
         };
         Err(ApiError::Forbidden {

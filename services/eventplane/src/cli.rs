@@ -415,6 +415,32 @@ pub enum ProjectionsCommand {
         #[command(flatten)]
         db: DbArgs,
     },
+    /// List a projection's dead letters (events it could not apply), oldest
+    /// first.
+    DeadLetters {
+        name: String,
+        /// At most this many.
+        #[arg(long, default_value_t = 50)]
+        limit: i64,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        db: DbArgs,
+    },
+    /// Apply a projection's dead letters with its current spec (after it
+    /// was fixed), in log order; those that still fail stay.
+    Replay {
+        name: String,
+        /// At most this many in one run.
+        #[arg(long, default_value_t = 10_000)]
+        limit: i64,
+        /// Redis URL, to drop the projection's cached entries afterwards.
+        #[arg(long, env = "REDIS_URL")]
+        redis_url: Option<String>,
+        #[command(flatten)]
+        db: DbArgs,
+    },
     /// Stop serving a projection; its tables stay unless --drop-tables.
     Delete {
         name: String,

@@ -7,9 +7,13 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use eventplane_api::{ProjectionManifest, VersionState, load_manifests};
+use eventplane_store::batch::{TailEvent, replay_dead_letters};
 use eventplane_store::catalog::{self, Change, Entry};
 use eventplane_store::versions::{self, VersionRow};
-use eventplane_store::{db, processes, status};
+use eventplane_store::{checkpoints, db, processes, status};
+
+use crate::invalidation::{Invalidator, Scope};
+use crate::query::dead_letters::MAX_REPLAY;
 use serde::Serialize;
 use sqlx::PgPool;
 
@@ -68,6 +72,18 @@ pub async fn run(args: ProjectionsArgs) -> anyhow::Result<()> {
             drop_tables,
             db,
         } => delete(&name, drop_tables, &db).await,
+        ProjectionsCommand::DeadLetters {
+            name,
+            limit,
+            json,
+            db,
+        } => dead_letters(&name, limit, json, &db).await,
+        ProjectionsCommand::Replay {
+            name,
+            limit,
+            redis_url,
+            db,
+        } => replay(&name, limit, redis_url.as_deref(), &db).await,
     }
 }
 
@@ -115,6 +131,64 @@ async fn delete(name: &str, drop_tables: bool, db: &DbArgs) -> anyhow::Result<()
             removed.dropped.join(", ")
         );
     }
+    Ok(())
+}
+
+async fn dead_letters(name: &str, limit: i64, json: bool, db: &DbArgs) -> anyhow::Result<()> {
+    let pool = connect(db).await?;
+    let letters = checkpoints::dead_letters(&pool, name, None, limit.max(1)).await?;
+    if json {
+        let items: Vec<serde_json::Value> = letters
+            .iter()
+            .map(|l| {
+                serde_json::json!({"id": l.id, "reason": l.reason, "deadAt": l.dead_at,
+                                   "event": TailEvent::from(l).envelope()})
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&items)?);
+        return Ok(());
+    }
+    let mut out = tabwriter::TabWriter::new(Vec::new()).padding(3);
+    writeln!(out, "ID\tPOSITION\tSTREAM\tTYPE\tDEAD SINCE\tREASON")?;
+    for l in &letters {
+        writeln!(
+            out,
+            "{}\t{}\t{}\t{}\t{}\t{}",
+            l.id,
+            l.position,
+            l.stream_id,
+            l.event_type,
+            l.dead_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            l.reason
+        )?;
+    }
+    print!("{}", String::from_utf8(out.into_inner()?)?);
+    Ok(())
+}
+
+async fn replay(
+    name: &str,
+    limit: i64,
+    redis_url: Option<&str>,
+    db: &DbArgs,
+) -> anyhow::Result<()> {
+    let pool = connect(db).await?;
+    let replayed = replay_dead_letters(&pool, name, limit.clamp(1, MAX_REPLAY))
+        .await
+        .with_context(|| format!("replaying the dead letters of {name}"))?;
+    if replayed.applied > 0
+        && let Some(url) = redis_url
+    {
+        let scope = Scope::new(&db::instance_id(&pool).await?);
+        let redis = crate::invalidation::redis_manager(url).await?;
+        Invalidator::new(scope, name, redis, crate::metrics::Metrics::new())
+            .invalidate_all()
+            .await;
+    }
+    println!(
+        "projection/{name}: {} dead letters applied to version {}, {} still failing",
+        replayed.applied, replayed.version, replayed.still_dead
+    );
     Ok(())
 }
 

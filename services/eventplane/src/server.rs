@@ -248,6 +248,7 @@ impl Stack {
             let (service, follow) = QueryService::new(
                 follower.clone(),
                 read_pool,
+                pool.clone(),
                 redis.clone(),
                 scope.clone(),
                 metrics.clone(),

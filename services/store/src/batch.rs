@@ -66,6 +66,21 @@ impl TailEvent {
     }
 }
 
+impl From<&checkpoints::DeadLetterRow> for TailEvent {
+    fn from(letter: &checkpoints::DeadLetterRow) -> Self {
+        TailEvent {
+            position: letter.position,
+            tx_id: letter.tx_id,
+            stream_id: letter.stream_id.clone(),
+            stream_version: letter.stream_version,
+            event_type: letter.event_type.clone(),
+            data: letter.data.clone(),
+            metadata: letter.metadata.clone(),
+            recorded_at: letter.recorded_at,
+        }
+    }
+}
+
 /// The tail read: events after the checkpoint whose writing transaction is
 /// older than every transaction still running, so none can commit later
 /// with a smaller `(tx_id, position)`.
@@ -116,10 +131,25 @@ pub async fn horizon_age_seconds(pool: &PgPool) -> sqlx::Result<Option<f64>> {
     .await
 }
 
+/// One bulk statement and its array parameters.
+type Statement = (eventplane_plan::BulkStatement, Vec<Vec<Option<String>>>);
+
+/// Runs bulk row statements inside the caller's transaction.
+async fn execute(tx: &mut PgConnection, statements: Vec<Statement>) -> sqlx::Result<()> {
+    for (statement, columns) in statements {
+        let mut query = sqlx::query(AssertSqlSafe(statement.sql));
+        for column in columns {
+            query = query.bind(column);
+        }
+        query.execute(&mut *tx).await?;
+    }
+    Ok(())
+}
+
 /// A batch mapped and folded into bulk statements: pure work, so a rebuild
 /// can prepare the next batch while the current one is written.
 pub struct Prepared {
-    statements: Vec<(eventplane_plan::BulkStatement, Vec<Vec<Option<String>>>)>,
+    statements: Vec<Statement>,
     keys: Vec<String>,
     dead: Vec<DeadLetter>,
     halted: Option<String>,
@@ -250,13 +280,7 @@ pub async fn write(
     horizon: i64,
     prepared: Prepared,
 ) -> sqlx::Result<BatchOutcome> {
-    for (statement, columns) in prepared.statements {
-        let mut query = sqlx::query(AssertSqlSafe(statement.sql));
-        for column in columns {
-            query = query.bind(column);
-        }
-        query.execute(&mut *tx).await?;
-    }
+    execute(tx, prepared.statements).await?;
     checkpoints::record_dead_letters(&mut *tx, &projection.checkpoint, &prepared.dead).await?;
 
     // A short batch read everything below the horizon: the checkpoint can
@@ -292,5 +316,62 @@ pub async fn write(
         halted: prepared.halted,
         max_lag_seconds,
         checkpoint: next,
+    })
+}
+
+/// What a replay of dead letters did.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Replayed {
+    /// Dead letters applied now (or that no handler wants any more).
+    pub applied: usize,
+    /// Dead letters that still cannot be mapped; they stay, with the new
+    /// reason.
+    pub still_dead: usize,
+    /// The version they were applied to.
+    pub version: u32,
+    /// Keys of rows written or deleted, as SQL text.
+    pub keys: Vec<String>,
+}
+
+/// Replays up to `limit` of projection `name`'s dead letters with the
+/// active version's spec (fixed since they were dead-lettered), in log
+/// order, in one transaction under the live checkpoint's lock: serialized
+/// with the live projector, and a replayed letter is deleted in the same
+/// transaction as its rows, so it is applied at most once. The letters are
+/// applied after the events the projector applied since: a replayed event
+/// can overwrite what a later event of the same row set.
+pub async fn replay_dead_letters(pool: &PgPool, name: &str, limit: i64) -> sqlx::Result<Replayed> {
+    let mut tx = pool.begin().await?;
+    if checkpoints::lock(&mut tx, name).await?.is_none() {
+        return Err(sqlx::Error::RowNotFound);
+    }
+    let Some(active) = crate::versions::active(&mut tx, name).await? else {
+        return Err(sqlx::Error::RowNotFound);
+    };
+    let projection = Projection::live(name.to_string(), active.spec()?);
+    let letters = checkpoints::dead_letters(&mut *tx, name, None, limit).await?;
+    let mut changes: Vec<RowChange> = Vec::with_capacity(letters.len());
+    let mut replayed = Vec::new();
+    let mut still_dead = Vec::new();
+    for letter in &letters {
+        match map_event(&projection.spec, &TailEvent::from(letter).envelope()) {
+            Ok(change) => {
+                changes.extend(change);
+                replayed.push(letter.id);
+            }
+            Err(err) => still_dead.push((letter.id, err.to_string())),
+        }
+    }
+    let ops = fold(changes);
+    let keys = ops.iter().map(|(key, _)| key.clone()).collect();
+    execute(&mut tx, group_ops(&projection.spec, &projection.table, ops)).await?;
+    checkpoints::forget_dead_letters(&mut tx, &replayed).await?;
+    checkpoints::update_dead_letter_reasons(&mut tx, &still_dead).await?;
+    tx.commit().await?;
+    Ok(Replayed {
+        applied: replayed.len(),
+        still_dead: still_dead.len(),
+        version: projection.spec.version,
+        keys,
     })
 }

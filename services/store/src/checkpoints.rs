@@ -257,15 +257,16 @@ pub async fn delete_dead_letters(conn: &mut PgConnection, name: &str) -> sqlx::R
     Ok(())
 }
 
-/// For verification: the events a checkpoint accounts for (applied plus
-/// dead-lettered), and the events of `event_types` in the log up to it.
+/// For verification: the events a checkpoint accounts for (applied or
+/// dead-lettered; the count moves for both), and the events of
+/// `event_types` in the log up to it.
 pub async fn accounted(
     conn: &mut PgConnection,
     name: &str,
     event_types: &[String],
 ) -> sqlx::Result<(i64, i64)> {
     sqlx::query_as(
-        "SELECT c.applied + (SELECT count(*) FROM projection_dead_letters d WHERE d.projection = c.projection), \
+        "SELECT c.applied, \
                 (SELECT count(*) FROM events e WHERE e.event_type = ANY($2) AND (e.tx_id, e.position) <= (c.tx_id, c.position)) \
          FROM projection_checkpoints c WHERE c.projection = $1",
     )
@@ -273,6 +274,92 @@ pub async fn accounted(
     .bind(event_types)
     .fetch_one(conn)
     .await
+}
+
+/// A dead letter with the event it holds back.
+#[derive(Clone, Debug, PartialEq, sqlx::FromRow)]
+pub struct DeadLetterRow {
+    pub id: i64,
+    pub reason: String,
+    /// When the event was dead-lettered.
+    pub dead_at: DateTime<Utc>,
+    pub position: i64,
+    pub tx_id: i64,
+    pub stream_id: String,
+    pub stream_version: i64,
+    pub event_type: String,
+    pub data: serde_json::Value,
+    pub metadata: serde_json::Value,
+    pub recorded_at: DateTime<Utc>,
+}
+
+const DEAD_LETTER_ROW: &str = "d.id, d.reason, d.recorded_at AS dead_at, e.position, e.tx_id::text::bigint AS tx_id, \
+     e.stream_id, e.stream_version, e.event_type, e.data, e.metadata, e.recorded_at";
+
+/// A page of `name`'s dead letters in log order, after the one with id
+/// `after` (by log order too).
+pub async fn dead_letters(
+    conn: impl PgExecutor<'_>,
+    name: &str,
+    after: Option<i64>,
+    limit: i64,
+) -> sqlx::Result<Vec<DeadLetterRow>> {
+    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT {DEAD_LETTER_ROW} FROM projection_dead_letters d \
+         JOIN events e ON e.tx_id = d.tx_id AND e.position = d.position \
+         WHERE d.projection = $1 AND ($2::bigint IS NULL OR (d.tx_id, d.position) > \
+             (SELECT a.tx_id, a.position FROM projection_dead_letters a WHERE a.id = $2)) \
+         ORDER BY d.tx_id, d.position LIMIT $3"
+    )))
+    .bind(name)
+    .bind(after)
+    .bind(limit)
+    .fetch_all(conn)
+    .await
+}
+
+/// The oldest of `name`'s dead letters (by when it was dead-lettered).
+pub async fn oldest_dead_letter(
+    conn: impl PgExecutor<'_>,
+    name: &str,
+) -> sqlx::Result<Option<DateTime<Utc>>> {
+    sqlx::query_scalar("SELECT min(recorded_at) FROM projection_dead_letters WHERE projection = $1")
+        .bind(name)
+        .fetch_one(conn)
+        .await
+}
+
+/// Removes dead letters that were replayed.
+pub async fn forget_dead_letters(conn: &mut PgConnection, ids: &[i64]) -> sqlx::Result<()> {
+    if ids.is_empty() {
+        return Ok(());
+    }
+    sqlx::query("DELETE FROM projection_dead_letters WHERE id = ANY($1)")
+        .bind(ids)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// Records why dead letters still cannot be applied, after a replay.
+pub async fn update_dead_letter_reasons(
+    conn: &mut PgConnection,
+    reasons: &[(i64, String)],
+) -> sqlx::Result<()> {
+    if reasons.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<i64> = reasons.iter().map(|(id, _)| *id).collect();
+    let texts: Vec<&str> = reasons.iter().map(|(_, r)| r.as_str()).collect();
+    sqlx::query(
+        "UPDATE projection_dead_letters d SET reason = u.reason \
+         FROM unnest($1::bigint[], $2::text[]) AS u(id, reason) WHERE d.id = u.id",
+    )
+    .bind(&ids)
+    .bind(&texts)
+    .execute(conn)
+    .await?;
+    Ok(())
 }
 
 #[cfg(test)]

@@ -25,6 +25,9 @@ pub struct ProjectionStatus {
     /// Age of the oldest event not yet applied; 0 when caught up.
     pub lag_seconds: f64,
     pub dead_letters: i64,
+    /// When the oldest dead letter was recorded.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub oldest_dead_letter_at: Option<chrono::DateTime<chrono::Utc>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub halted_reason: Option<String>,
     /// The projector process applying the projection now, if any holds
@@ -61,6 +64,11 @@ pub async fn status(
     .fetch_one(pool)
     .await?;
     let dead_letters = checkpoints::dead_letter_count(pool, &projection.name).await?;
+    let oldest_dead_letter_at = if dead_letters > 0 {
+        checkpoints::oldest_dead_letter(pool, &projection.name).await?
+    } else {
+        None
+    };
     let applied_by = leases::holder(pool, &projection.name).await?;
     let lag_seconds = oldest
         .map(|t| ((chrono::Utc::now() - t).num_milliseconds().max(0)) as f64 / 1000.0)
@@ -75,6 +83,7 @@ pub async fn status(
         lag_events,
         lag_seconds,
         dead_letters,
+        oldest_dead_letter_at,
         halted_reason,
         applied_by,
     }))

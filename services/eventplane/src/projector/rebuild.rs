@@ -395,7 +395,8 @@ async fn prefetched_load(
 }
 
 /// Every event of the projection's types up to the checkpoint was applied
-/// or dead-lettered, none twice.
+/// or dead-lettered, none twice: the checkpoint's count (which moves for
+/// both) equals the log's.
 async fn verify(conn: &mut PgConnection, build: &Projection) -> Result<(), RebuildError> {
     let (applied, expected) =
         checkpoints::accounted(conn, &build.checkpoint, &build.spec.event_types()).await?;

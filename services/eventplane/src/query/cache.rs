@@ -206,6 +206,20 @@ impl CacheBus {
         cache
     }
 
+    /// An invalidator of projection `name`'s cache entries, if there is a
+    /// Redis (for writes outside the projector, such as a dead-letter
+    /// replay).
+    pub fn invalidator(&self, name: &str) -> Option<crate::invalidation::Invalidator> {
+        self.redis.clone().map(|redis| {
+            crate::invalidation::Invalidator::new(
+                self.scope.clone(),
+                name,
+                redis,
+                self.metrics.clone(),
+            )
+        })
+    }
+
     /// Keeps the caches of the projections `keep` says yes to.
     pub fn retain(&self, keep: impl Fn(&str) -> bool) {
         self.projections

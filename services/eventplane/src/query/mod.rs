@@ -12,6 +12,7 @@
 
 pub mod cache;
 pub mod consistency;
+pub mod dead_letters;
 pub mod slow;
 
 use std::collections::{BTreeMap, HashMap};
@@ -92,6 +93,9 @@ pub struct QueryService {
     pub follower: Follower,
     l1_capacity_bytes: u64,
     pub read_pool: PgPool,
+    /// The primary, for the few writes the query API takes (dead-letter
+    /// replays).
+    pub primary: PgPool,
     pub bus: Arc<CacheBus>,
     pub metrics: Arc<Metrics>,
     pub consistency_timeout: Duration,
@@ -131,6 +135,7 @@ impl QueryService {
     pub fn new(
         follower: Follower,
         read_pool: PgPool,
+        primary: PgPool,
         redis: Option<(redis::aio::ConnectionManager, String)>,
         scope: Scope,
         metrics: Arc<Metrics>,
@@ -147,6 +152,7 @@ impl QueryService {
             follower,
             l1_capacity_bytes: config.l1_capacity_bytes,
             read_pool,
+            primary,
             bus,
             metrics,
             consistency_timeout: config.consistency_timeout,
@@ -203,7 +209,7 @@ impl QueryService {
         }));
     }
 
-    fn served(&self, name: &str) -> ApiResult<Arc<Served>> {
+    pub(crate) fn served(&self, name: &str) -> ApiResult<Arc<Served>> {
         self.served
             .load()
             .projections
@@ -251,6 +257,14 @@ pub fn router(service: QueryService) -> Router {
         .route("/v1/projections/{name}/status", get(projection_status))
         .route("/v1/projections/{name}/rows/{key}", get(get_row))
         .route("/v1/projections/{name}/queries/{query}", get(run_query))
+        .route(
+            "/v1/projections/{name}/dead-letters",
+            get(dead_letters::list),
+        )
+        .route(
+            "/v1/projections/{name}/dead-letters/replay",
+            axum::routing::post(dead_letters::replay),
+        )
         .with_state(service)
 }
 
