@@ -13,6 +13,7 @@ pub mod dev;
 pub mod edge;
 pub mod invalidation;
 pub mod metrics;
+pub mod openapi;
 pub mod partitions;
 pub mod projections;
 pub mod projector;

@@ -263,10 +263,23 @@ impl Stack {
             Some(auth) => Some(Authenticator::new(auth.clone())?),
             None => None,
         };
-        let app = crate::edge::around(app.layer(axum::middleware::from_fn_with_state(
-            authenticator,
-            crate::auth::authenticate,
-        )));
+        // The API's description needs no token.
+        let document = crate::openapi::text();
+        let app = app
+            .layer(axum::middleware::from_fn_with_state(
+                authenticator,
+                crate::auth::authenticate,
+            ))
+            .route(
+                "/openapi.json",
+                axum::routing::get(move || async move {
+                    (
+                        [(axum::http::header::CONTENT_TYPE, "application/json")],
+                        document,
+                    )
+                }),
+            );
+        let app = crate::edge::around(app);
         let listener = tokio::net::TcpListener::bind(config.listen).await?;
         let addr = listener.local_addr()?;
         tasks.push(tokio::spawn(async move {

@@ -6,7 +6,7 @@
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ErrorBody {
     /// A stable, machine-readable name of the problem (`snake_case`).
     pub code: String,
@@ -14,6 +14,7 @@ pub struct ErrorBody {
     pub message: String,
     /// Fields particular to the problem (for example `actualVersion`).
     #[serde(flatten)]
+    #[schema(value_type = Object)]
     pub details: Map<String, Value>,
 }
 
@@ -31,10 +32,16 @@ impl ErrorBody {
         self
     }
 
-    /// The whole body, wrapped in `{"error": …}`.
+    /// The whole body, wrapped in `{"error": …}` ([`ErrorResponse`]).
     pub fn to_json(&self) -> Value {
         json!({ "error": self })
     }
+}
+
+/// What every error answer carries: `{"error": {...}}`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ErrorResponse {
+    pub error: ErrorBody,
 }
 
 #[cfg(test)]

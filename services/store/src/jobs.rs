@@ -48,7 +48,8 @@ impl Priority {
     }
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, sqlx::FromRow)]
+/// An async command and how it went.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, sqlx::FromRow, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct JobView {
     pub job_id: Uuid,

@@ -11,7 +11,8 @@ use crate::token::Token;
 /// Counting unapplied events stops here; beyond it the count says "at least".
 const LAG_COUNT_LIMIT: i64 = 100_000;
 
-#[derive(Debug, Serialize, PartialEq)]
+/// A projection's progress.
+#[derive(Debug, Serialize, PartialEq, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ProjectionStatus {
     pub name: String,

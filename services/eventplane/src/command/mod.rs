@@ -10,15 +10,19 @@ use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
 use axum::extract::{DefaultBodyLimit, Extension, Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
 use serde::Deserialize;
 use sqlx::PgPool;
 use uuid::Uuid;
 
+use eventplane_store::error_body::ErrorResponse;
+use eventplane_store::events::AppendResult;
 use eventplane_store::events::model::{AppendBody, validate_stream_id};
+use eventplane_store::events::read::StreamPage;
 use eventplane_store::events::read::read_stream;
 use eventplane_store::events::{AppendRequest, Appender, GroupCommitConfig};
-use eventplane_store::jobs::{self, Priority};
+use eventplane_store::jobs::{self, JobView, Priority};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::api_error::{ApiError, ApiResult};
 use crate::auth::{Access, Grants};
@@ -56,11 +60,17 @@ pub struct CommandState {
     pub metrics: Arc<Metrics>,
 }
 
+/// The command API's routes with their OpenAPI description.
+pub fn api() -> OpenApiRouter<CommandState> {
+    OpenApiRouter::new()
+        .routes(routes!(append))
+        .routes(routes!(read))
+        .routes(routes!(job))
+}
+
 pub fn router(state: CommandState, max_body_bytes: usize) -> Router {
-    Router::new()
-        .route("/v1/streams/{stream}/events", post(append))
-        .route("/v1/streams/{stream}", get(read))
-        .route("/v1/jobs/{id}", get(job))
+    let (routes, _) = api().split_for_parts();
+    routes
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .with_state(state)
 }
@@ -85,6 +95,32 @@ fn wants_async(headers: &HeaderMap) -> bool {
         .any(|p| p.trim().eq_ignore_ascii_case("respond-async"))
 }
 
+/// Appends events to a stream, checking its version; with `Prefer:
+/// respond-async` the request is stored as a job and answered 202.
+#[utoipa::path(
+    post,
+    path = "/v1/streams/{stream}/events",
+    tag = "commands",
+    params(
+        ("stream" = String, Path, description = "1-200 letters, digits and _ . : @ -"),
+        ("Idempotency-Key" = Option<String>, Header, description = "a retry with the same key answers the first result"),
+        ("Prefer" = Option<String>, Header, description = "`respond-async` for a 202 and a job"),
+        ("Eventplane-Priority" = Option<String>, Header, description = "high, normal or low (async only)"),
+    ),
+    request_body = AppendBody,
+    responses(
+        (status = 201, description = "appended", body = AppendResult),
+        (status = 202, description = "stored as a job; poll the Location"),
+        (status = 400, description = "bad path, header or parameter", body = ErrorResponse),
+        (status = 401, description = "a bearer token is needed", body = ErrorResponse),
+        (status = 403, description = "the token does not grant it", body = ErrorResponse),
+        (status = 409, description = "version conflict", body = ErrorResponse),
+        (status = 413, description = "body over the limit", body = ErrorResponse),
+        (status = 415, description = "not application/json", body = ErrorResponse),
+        (status = 422, description = "invalid events", body = ErrorResponse),
+        (status = 503, description = "busy; retry after Retry-After", body = ErrorResponse),
+    )
+)]
 async fn append(
     State(state): State<CommandState>,
     Extension(grants): Extension<Grants>,
@@ -153,6 +189,24 @@ struct ReadParams {
 /// Most events one stream page returns.
 const MAX_STREAM_PAGE: i64 = 1000;
 
+/// A page of a stream's events, by version.
+#[utoipa::path(
+    get,
+    path = "/v1/streams/{stream}",
+    tag = "commands",
+    params(
+        ("stream" = String, Path),
+        ("from" = Option<i64>, Query, description = "first version, default 1"),
+        ("limit" = Option<i64>, Query, description = "1-1000, default 100"),
+    ),
+    responses(
+        (status = 200, body = StreamPage),
+        (status = 400, description = "bad path, header or parameter", body = ErrorResponse),
+        (status = 401, description = "a bearer token is needed", body = ErrorResponse),
+        (status = 403, description = "the token does not grant it", body = ErrorResponse),
+        (status = 404, description = "no such stream", body = ErrorResponse),
+    )
+)]
 async fn read(
     State(state): State<CommandState>,
     Extension(grants): Extension<Grants>,
@@ -189,6 +243,20 @@ async fn read(
     Ok(Json(page).into_response())
 }
 
+/// An async command's state and result.
+#[utoipa::path(
+    get,
+    path = "/v1/jobs/{id}",
+    tag = "commands",
+    params(("id" = String, Path, description = "the job id of a 202 answer")),
+    responses(
+        (status = 200, body = JobView),
+        (status = 400, description = "bad path, header or parameter", body = ErrorResponse),
+        (status = 401, description = "a bearer token is needed", body = ErrorResponse),
+        (status = 403, description = "the token does not grant it", body = ErrorResponse),
+        (status = 404, description = "no such job", body = ErrorResponse),
+    )
+)]
 async fn job(
     State(state): State<CommandState>,
     Extension(grants): Extension<Grants>,

@@ -14,6 +14,8 @@ use eventplane_store::batch::{TailEvent, replay_dead_letters};
 use eventplane_store::checkpoints;
 use serde_json::{Value, json};
 
+use eventplane_store::error_body::ErrorResponse;
+
 use super::QueryService;
 use crate::api_error::{ApiError, ApiResult};
 use crate::auth::{Access, Grants};
@@ -49,6 +51,24 @@ fn only(params: &BTreeMap<String, String>, allowed: &[&str]) -> ApiResult<()> {
     }
 }
 
+/// A page of the projection's dead letters, in log order.
+#[utoipa::path(
+    get,
+    path = "/v1/projections/{name}/dead-letters",
+    tag = "queries",
+    params(
+        ("name" = String, Path),
+        ("limit" = Option<i64>, Query, description = "1-500, default 50"),
+        ("after" = Option<i64>, Query, description = "the `next` of the previous page"),
+    ),
+    responses(
+        (status = 200, description = "`{items: [{id, reason, deadAt, event}], next}`", body = Object),
+        (status = 400, description = "bad parameter", body = ErrorResponse),
+        (status = 401, description = "a bearer token is needed", body = ErrorResponse),
+        (status = 403, description = "the token does not grant it", body = ErrorResponse),
+        (status = 404, description = "no such projection", body = ErrorResponse),
+    )
+)]
 pub async fn list(
     State(service): State<QueryService>,
     Extension(grants): Extension<Grants>,
@@ -90,6 +110,24 @@ pub async fn list(
     Ok(Json(json!({ "items": items, "next": next })).into_response())
 }
 
+/// Applies the dead letters with the projection's current spec, in log
+/// order, exactly once; those that still fail stay.
+#[utoipa::path(
+    post,
+    path = "/v1/projections/{name}/dead-letters/replay",
+    tag = "queries",
+    params(
+        ("name" = String, Path),
+        ("limit" = Option<i64>, Query, description = "at most this many, default and maximum 10000"),
+    ),
+    responses(
+        (status = 200, description = "`{applied, stillDead, version}`", body = Object),
+        (status = 400, description = "bad parameter", body = ErrorResponse),
+        (status = 401, description = "a bearer token is needed", body = ErrorResponse),
+        (status = 403, description = "the token does not grant it", body = ErrorResponse),
+        (status = 404, description = "no such projection", body = ErrorResponse),
+    )
+)]
 pub async fn replay(
     State(service): State<QueryService>,
     Extension(grants): Extension<Grants>,

@@ -26,7 +26,6 @@ use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{Extension, Path, Query, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
 use eventplane_api::{QuerySpec, parse_param};
 use eventplane_plan::{decode_cursor, encode_cursor, list_sql, row_sql};
 use serde_json::Value;
@@ -37,6 +36,10 @@ use sqlx::{AssertSqlSafe, PgPool};
 use arc_swap::ArcSwap;
 use eventplane_store::catalog::Snapshot;
 use eventplane_store::{Projection, Token};
+
+use eventplane_store::error_body::ErrorResponse;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::api_error::{ApiError, ApiResult};
 use crate::auth::{Access, Grants};
@@ -251,21 +254,20 @@ impl QueryService {
     }
 }
 
+/// The query API's routes with their OpenAPI description.
+pub fn api() -> OpenApiRouter<QueryService> {
+    OpenApiRouter::new()
+        .routes(routes!(list_projections))
+        .routes(routes!(projection_status))
+        .routes(routes!(get_row))
+        .routes(routes!(run_query))
+        .routes(routes!(dead_letters::list))
+        .routes(routes!(dead_letters::replay))
+}
+
 pub fn router(service: QueryService) -> Router {
-    Router::new()
-        .route("/v1/projections", get(list_projections))
-        .route("/v1/projections/{name}/status", get(projection_status))
-        .route("/v1/projections/{name}/rows/{key}", get(get_row))
-        .route("/v1/projections/{name}/queries/{query}", get(run_query))
-        .route(
-            "/v1/projections/{name}/dead-letters",
-            get(dead_letters::list),
-        )
-        .route(
-            "/v1/projections/{name}/dead-letters/replay",
-            axum::routing::post(dead_letters::replay),
-        )
-        .with_state(service)
+    let (routes, _) = api().split_for_parts();
+    routes.with_state(service)
 }
 
 fn json_response(body: &Cached, layer: Layer) -> Response {
@@ -297,6 +299,28 @@ fn parse_token(params: &BTreeMap<String, String>) -> ApiResult<Option<Token>> {
         .transpose()
 }
 
+/// One row by key, through L1, L2 and Postgres (the answer's
+/// `Eventplane-Cache` header says which); with `token`, from Postgres once
+/// the projection has the write.
+#[utoipa::path(
+    get,
+    path = "/v1/projections/{name}/rows/{key}",
+    tag = "queries",
+    params(
+        ("name" = String, Path),
+        ("key" = String, Path, description = "the key column's value"),
+        ("token" = Option<String>, Query, description = "an append's token: read your write"),
+    ),
+    responses(
+        (status = 200, description = "the row", body = Object),
+        (status = 400, description = "bad path, header or parameter", body = ErrorResponse),
+        (status = 401, description = "a bearer token is needed", body = ErrorResponse),
+        (status = 403, description = "the token does not grant it", body = ErrorResponse),
+        (status = 404, description = "no such projection or row", body = ErrorResponse),
+        (status = 503, description = "busy or changing", body = ErrorResponse),
+        (status = 504, description = "the token was not reached in time", body = ErrorResponse),
+    )
+)]
 async fn get_row(
     State(service): State<QueryService>,
     Extension(grants): Extension<Grants>,
@@ -501,6 +525,30 @@ fn list_params(
     })
 }
 
+/// A page of a declared list query: every declared filter as a parameter
+/// of its name, `limit`, `after` (the `next` of the previous page) and
+/// `token`.
+#[utoipa::path(
+    get,
+    path = "/v1/projections/{name}/queries/{query}",
+    tag = "queries",
+    params(
+        ("name" = String, Path),
+        ("query" = String, Path, description = "a query the projection declares"),
+        ("limit" = Option<u32>, Query),
+        ("after" = Option<String>, Query, description = "cursor"),
+        ("token" = Option<String>, Query),
+    ),
+    responses(
+        (status = 200, description = "`{items, next}`", body = Object),
+        (status = 400, description = "bad path, header or parameter", body = ErrorResponse),
+        (status = 401, description = "a bearer token is needed", body = ErrorResponse),
+        (status = 403, description = "the token does not grant it", body = ErrorResponse),
+        (status = 404, description = "no such projection or query", body = ErrorResponse),
+        (status = 503, description = "busy or changing", body = ErrorResponse),
+        (status = 504, description = "the token was not reached in time", body = ErrorResponse),
+    )
+)]
 async fn run_query(
     State(service): State<QueryService>,
     Extension(grants): Extension<Grants>,
@@ -629,7 +677,16 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// The projections this token may read.
+/// The projections this token may read, and the catalog generation served.
+#[utoipa::path(
+    get,
+    path = "/v1/projections",
+    tag = "queries",
+    responses(
+        (status = 200, description = "`{projections, catalogGeneration}`", body = Object),
+        (status = 401, description = "a bearer token is needed", body = ErrorResponse),
+    )
+)]
 async fn list_projections(
     State(service): State<QueryService>,
     Extension(grants): Extension<Grants>,
@@ -654,6 +711,21 @@ struct ServedStatus {
     catalog_generation: i64,
 }
 
+/// A projection's checkpoint, lag, dead letters and halt reason, the
+/// projector applying it, and the catalog generation this process serves.
+#[utoipa::path(
+    get,
+    path = "/v1/projections/{name}/status",
+    tag = "queries",
+    params(("name" = String, Path)),
+    responses(
+        (status = 200, body = eventplane_store::status::ProjectionStatus),
+        (status = 400, description = "bad path, header or parameter", body = ErrorResponse),
+        (status = 401, description = "a bearer token is needed", body = ErrorResponse),
+        (status = 403, description = "the token does not grant it", body = ErrorResponse),
+        (status = 404, description = "no such projection", body = ErrorResponse),
+    )
+)]
 async fn projection_status(
     State(service): State<QueryService>,
     Extension(grants): Extension<Grants>,

@@ -10,7 +10,7 @@ pub const MAX_EVENTS_PER_APPEND: usize = 1000;
 /// What the stream's version must be for an append to go in: a number
 /// (the stream's version, 0 for none), `"any"` or `"no_stream"`. In JSON it
 /// is written as the client wrote it, so a 409 answers in kind.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(untagged)]
 pub enum ExpectedVersion {
     Exact(i64),
@@ -51,7 +51,7 @@ impl<'de> Deserialize<'de> for ExpectedVersion {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum NamedVersion {
     Any,
@@ -77,7 +77,8 @@ impl ExpectedVersion {
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+/// One event to append.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct NewEvent {
     #[serde(rename = "type")]
@@ -92,7 +93,7 @@ fn empty_object() -> Value {
 }
 
 /// The body of `POST /v1/streams/{stream}/events`.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AppendBody {
     pub expected_version: ExpectedVersion,
@@ -109,7 +110,8 @@ pub struct AppendRequest {
     pub idempotency_key: Option<String>,
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+/// A committed append.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct AppendResult {
     pub stream_id: String,

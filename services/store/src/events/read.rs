@@ -4,7 +4,8 @@ use serde::Serialize;
 use serde_json::Value;
 use sqlx::PgPool;
 
-#[derive(Debug, Serialize, sqlx::FromRow)]
+/// One event of a stream.
+#[derive(Debug, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct StoredEvent {
     pub position: i64,
@@ -16,7 +17,8 @@ pub struct StoredEvent {
     pub recorded_at: chrono::DateTime<chrono::Utc>,
 }
 
-#[derive(Debug, Serialize)]
+/// A page of a stream's events.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct StreamPage {
     pub stream_id: String,
