@@ -305,7 +305,7 @@ async fn place_orders(pool: &PgPool, count: usize) -> anyhow::Result<()> {
             "events": [{"type": "OrderPlaced",
                         "data": {"orderId": format!("{i}"), "customerId": "c-1", "total": "9.50"}}],
         }))?;
-        let outcomes = eventplane_store::events::append_in_tx(&mut tx, &[&request]).await?;
+        let outcomes = eventplane_store::events::append(&mut *tx, &[&request]).await?;
         for outcome in outcomes {
             outcome.map_err(|err| anyhow::anyhow!("append refused: {err:?}"))?;
         }

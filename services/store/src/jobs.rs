@@ -17,7 +17,7 @@ use uuid::Uuid;
 use prometheus_client::metrics::counter::Counter;
 
 use crate::error_body::ErrorBody;
-use crate::events::append::append_in_tx;
+use crate::events::append::append;
 use crate::events::model::AppendRequest;
 use crate::events::notify::CommitSignal;
 
@@ -118,7 +118,7 @@ pub async fn run_one(pool: &PgPool) -> sqlx::Result<bool> {
             return Ok(true);
         }
     };
-    match append_in_tx(&mut tx, &[&request]).await {
+    match append(&mut *tx, &[&request]).await {
         Ok(mut outcomes) => {
             let (result, error) = match outcomes.remove(0) {
                 Ok(result) => (

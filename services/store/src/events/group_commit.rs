@@ -18,7 +18,7 @@ use sqlx::PgPool;
 use tokio::sync::{Mutex, mpsc, oneshot};
 use tokio::task::JoinHandle;
 
-use super::append::{Outcome, append_in_tx};
+use super::append::{Outcome, append};
 use super::model::AppendRequest;
 use super::notify::CommitSignal;
 use prometheus_client::metrics::histogram::Histogram;
@@ -223,20 +223,15 @@ async fn one_by_one(
     answers
 }
 
+/// Appends a batch (one statement, its own transaction), again after a
+/// deadlock or serialization failure.
 pub async fn commit_with_retry(
     pool: &PgPool,
     requests: &[&AppendRequest],
 ) -> Result<Vec<Outcome>, sqlx::Error> {
     let mut attempt = 0;
     loop {
-        let result = async {
-            let mut tx = pool.begin().await?;
-            let outcomes = append_in_tx(&mut tx, requests).await?;
-            tx.commit().await?;
-            Ok::<_, sqlx::Error>(outcomes)
-        }
-        .await;
-        match result {
+        match append(pool, requests).await {
             Err(err) if attempt < BATCH_RETRIES && is_retryable(&err) => {
                 attempt += 1;
                 tracing::warn!(error = %err, attempt, "retrying append batch");

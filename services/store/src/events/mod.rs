@@ -8,6 +8,6 @@ pub mod model;
 pub mod notify;
 pub mod read;
 
-pub use append::{AppendError, append_in_tx};
+pub use append::{AppendError, append};
 pub use group_commit::{Appender, GroupCommitConfig};
 pub use model::{AppendRequest, AppendResult, ExpectedVersion, NewEvent};
