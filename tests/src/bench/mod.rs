@@ -8,6 +8,7 @@ mod database;
 mod lag;
 pub mod load;
 mod report;
+pub mod yardstick;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -66,6 +67,13 @@ pub struct Args {
     pub database_url: String,
     #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
     pub redis_url: String,
+    /// Skip the outside load generator (wrk) and the pgbench and bare-server
+    /// references.
+    #[arg(long)]
+    pub no_yardstick: bool,
+    /// Where the latency plots (SVG) go.
+    #[arg(long, default_value = "bench-plots")]
+    pub plots: std::path::PathBuf,
     /// Leave the benchmark database in place for inspection.
     #[arg(long, env = "BENCH_KEEP_DATABASE")]
     pub keep_database: bool,
@@ -274,6 +282,29 @@ async fn measure(args: &Args, db: &BenchDatabase) -> anyhow::Result<Report> {
     ));
     let commands_open = load::open_loop(clients, duration, command_rate, place.clone()).await;
 
+    let scratch = std::env::temp_dir().join(format!("eventplane-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&scratch)?;
+    let yardstick_appends = match yardstick::available() {
+        _ if args.no_yardstick => Err("--no-yardstick".to_string()),
+        Err(why) => Err(why),
+        Ok(()) => {
+            progress(&format!(
+                "yardstick: {}s of wrk appends, then {}s of pgbench inserts, {clients} connections",
+                duration.as_secs(),
+                duration.as_secs()
+            ));
+            Ok(yardstick::appends(
+                &scratch,
+                &stack.url(""),
+                &stack.pool,
+                &db.url,
+                clients,
+                duration,
+            )
+            .await?)
+        }
+    };
+
     progress(&format!(
         "baseline: single-row INSERT per transaction, {clients} connections, {}s",
         duration.as_secs()
@@ -378,6 +409,38 @@ async fn measure(args: &Args, db: &BenchDatabase) -> anyhow::Result<Report> {
     let list_closed = load::closed_loop(clients, half, list.clone()).await;
     let list_open = load::open_loop(clients, half, 0.8 * list_closed.rate(), list).await;
 
+    let yardstick = match yardstick_appends {
+        Ok(appends) => {
+            progress(&format!(
+                "yardstick: wrk cache hits and misses beside bare axum references, {}s each",
+                duration.as_secs()
+            ));
+            let hot_row = client
+                .http
+                .get(client.url(&format!("{rows}{}", hot[0])))
+                .send()
+                .await?
+                .error_for_status()?
+                .bytes()
+                .await?;
+            let reads = yardstick::Reads {
+                base: &stack.url(""),
+                database_url: &db.url,
+                projection: &orders.name,
+                table: &orders.table,
+                key_column: &orders.spec.key_column().name,
+                hot: &hot,
+                hot_row,
+            };
+            Ok(yardstick::reads(&scratch, appends, reads, clients, duration, &args.plots).await?)
+        }
+        Err(why) => {
+            progress(&format!("yardstick skipped: {why}"));
+            Err(why)
+        }
+    };
+    let _ = std::fs::remove_dir_all(&scratch);
+
     progress(&format!(
         "projection lag: {}s of appends at {:.0}/s, every {}th sampled",
         duration.as_secs(),
@@ -448,6 +511,7 @@ async fn measure(args: &Args, db: &BenchDatabase) -> anyhow::Result<Report> {
         lag: lag.lag,
         lag_missing: lag.missing,
         projection_status: status,
+        yardstick,
     })
 }
 

@@ -47,6 +47,8 @@ pub struct Report {
     pub lag: Histogram<u64>,
     pub lag_missing: u64,
     pub projection_status: Value,
+    /// wrk against Eventplane beside pgbench and bare servers, or why not.
+    pub yardstick: Result<super::yardstick::Yardstick, String>,
 }
 
 #[derive(Clone, Copy, PartialEq, Debug)]
@@ -300,6 +302,12 @@ impl Report {
             "cache layers that answered the list queries: {:?}",
             self.list_open.tags
         );
+        match &self.yardstick {
+            Ok(y) => out.push_str(&y.render()),
+            Err(why) => {
+                let _ = writeln!(out, "\nyardstick skipped: {why}");
+            }
+        }
         for (name, phase) in self.phases() {
             if let Some(err) = &phase.first_error {
                 let _ = writeln!(out, "first error in {name}: {err}");
@@ -378,6 +386,10 @@ impl Report {
             },
             "projection_status": self.projection_status,
             "targets": targets,
+            "yardstick": match &self.yardstick {
+                Ok(y) => y.to_json(),
+                Err(why) => json!({ "skipped": why }),
+            },
         })
     }
 }

@@ -1,0 +1,367 @@
+//! The yardstick: the same load driven by an outside load generator at
+//! Eventplane and at a reference that does the bare minimum of the same
+//! work, in the same run, with the CPU every party used. Ratios between the
+//! two hold on a noisy machine where absolute figures drift.
+//!
+//! | Eventplane (wrk)            | reference                                 |
+//! |-----------------------------|-------------------------------------------|
+//! | appends, one per new stream | pgbench: one INSERT per transaction into a table shaped like `events` |
+//! | cache-hit row reads         | bare axum answering the same row's bytes  |
+//! | cache-miss row reads (L3)   | bare axum + sqlx running the same SELECT  |
+
+pub mod bare;
+pub mod cpu;
+pub mod pgbench;
+pub mod plot;
+pub mod wrk;
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context;
+use serde_json::{Value, json};
+use sqlx::PgPool;
+use sqlx::postgres::PgPoolOptions;
+
+use cpu::CpuUse;
+use pgbench::PgbenchRun;
+use wrk::WrkRun;
+
+pub const APPEND_RATIO_TARGET: f64 = 1.5;
+pub const HIT_RATIO_TARGET: f64 = 0.85;
+pub const MISS_RATIO_TARGET: f64 = 0.8;
+
+/// Connections of the bare SELECT server's pool: as many as the query
+/// service reads with.
+const READ_POOL: u32 = 16;
+
+pub struct Yardstick {
+    pub appends: WrkRun,
+    pub pgbench: PgbenchRun,
+    pub hits: WrkRun,
+    pub bare_hits: WrkRun,
+    pub misses: WrkRun,
+    pub bare_misses: WrkRun,
+    pub plots: Vec<PathBuf>,
+}
+
+/// What the read phases need from the run so far.
+pub struct Reads<'a> {
+    pub base: &'a str,
+    pub database_url: &'a str,
+    pub projection: &'a str,
+    pub table: &'a str,
+    pub key_column: &'a str,
+    /// Keys already read once (the cache holds them).
+    pub hot: &'a [String],
+    /// The bytes of one hot row, as the query service answers it.
+    pub hot_row: bytes::Bytes,
+}
+
+pub fn available() -> Result<(), String> {
+    let missing: Vec<&str> = [("wrk", wrk::available()), ("pgbench", pgbench::available())]
+        .into_iter()
+        .filter(|(_, ok)| !ok)
+        .map(|(name, _)| name)
+        .collect();
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{} not installed (Debian packages wrk and postgresql-contrib)",
+            missing.join(" and ")
+        ))
+    }
+}
+
+pub struct Appends {
+    pub appends: WrkRun,
+    pub pgbench: PgbenchRun,
+    /// The run id in the stream and order ids wrk wrote.
+    pub run_id: String,
+}
+
+/// wrk appends against Eventplane, then pgbench inserts, for `duration`
+/// each at `clients` connections.
+pub async fn appends(
+    dir: &Path,
+    base: &str,
+    pool: &PgPool,
+    database_url: &str,
+    clients: usize,
+    duration: Duration,
+) -> anyhow::Result<Appends> {
+    let run_id = format!("w{:x}", chrono::Utc::now().timestamp_millis());
+    let appends = wrk::run(
+        dir,
+        wrk::APPEND,
+        base,
+        clients,
+        duration,
+        &[("EVENTPLANE_WRK_RUN", run_id.clone())],
+    )
+    .await
+    .context("wrk appends")?;
+    pgbench::prepare(pool).await?;
+    let pgbench = pgbench::run(dir, database_url, clients, duration)
+        .await
+        .context("pgbench inserts")?;
+    Ok(Appends {
+        appends,
+        pgbench,
+        run_id,
+    })
+}
+
+/// Cache hits and misses against Eventplane and the bare references.
+pub async fn reads(
+    dir: &Path,
+    appends: Appends,
+    reads: Reads<'_>,
+    clients: usize,
+    duration: Duration,
+    plots: &Path,
+) -> anyhow::Result<Yardstick> {
+    let rows = |keys: &[String]| -> String {
+        keys.iter()
+            .map(|k| format!("/v1/projections/{}/rows/{k}\n", reads.projection))
+            .collect()
+    };
+    let hot_paths = dir.join("hot-paths");
+    std::fs::write(&hot_paths, rows(reads.hot))?;
+    let paths_env = |p: &Path| [("EVENTPLANE_WRK_PATHS", p.display().to_string())];
+
+    let hits = wrk::run(
+        dir,
+        wrk::PATHS,
+        reads.base,
+        clients,
+        duration,
+        &paths_env(&hot_paths),
+    )
+    .await
+    .context("wrk cache hits")?;
+    let bare = bare::fixed(reads.hot_row.clone()).await?;
+    let bare_hits = wrk::run(
+        dir,
+        wrk::PATHS,
+        &bare.base,
+        clients,
+        duration,
+        &paths_env(&hot_paths),
+    )
+    .await
+    .context("wrk bare hits")?;
+    drop(bare);
+
+    // Orders wrk appended and nobody has read yet: each is read once, so
+    // every answer comes from Postgres (the layer counts show it).
+    let pool = PgPoolOptions::new()
+        .max_connections(READ_POOL)
+        .connect(reads.database_url)
+        .await?;
+    let cold: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "SELECT {key}::text FROM {table} WHERE {key}::text LIKE $1 ORDER BY {key}",
+        key = eventplane_api::quote_ident(reads.key_column),
+        table = eventplane_api::quote_ident(reads.table),
+    )))
+    .bind(format!("{}-%", appends.run_id))
+    .fetch_all(&pool)
+    .await?;
+    let (first, second) = cold.split_at(cold.len() / 2);
+    let (cold_a, cold_b) = (dir.join("cold-a"), dir.join("cold-b"));
+    std::fs::write(&cold_a, rows(first))?;
+    std::fs::write(&cold_b, rows(second))?;
+    let half = (duration / 2).max(Duration::from_secs(1));
+    let misses = wrk::run(
+        dir,
+        wrk::PATHS,
+        reads.base,
+        clients,
+        half,
+        &paths_env(&cold_a),
+    )
+    .await
+    .context("wrk cache misses")?;
+    let bare = bare::select(pool.clone(), reads.table, reads.key_column).await?;
+    let bare_misses = wrk::run(
+        dir,
+        wrk::PATHS,
+        &bare.base,
+        clients,
+        half,
+        &paths_env(&cold_b),
+    )
+    .await
+    .context("wrk bare SELECT")?;
+    drop(bare);
+    pool.close().await;
+
+    let mut yardstick = Yardstick {
+        appends: appends.appends,
+        pgbench: appends.pgbench,
+        hits,
+        bare_hits,
+        misses,
+        bare_misses,
+        plots: Vec::new(),
+    };
+    yardstick.plots = yardstick.plot(plots)?;
+    Ok(yardstick)
+}
+
+/// One row of the comparison.
+pub struct Comparison<'a> {
+    pub what: &'static str,
+    pub status: &'static str,
+    pub eventplane: &'a WrkRun,
+    pub reference_name: &'static str,
+    pub reference_rate: f64,
+    pub reference_p99: f64,
+    pub reference_cpu: &'a CpuUse,
+    pub reference_latency: &'a [(f64, u64)],
+    pub target: f64,
+}
+
+impl Comparison<'_> {
+    pub fn ratio(&self) -> f64 {
+        if self.reference_rate > 0.0 {
+            self.eventplane.rate_of(self.status) / self.reference_rate
+        } else {
+            f64::NAN
+        }
+    }
+}
+
+impl Yardstick {
+    pub fn comparisons(&self) -> [Comparison<'_>; 3] {
+        [
+            Comparison {
+                what: "appends/s, 1 event on a new stream",
+                status: "201",
+                eventplane: &self.appends,
+                reference_name: "pgbench INSERT per transaction",
+                reference_rate: self.pgbench.tps,
+                reference_p99: self.pgbench.percentile_ms(99.0),
+                reference_cpu: &self.pgbench.cpu,
+                reference_latency: &self.pgbench.latency_us,
+                target: APPEND_RATIO_TARGET,
+            },
+            Comparison {
+                what: "cache-hit row reads/s",
+                status: "200",
+                eventplane: &self.hits,
+                reference_name: "bare axum, same bytes",
+                reference_rate: self.bare_hits.rate_of("200"),
+                reference_p99: self.bare_hits.percentile_ms(99.0),
+                reference_cpu: &self.bare_hits.cpu,
+                reference_latency: &self.bare_hits.latency_us,
+                target: HIT_RATIO_TARGET,
+            },
+            Comparison {
+                what: "cache-miss row reads/s (each key once)",
+                status: "200",
+                eventplane: &self.misses,
+                reference_name: "bare axum + sqlx, same SELECT",
+                reference_rate: self.bare_misses.rate_of("200"),
+                reference_p99: self.bare_misses.percentile_ms(99.0),
+                reference_cpu: &self.bare_misses.cpu,
+                reference_latency: &self.bare_misses.latency_us,
+                target: MISS_RATIO_TARGET,
+            },
+        ]
+    }
+
+    fn plot(&self, dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("creating the plot directory {}", dir.display()))?;
+        let names = ["appends.svg", "cache-hits.svg", "cache-misses.svg"];
+        let mut written = Vec::new();
+        for (c, name) in self.comparisons().iter().zip(names) {
+            let path = dir.join(name);
+            plot::write(
+                &path,
+                c.what,
+                &[
+                    plot::Curve {
+                        label: "eventplane (wrk)".into(),
+                        points: &c.eventplane.latency_us,
+                    },
+                    plot::Curve {
+                        label: c.reference_name.into(),
+                        points: c.reference_latency,
+                    },
+                ],
+            )?;
+            written.push(path);
+        }
+        Ok(written)
+    }
+
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "\nyardstick (wrk {} threads; the reference runs right after, same clients)",
+            wrk::THREADS
+        );
+        let _ = writeln!(
+            out,
+            "{:<40} {:>10} {:>9} {:>8} {:>10} {:>9} {:>7} {:>7}  verdict",
+            "what", "eventplane", "p99 ms", "other", "reference", "p99 ms", "ratio", "target"
+        );
+        for c in self.comparisons() {
+            let ratio = c.ratio();
+            let _ = writeln!(
+                out,
+                "{:<40} {:>10.0} {:>9.2} {:>8} {:>10.0} {:>9.2} {:>6.2}x {:>6.2}x  {}",
+                c.what,
+                c.eventplane.rate_of(c.status),
+                c.eventplane.percentile_ms(99.0),
+                c.eventplane.others(c.status),
+                c.reference_rate,
+                c.reference_p99,
+                ratio,
+                c.target,
+                if ratio >= c.target { "met" } else { "NOT MET" }
+            );
+            let _ = writeln!(out, "  reference: {}", c.reference_name);
+            let _ = writeln!(out, "  cpu, eventplane: {}", c.eventplane.cpu.render());
+            let _ = writeln!(out, "  cpu, reference:  {}", c.reference_cpu.render());
+            if !c.eventplane.layers.is_empty() {
+                let _ = writeln!(
+                    out,
+                    "  cache layers that answered: {:?}",
+                    c.eventplane.layers
+                );
+            }
+            let _ = writeln!(out, "  statuses: {:?}", c.eventplane.statuses);
+        }
+        for p in &self.plots {
+            let _ = writeln!(out, "plot: {}", p.display());
+        }
+        out
+    }
+
+    pub fn to_json(&self) -> Value {
+        let rows: Vec<Value> = self
+            .comparisons()
+            .iter()
+            .map(|c| {
+                json!({
+                    "what": c.what,
+                    "eventplane": c.eventplane,
+                    "eventplane_rate": c.eventplane.rate_of(c.status),
+                    "reference": c.reference_name,
+                    "reference_rate": c.reference_rate,
+                    "reference_p99_ms": crate::bench::load::finite(c.reference_p99),
+                    "reference_cpu": c.reference_cpu,
+                    "ratio": crate::bench::load::finite(c.ratio()),
+                    "target_ratio": c.target,
+                })
+            })
+            .collect();
+        json!({ "comparisons": rows, "pgbench": self.pgbench, "bare_hits": self.bare_hits, "bare_misses": self.bare_misses, "plots": self.plots })
+    }
+}

@@ -1,0 +1,152 @@
+//! The reference for appends: `pgbench` inserting one row per transaction
+//! into a table with the shape, partitioning and indexes of `events`, at
+//! the same client count.
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use hdrhistogram::Histogram;
+use serde::Serialize;
+use sqlx::PgPool;
+
+use super::cpu::{CpuUse, Sampler};
+use crate::bench::load;
+
+/// `events` as migration 0001 makes it, under another name: same columns,
+/// defaults, monthly range partitioning, primary key and indexes.
+const TABLE_DDL: [&str; 5] = [
+    "CREATE SEQUENCE bench_events_position_seq",
+    "CREATE TABLE bench_events (
+        position       bigint NOT NULL DEFAULT nextval('bench_events_position_seq'),
+        tx_id          xid8 NOT NULL DEFAULT pg_current_xact_id(),
+        stream_id      text NOT NULL,
+        stream_version bigint NOT NULL,
+        event_type     text NOT NULL,
+        data           jsonb NOT NULL,
+        metadata       jsonb NOT NULL DEFAULT '{}',
+        recorded_at    timestamptz NOT NULL DEFAULT now(),
+        PRIMARY KEY (position, recorded_at)
+    ) PARTITION BY RANGE (recorded_at)",
+    "CREATE TABLE bench_events_now PARTITION OF bench_events
+        FOR VALUES FROM (now() - interval '1 month') TO (now() + interval '1 month')",
+    "CREATE INDEX bench_events_tail_idx ON bench_events (tx_id, position)",
+    "CREATE INDEX bench_events_stream_idx ON bench_events (stream_id, stream_version)",
+];
+
+/// The same event the wrk append script sends, on a stream of its own.
+const SCRIPT: &str = "\\set n random(1, 1000000000)
+INSERT INTO bench_events (stream_id, stream_version, event_type, data) VALUES ('order-p-' || :client_id || '-' || nextval('bench_events_position_seq'), 1, 'OrderPlaced', jsonb_build_object('orderId', 'p-' || :n, 'customerId', 'c-' || (:n % 1000), 'total', (10 + :n % 90) || '.' || lpad((:n % 100)::text, 2, '0')));
+";
+
+#[derive(Debug, Serialize)]
+pub struct PgbenchRun {
+    pub transactions: u64,
+    pub tps: f64,
+    /// (percentile, microseconds) from pgbench's per-transaction log.
+    pub latency_us: Vec<(f64, u64)>,
+    pub cpu: CpuUse,
+}
+
+impl PgbenchRun {
+    pub fn percentile_ms(&self, p: f64) -> f64 {
+        self.latency_us
+            .iter()
+            .find(|(q, _)| *q >= p)
+            .map_or(f64::NAN, |(_, us)| *us as f64 / 1000.0)
+    }
+}
+
+pub fn available() -> bool {
+    std::process::Command::new("pgbench")
+        .arg("--version")
+        .output()
+        .is_ok()
+}
+
+pub async fn prepare(pool: &PgPool) -> anyhow::Result<()> {
+    for ddl in TABLE_DDL {
+        sqlx::query(ddl).execute(pool).await?;
+    }
+    Ok(())
+}
+
+pub async fn run(
+    dir: &Path,
+    database_url: &str,
+    clients: usize,
+    duration: Duration,
+) -> anyhow::Result<PgbenchRun> {
+    let script = dir.join("pgbench-insert.sql");
+    std::fs::write(&script, SCRIPT)?;
+    let logs = dir.join("pgbench-log");
+    let sampler = Sampler::start("pgbench");
+    let output = tokio::process::Command::new("pgbench")
+        .current_dir(dir)
+        .args(["-n", "-j", "2", "-l", "--log-prefix"])
+        .arg(&logs)
+        .arg(format!("-c{clients}"))
+        .arg(format!("-T{}", duration.as_secs().max(1)))
+        .arg("-f")
+        .arg(&script)
+        .arg(database_url)
+        .kill_on_drop(true)
+        .output()
+        .await
+        .context("running pgbench (Debian package postgresql-contrib)")?;
+    let cpu = sampler.finish();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    if !output.status.success() {
+        bail!(
+            "pgbench failed ({}): {stdout}{}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    let tps = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("tps = "))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|v| v.parse::<f64>().ok())
+        .with_context(|| format!("no tps in pgbench output: {stdout}"))?;
+    let mut latency = load::histogram();
+    let mut transactions = 0;
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        let is_log = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with("pgbench-log"));
+        if !is_log {
+            continue;
+        }
+        for line in std::fs::read_to_string(&path)?.lines() {
+            // client_id transaction_no time script_no time_epoch time_us
+            if let Some(us) = line.split_whitespace().nth(2).and_then(|v| v.parse().ok()) {
+                latency.saturating_record(u64::max(us, 1));
+                transactions += 1;
+            }
+        }
+        std::fs::remove_file(&path)?;
+    }
+    Ok(PgbenchRun {
+        transactions,
+        tps,
+        latency_us: percentiles(&latency),
+        cpu,
+    })
+}
+
+/// The percentiles the wrk scripts report, from an HDR histogram, so both
+/// sides plot on the same points.
+pub fn percentiles(h: &Histogram<u64>) -> Vec<(f64, u64)> {
+    if h.is_empty() {
+        return Vec::new();
+    }
+    [
+        0.0, 10.0, 25.0, 50.0, 75.0, 90.0, 95.0, 99.0, 99.5, 99.9, 99.95, 99.99, 100.0,
+    ]
+    .into_iter()
+    .map(|p| (p, h.value_at_quantile(p / 100.0)))
+    .collect()
+}

@@ -1,0 +1,145 @@
+//! Drives HTTP load with `wrk`, a load generator that is not the system
+//! under test and is light enough not to take the CPU it measures. Its Lua
+//! scripts count every answer by status and by cache layer.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use serde::{Deserialize, Serialize};
+
+use super::cpu::{CpuUse, Sampler};
+
+const COUNTS: &str = include_str!("counts.lua");
+pub const APPEND: &str = include_str!("append.lua");
+pub const PATHS: &str = include_str!("paths.lua");
+
+/// wrk threads: one per core of these machines; connections are spread
+/// over them.
+pub const THREADS: usize = 2;
+
+/// What one `wrk` run reported.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct WrkRun {
+    pub requests: u64,
+    pub duration_us: u64,
+    pub errors: BTreeMap<String, u64>,
+    /// Answers per HTTP status.
+    pub statuses: BTreeMap<String, u64>,
+    /// Answers per `eventplane-cache` header value.
+    pub layers: BTreeMap<String, u64>,
+    /// (percentile, microseconds), from wrk's own histogram.
+    pub latency_us: Vec<(f64, u64)>,
+    /// Filled in by the bench, not by the script.
+    #[serde(skip_deserializing)]
+    pub cpu: CpuUse,
+}
+
+impl WrkRun {
+    /// Answers with `status` per second.
+    pub fn rate_of(&self, status: &str) -> f64 {
+        let n = self.statuses.get(status).copied().unwrap_or(0);
+        n as f64 / (self.duration_us.max(1) as f64 / 1e6)
+    }
+
+    /// Answers that were not `status`, and connection-level errors.
+    pub fn others(&self, status: &str) -> u64 {
+        let wrong: u64 = self
+            .statuses
+            .iter()
+            .filter(|(s, _)| s.as_str() != status)
+            .map(|(_, n)| n)
+            .sum();
+        wrong + self.errors.values().sum::<u64>()
+    }
+
+    pub fn percentile_ms(&self, p: f64) -> f64 {
+        self.latency_us
+            .iter()
+            .find(|(q, _)| *q >= p)
+            .map_or(f64::NAN, |(_, us)| *us as f64 / 1000.0)
+    }
+
+    /// Share of answers a cache layer named `layer` gave.
+    pub fn layer_share(&self, layers: &[&str]) -> f64 {
+        let all: u64 = self.layers.values().sum();
+        let some: u64 = layers.iter().filter_map(|l| self.layers.get(*l)).sum();
+        if all == 0 {
+            0.0
+        } else {
+            some as f64 / all as f64
+        }
+    }
+}
+
+pub fn available() -> bool {
+    std::process::Command::new("wrk")
+        .arg("--version")
+        .output()
+        .is_ok()
+}
+
+/// Runs `script` against `url` with `connections` for `duration`; `env`
+/// reaches the script through `os.getenv`.
+pub async fn run(
+    dir: &Path,
+    script: &str,
+    url: &str,
+    connections: usize,
+    duration: Duration,
+    env: &[(&str, String)],
+) -> anyhow::Result<WrkRun> {
+    let path = dir.join(format!("wrk-{}.lua", std::process::id()));
+    std::fs::write(&path, format!("{script}\n{COUNTS}"))?;
+    let sampler = Sampler::start("wrk");
+    let output = tokio::process::Command::new("wrk")
+        .arg(format!("-t{THREADS}"))
+        .arg(format!("-c{}", connections.max(THREADS)))
+        .arg(format!("-d{}s", duration.as_secs().max(1)))
+        .arg("--timeout")
+        .arg("30s")
+        .arg("-s")
+        .arg(&path)
+        .arg(url)
+        .env("EVENTPLANE_WRK_THREADS", THREADS.to_string())
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .kill_on_drop(true)
+        .output()
+        .await
+        .context("running wrk (Debian package `wrk`)")?;
+    let cpu = sampler.finish();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    if !output.status.success() {
+        bail!(
+            "wrk failed ({}): {stdout}{}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    let mut run = parse(&stdout)?;
+    run.cpu = cpu;
+    Ok(run)
+}
+
+fn parse(stdout: &str) -> anyhow::Result<WrkRun> {
+    let line = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("EVENTPLANE_WRK "))
+        .with_context(|| format!("wrk printed no counts: {stdout}"))?;
+    serde_json::from_str(line).with_context(|| format!("wrk counts: {line}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse;
+
+    #[test]
+    fn the_scripts_report_line_is_read() {
+        let out = "Running 1s test\nEVENTPLANE_WRK {\"requests\":10,\"duration_us\":2000000,\"errors\":{\"connect\":0,\"read\":1,\"write\":0,\"timeout\":0},\"statuses\":{\"201\":8,\"409\":1},\"layers\":{},\"latency_us\":[[50.0000,900],[99.0000,4000]]}\n";
+        let run = parse(out).unwrap();
+        assert_eq!(run.rate_of("201"), 4.0);
+        assert_eq!(run.others("201"), 2);
+        assert_eq!(run.percentile_ms(99.0), 4.0);
+    }
+}
