@@ -18,6 +18,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use futures::StreamExt;
 use redis::AsyncCommands;
 use redis::aio::ConnectionManager;
@@ -30,8 +31,9 @@ use crate::metrics::Metrics;
 /// request wait on a dead connection.
 const REDIS_BACKOFF: Duration = Duration::from_secs(1);
 
-/// A cached answer: the JSON body, or `None` for "no such row".
-pub type Cached = Arc<Option<String>>;
+/// A cached answer: the JSON body, or `None` for "no such row". The body is
+/// `Bytes` so an L1 hit hands the response the same buffer, uncopied.
+pub type Cached = Arc<Option<Bytes>>;
 
 /// Per-projection cache state.
 pub struct ProjectionCache {
@@ -51,7 +53,7 @@ impl ProjectionCache {
         let l1 = moka::future::Cache::builder()
             .max_capacity(capacity_bytes)
             .weigher(|k: &String, v: &Cached| {
-                (k.len() + v.as_ref().as_ref().map_or(0, String::len) + 64).min(u32::MAX as usize)
+                (k.len() + v.as_ref().as_ref().map_or(0, Bytes::len) + 64).min(u32::MAX as usize)
                     as u32
             })
             .time_to_live(Duration::from_millis(spec.l1_ttl_ms.max(1)))
@@ -280,7 +282,7 @@ impl CacheBus {
 
     pub async fn l2_get(&self, key: &str) -> Option<Cached> {
         let mut redis = self.redis().await?;
-        match redis.get::<_, Option<String>>(key).await {
+        match redis.get::<_, Option<Vec<u8>>>(key).await {
             Ok(Some(raw)) => Some(Arc::new(decode_l2(raw))),
             Ok(None) => None,
             Err(err) => {
@@ -303,8 +305,10 @@ impl CacheBus {
         let Some(mut redis) = self.redis().await else {
             return;
         };
-        let script = redis::Script::new(FILL_IF_CURRENT);
-        let result: redis::RedisResult<i64> = script
+        // Hashed once: the script's SHA is what EVALSHA sends.
+        static SCRIPT: std::sync::LazyLock<redis::Script> =
+            std::sync::LazyLock::new(|| redis::Script::new(FILL_IF_CURRENT));
+        let result: redis::RedisResult<i64> = SCRIPT
             .key(self.scope.generation_key(&cache.name))
             .key(key)
             .key(self.scope.epoch_key(&cache.name))
@@ -373,15 +377,20 @@ impl CacheBus {
 }
 
 /// L2 values carry a one-byte tag so "no such row" can be cached too.
-fn encode_l2(value: &Cached) -> String {
+fn encode_l2(value: &Cached) -> Vec<u8> {
     match value.as_ref() {
-        Some(body) => format!("1{body}"),
-        None => "0".to_string(),
+        Some(body) => {
+            let mut raw = Vec::with_capacity(body.len() + 1);
+            raw.push(b'1');
+            raw.extend_from_slice(body);
+            raw
+        }
+        None => b"0".to_vec(),
     }
 }
 
-fn decode_l2(raw: String) -> Option<String> {
-    raw.strip_prefix('1').map(str::to_string)
+fn decode_l2(raw: Vec<u8>) -> Option<Bytes> {
+    (raw.first() == Some(&b'1')).then(|| Bytes::from(raw).slice(1..))
 }
 
 #[cfg(test)]
@@ -390,7 +399,7 @@ mod tests {
 
     #[test]
     fn l2_values_round_trip_including_absent_rows() {
-        let present: Cached = Arc::new(Some("{\"id\":\"a\"}".into()));
+        let present: Cached = Arc::new(Some(Bytes::from_static(b"{\"id\":\"a\"}")));
         assert_eq!(decode_l2(encode_l2(&present)), *present);
         let absent: Cached = Arc::new(None);
         assert_eq!(decode_l2(encode_l2(&absent)), None);

@@ -26,6 +26,7 @@ use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{Extension, Path, Query, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
 use eventplane_api::{QuerySpec, parse_param};
 use eventplane_plan::{decode_cursor, encode_cursor, list_sql, row_sql};
 use serde_json::Value;
@@ -367,7 +368,7 @@ async fn row(
                 .fetch_optional(&service.read_pool)
                 .await?;
             slow::check(&service, "row", &sql, vec![key], started.elapsed());
-            Ok::<Cached, sqlx::Error>(Arc::new(row))
+            Ok::<Cached, sqlx::Error>(Arc::new(row.map(Bytes::from)))
         }
     };
     if let Some(token) = token {
@@ -375,32 +376,28 @@ async fn row(
         Ok((load().await?, Layer::L3))
     } else {
         let version = served.projection.spec.version;
-        let epoch = served.cache.epoch();
-        let l2_key = service
-            .bus
-            .scope
-            .row_key(&served.projection.name, version, epoch, &key);
-        cached(
-            service,
-            &served,
-            row_l1_key(version, &key),
-            (l2_key, epoch),
-            load,
-        )
-        .await
+        let l2_key = |epoch| {
+            service
+                .bus
+                .scope
+                .row_key(&served.projection.name, version, epoch, &key)
+        };
+        cached(service, &served, row_l1_key(version, &key), l2_key, load).await
     }
 }
 
-/// L1 → L2 → load, recording which layer answered. `l2` is the L2 key and
-/// the epoch it was made with.
-async fn cached<F, Fut>(
+/// L1 → L2 → load, recording which layer answered. `l2_key` makes the L2
+/// key for an epoch; it is only called when L1 does not answer, so a hit
+/// costs one lookup and nothing else.
+async fn cached<K, F, Fut>(
     service: &QueryService,
     served: &Served,
     l1_key: String,
-    l2: (String, u64),
+    l2_key: K,
     load: F,
 ) -> ApiResult<(Cached, Layer)>
 where
+    K: FnOnce(u64) -> String,
     F: FnOnce() -> Fut,
     Fut: Future<Output = Result<Cached, sqlx::Error>>,
 {
@@ -409,23 +406,33 @@ where
     if !service.bus.usable(cache) {
         return Ok((load().await?, Layer::L3));
     }
+    let l1_live = service.bus.l1_live();
+    if l1_live && let Some(hit) = cache.l1.get(&l1_key).await {
+        counts[0].record(true);
+        return Ok((hit, Layer::L1));
+    }
     let generation = cache.generation();
+    let epoch = cache.epoch();
+    let l2_key = l2_key(epoch);
     let through_l2 = async {
-        let (l2_key, epoch) = &l2;
-        if let Some(hit) = service.bus.l2_get(l2_key).await {
+        if let Some(hit) = service.bus.l2_get(&l2_key).await {
             counts[1].record(true);
             return Ok::<_, sqlx::Error>((hit, Layer::L2));
         }
         counts[1].record(false);
         let value = load().await?;
         counts[2].record(true);
-        service
-            .bus
-            .l2_fill(cache, l2_key, *epoch, generation, &value)
-            .await;
+        // The fill is conditional on the generation in Redis (an
+        // invalidation since `generation` was read makes it a no-op), so it
+        // is as safe later as now: it runs after the answer goes out.
+        let (bus, cache, filled) = (service.bus.clone(), served.cache.clone(), value.clone());
+        tokio::spawn(async move {
+            bus.l2_fill(&cache, &l2_key, epoch, generation, &filled)
+                .await;
+        });
         Ok((value, Layer::L3))
     };
-    if !service.bus.l1_live() {
+    if !l1_live {
         return Ok(through_l2.await?);
     }
     let loaded_here = AtomicBool::new(false);
@@ -618,7 +625,7 @@ async fn list(
             } else {
                 None
             };
-            Ok::<Cached, sqlx::Error>(Arc::new(Some(page_body(&rows, next))))
+            Ok::<Cached, sqlx::Error>(Arc::new(Some(Bytes::from(page_body(&rows, next)))))
         }
     };
     if let Some(token) = list.token {
@@ -636,13 +643,13 @@ async fn list(
         let generation = served.cache.generation();
         let version = spec.version;
         let l1_key = format!("l:{version}:{generation}:{}:{digest}", query.name);
-        let epoch = served.cache.epoch();
-        let l2_key =
+        let l2_key = |epoch| {
             service
                 .bus
                 .scope
-                .list_key(name, version, epoch, generation, &query.name, &digest);
-        cached(service, &served, l1_key, (l2_key, epoch), load).await
+                .list_key(name, version, epoch, generation, &query.name, &digest)
+        };
+        cached(service, &served, l1_key, l2_key, load).await
     }
 }
 
