@@ -6,6 +6,8 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 bash tests/ensure-services.sh
+# The read-replica tests read from a real streaming replica on port 5433.
+bash tests/ensure-replica.sh
 if ! command -v cargo >/dev/null && [ -x "${CARGO_HOME:-$HOME/.cargo}/bin/cargo" ]; then
     export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
 fi
@@ -13,6 +15,7 @@ fi
 # Tests create their own databases from this URL.
 export DATABASE_URL="${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/postgres}"
 export REDIS_URL="${REDIS_URL:-redis://127.0.0.1:6379}"
+export EVENTPLANE_REPLICA_URL="${EVENTPLANE_REPLICA_URL:-postgres://postgres@127.0.0.1:5433/postgres}"
 
 step() { echo; echo "==> $*"; }
 

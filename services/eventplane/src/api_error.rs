@@ -48,6 +48,11 @@ pub enum ApiError {
     /// loaded the change yet. The query service reloads and retries.
     #[error("the projection changed while it was read")]
     SchemaChanged(String),
+    /// A replica cancelled the read to apply WAL that conflicts with it
+    /// (the replayed lock of a swap, a vacuum): the query service runs the
+    /// read once more.
+    #[error("the read replica cancelled the read to apply changes; try again")]
+    ReadCancelled(String),
     #[error("internal error")]
     Internal(#[source] anyhow::Error),
 }
@@ -94,7 +99,9 @@ impl ApiError {
             Self::UriTooLong { .. } => StatusCode::URI_TOO_LONG,
             Self::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Self::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
-            Self::Unavailable { .. } | Self::SchemaChanged(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Unavailable { .. } | Self::SchemaChanged(_) | Self::ReadCancelled(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -117,6 +124,7 @@ impl ApiError {
             Self::UriTooLong { .. } => "uri_too_long",
             Self::HeadersTooLarge { .. } => "headers_too_large",
             Self::SchemaChanged(_) => "projection_changing",
+            Self::ReadCancelled(_) => "read_cancelled",
             Self::Internal(_) => "internal",
         };
         ErrorBody::new(code, self.to_string()).to_json()
@@ -173,6 +181,11 @@ impl ApiError {
                     .is_some_and(|c| SCHEMA_CHANGED.contains(&c.as_ref())) =>
             {
                 Some(Self::SchemaChanged(db.message().to_string()))
+            }
+            // serialization_failure: on a hot standby, "canceling statement
+            // due to conflict with recovery" (reads here never serialize).
+            sqlx::Error::Database(db) if db.code().is_some_and(|c| c == "40001") => {
+                Some(Self::ReadCancelled(db.message().to_string()))
             }
             _ => None,
         }

@@ -250,6 +250,15 @@ pub struct QueryArgs {
     /// Longest one read may run, in milliseconds (503 beyond).
     #[arg(long, env = "EVENTPLANE_READ_TIMEOUT_MS", default_value_t = 5000)]
     pub read_timeout_ms: u64,
+    /// With --read-database-url: read from the primary while the read
+    /// database is unreachable or further behind than --replica-max-lag-ms
+    /// (counted in `replica_fallback_reads_total`). Off by default: the
+    /// primary then never takes reads meant for the replica.
+    #[arg(long, env = "EVENTPLANE_READ_FALLBACK_TO_PRIMARY")]
+    pub read_fallback_to_primary: bool,
+    /// Apply lag, in milliseconds, past which a replica counts as behind.
+    #[arg(long, env = "EVENTPLANE_REPLICA_MAX_LAG_MS", default_value_t = 10_000)]
+    pub replica_max_lag_ms: u64,
 }
 
 impl QueryArgs {
@@ -259,6 +268,10 @@ impl QueryArgs {
             consistency_timeout: Duration::from_millis(self.consistency_timeout_ms),
             slow_query: Duration::from_millis(self.slow_query_ms),
             read_timeout: Duration::from_millis(self.read_timeout_ms.max(1)),
+            replica: crate::query::replica::ReplicaConfig {
+                fallback: self.read_fallback_to_primary,
+                max_lag: Duration::from_millis(self.replica_max_lag_ms),
+            },
         }
     }
 }

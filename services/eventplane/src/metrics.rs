@@ -89,6 +89,10 @@ pub struct Metrics {
     pub catalog_generation: Gauge,
     pub pool_connections: Family<PoolLabels, Gauge>,
     pub jobs_processed: Counter,
+    pub replica_lag_seconds: Gauge<f64, AtomicU64>,
+    pub replica_up: Gauge,
+    pub replica_fallback_reads: Counter,
+    pub replica_read_retries: Counter,
     /// Pools whose usage is read at scrape time.
     pools: std::sync::Mutex<Vec<(&'static str, sqlx::PgPool)>>,
 }
@@ -124,9 +128,33 @@ impl Metrics {
             catalog_generation: Gauge::default(),
             pool_connections: Family::default(),
             jobs_processed: Counter::default(),
+            replica_lag_seconds: Gauge::default(),
+            replica_up: Gauge::default(),
+            replica_fallback_reads: Counter::default(),
+            replica_read_retries: Counter::default(),
             pools: Default::default(),
             registry: Registry::default(),
         };
+        registry.register(
+            "replica_lag_seconds",
+            "How far the read replica's applied state trails what it received",
+            m.replica_lag_seconds.clone(),
+        );
+        registry.register(
+            "replica_up",
+            "1 while the read database answers its probe",
+            m.replica_up.clone(),
+        );
+        registry.register(
+            "replica_fallback_reads",
+            "Reads sent to the primary because the replica was down or behind",
+            m.replica_fallback_reads.clone(),
+        );
+        registry.register(
+            "replica_read_retries",
+            "Reads run again after a replica cancelled them to replay WAL",
+            m.replica_read_retries.clone(),
+        );
         registry.register(
             "command_latency",
             "Command handling latency in seconds",

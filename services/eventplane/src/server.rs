@@ -240,14 +240,23 @@ impl Stack {
                 &PoolConfig {
                     statement_timeout: Some(config.query.read_timeout),
                     acquire_timeout: config.acquire_timeout,
+                    lazy: config.read_database_url.is_some(),
                     ..PoolConfig::new(config.read_max_connections)
                 },
             )
             .await?;
             metrics.watch_pool("read", &read_pool);
+            let reads = query::replica::Reads::new(
+                read_pool,
+                pool.clone(),
+                config.read_database_url.is_some(),
+                config.query.replica.clone(),
+                metrics.clone(),
+            );
+            tasks.push(tokio::spawn(reads.clone().monitor()));
             let (service, follow) = QueryService::new(
                 follower.clone(),
-                read_pool,
+                reads,
                 pool.clone(),
                 redis.clone(),
                 scope.clone(),

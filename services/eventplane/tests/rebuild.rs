@@ -428,3 +428,110 @@ async fn a_table_from_before_versioning_is_adopted_as_its_first_version() {
         "the old rows are the first version's"
     );
 }
+
+/// Readers on a streaming replica throughout a rebuild's swap on the
+/// primary: the swap's replayed lock may cancel a read there, which the
+/// query service runs again, so no reader sees a failure.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_swap_on_the_primary_fails_no_read_on_the_replica() {
+    let db = TestDb::new().await;
+    let mut config = local(&db.url, None, orders());
+    config.projector.rebuild_in_process = false;
+    drop(stack_with(config.clone()).await);
+    config.read_database_url = Some(db.on_replica().await);
+    let stack = stack_with(config).await;
+    let http = client();
+    for i in 0..200 {
+        let (status, _) = append(
+            &http,
+            &stack,
+            &format!("order-s{i}"),
+            json!("no_stream"),
+            vec![placed(&format!("s{i}"), &format!("c{}", i % 5), "2")],
+        )
+        .await;
+        assert_eq!(status, 201);
+    }
+    let pool = db.pool().await;
+    assert!(eventually(Duration::from_secs(20), || caught_up(&pool, "orders")).await);
+    // The replica has the rows too (it applies 50 ms late).
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            get(&http, &stack, "/v1/projections/orders/rows/s199")
+                .await
+                .0
+                == 200
+        })
+        .await
+    );
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let (failures, reads) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let readers: Vec<_> = (0..4)
+        .map(|n| {
+            let (http, stop, failures, reads) =
+                (http.clone(), stop.clone(), failures.clone(), reads.clone());
+            let urls = [
+                stack.url(&format!("/v1/projections/orders/rows/s{n}")),
+                stack.url("/v1/projections/orders/queries/by_customer?customer_id=c1&limit=5"),
+            ];
+            tokio::spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    for url in &urls {
+                        let response = http.get(url).send().await.unwrap();
+                        let status = response.status().as_u16();
+                        if status != 200 {
+                            eprintln!(
+                                "replica read {url}: {status} {}",
+                                response.text().await.unwrap_or_default()
+                            );
+                            failures.fetch_add(1, Ordering::Relaxed);
+                        }
+                        reads.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            })
+        })
+        .collect();
+
+    let v2 = orders_version("orders", "orders", 2, "OPEN");
+    declare(&pool, &v2).await;
+    let report = run(
+        &pool,
+        &v2,
+        None,
+        stack.metrics.clone(),
+        &RebuildOptions::from_spec(&v2.spec),
+    )
+    .await
+    .expect("rebuild succeeds");
+    assert!(!report.already_active, "{report:?}");
+    // Keep reading while the replica replays the swap and the query
+    // service moves to version 2.
+    let (http2, url) = (http.clone(), stack.url("/v1/projections/orders/rows/s1"));
+    assert!(
+        eventually(Duration::from_secs(15), || async {
+            let row: serde_json::Value = http2
+                .get(&url)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap_or_default();
+            row["status"] == "OPEN"
+        })
+        .await,
+        "reads through the replica reach version 2"
+    );
+    stop.store(true, Ordering::Relaxed);
+    for reader in readers {
+        reader.await.unwrap();
+    }
+    assert!(reads.load(Ordering::Relaxed) > 20, "readers ran throughout");
+    assert_eq!(
+        failures.load(Ordering::Relaxed),
+        0,
+        "no read on the replica failed"
+    );
+}

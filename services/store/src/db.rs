@@ -22,6 +22,9 @@ pub struct PoolConfig {
     /// `statement_timeout` of every connection, if any: the longest one
     /// statement (lock waits included) may run before Postgres cancels it.
     pub statement_timeout: Option<Duration>,
+    /// Connect on first use instead of at start: a process whose read
+    /// replica is down still starts (and falls back, or answers 503).
+    pub lazy: bool,
 }
 
 impl PoolConfig {
@@ -30,6 +33,7 @@ impl PoolConfig {
             max_connections,
             acquire_timeout: DEFAULT_ACQUIRE_TIMEOUT,
             statement_timeout: None,
+            lazy: false,
         }
     }
 }
@@ -59,10 +63,12 @@ pub async fn connect_with(url: &str, name: &str, config: &PoolConfig) -> sqlx::R
         .options(settings);
     let pool = PgPoolOptions::new()
         .max_connections(config.max_connections)
-        .acquire_timeout(config.acquire_timeout)
-        .connect_with(options)
-        .await?;
-    Ok(pool)
+        .acquire_timeout(config.acquire_timeout);
+    if config.lazy {
+        Ok(pool.connect_lazy_with(options))
+    } else {
+        pool.connect_with(options).await
+    }
 }
 
 /// Errors that say the database is busy or out of reach rather than that

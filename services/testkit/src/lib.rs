@@ -15,6 +15,13 @@ pub fn redis_url() -> String {
     std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
 }
 
+/// The streaming replica of the server at `DATABASE_URL` that
+/// `tests/ensure-replica.sh` keeps (its databases are the primary's).
+pub fn replica_url() -> String {
+    std::env::var("EVENTPLANE_REPLICA_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5433/postgres".into())
+}
+
 /// A database of the test's own, dropped when the test ends.
 pub struct TestDb {
     pub name: String,
@@ -38,6 +45,29 @@ impl TestDb {
         TestDb {
             name,
             url: url.to_string(),
+        }
+    }
+
+    /// This database as the replica serves it, once the replica has
+    /// replayed its creation.
+    pub async fn on_replica(&self) -> String {
+        let mut url = url::Url::parse(&replica_url()).expect("EVENTPLANE_REPLICA_URL is a URL");
+        url.set_path(&self.name);
+        let url = url.to_string();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match PgPool::connect(&url).await {
+                Ok(pool) => {
+                    pool.close().await;
+                    return url;
+                }
+                Err(err) if Instant::now() > deadline => panic!(
+                    "the replica at {} has no database {} ({err}); tests/ensure-replica.sh starts one",
+                    replica_url(),
+                    self.name
+                ),
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
         }
     }
 

@@ -1,5 +1,7 @@
 //! Read-your-writes: a read carrying a command's token waits, bounded, until
-//! the projection's checkpoint has passed it, then reads from Postgres.
+//! the projection's checkpoint has passed it, then reads from Postgres. The
+//! checkpoint is read on the server the rows are read from: it commits with
+//! them, so once a replica shows it passed, the replica has the rows too.
 
 use std::time::{Duration, Instant};
 
@@ -14,11 +16,16 @@ use eventplane_store::Token;
 const FIRST_WAIT: Duration = Duration::from_millis(1);
 const MAX_WAIT: Duration = Duration::from_millis(25);
 
-pub async fn wait_for(service: &QueryService, projection: &str, token: Token) -> ApiResult<()> {
+pub async fn wait_for(
+    service: &QueryService,
+    pool: &sqlx::PgPool,
+    projection: &str,
+    token: Token,
+) -> ApiResult<()> {
     let deadline = Instant::now() + service.consistency_timeout;
     let mut wait = FIRST_WAIT;
     loop {
-        let passed = checkpoints::passed(&service.read_pool, projection, token).await?;
+        let passed = checkpoints::passed(pool, projection, token).await?;
         if passed == Some(true) {
             return Ok(());
         }

@@ -89,7 +89,7 @@ pub async fn list(
             })
         })
         .transpose()?;
-    let mut page = checkpoints::dead_letters(&service.read_pool, &name, after, limit + 1).await?;
+    let mut page = checkpoints::dead_letters(service.reads.pool(), &name, after, limit + 1).await?;
     let next = if page.len() as i64 > limit {
         page.truncate(limit as usize);
         page.last().map(|letter| letter.id)

@@ -13,6 +13,7 @@
 pub mod cache;
 pub mod consistency;
 pub mod dead_letters;
+pub mod replica;
 pub mod slow;
 
 use std::collections::{BTreeMap, HashMap};
@@ -48,6 +49,7 @@ use crate::catalog::Follower;
 use crate::invalidation::Scope;
 use crate::metrics::Metrics;
 use cache::{CacheBus, Cached, Layer, ProjectionCache, row_l1_key};
+use replica::{Reads, ReplicaConfig};
 
 /// The role name query processes register under.
 pub const ROLE: &str = "query";
@@ -96,7 +98,8 @@ pub struct QueryService {
     pub served: Arc<ArcSwap<ServedSet>>,
     pub follower: Follower,
     l1_capacity_bytes: u64,
-    pub read_pool: PgPool,
+    /// Where reads go: the read pool, or the primary while it falls back.
+    pub reads: Arc<Reads>,
     /// The primary, for the few writes the query API takes (dead-letter
     /// replays).
     pub primary: PgPool,
@@ -119,6 +122,9 @@ pub struct QueryConfig {
     pub slow_query: Duration,
     /// Postgres cancels a read that runs longer (503 to the client).
     pub read_timeout: Duration,
+    /// What to do when the read database is a replica that is down or
+    /// behind.
+    pub replica: ReplicaConfig,
 }
 
 impl Default for QueryConfig {
@@ -128,6 +134,7 @@ impl Default for QueryConfig {
             consistency_timeout: Duration::from_secs(5),
             slow_query: Duration::from_millis(100),
             read_timeout: Duration::from_secs(5),
+            replica: ReplicaConfig::default(),
         }
     }
 }
@@ -138,7 +145,7 @@ impl QueryService {
     /// subscription (L1 stays bypassed until it is live).
     pub fn new(
         follower: Follower,
-        read_pool: PgPool,
+        reads: Arc<Reads>,
         primary: PgPool,
         redis: Option<(redis::aio::ConnectionManager, String)>,
         scope: Scope,
@@ -155,7 +162,7 @@ impl QueryService {
             served: Arc::new(ArcSwap::from_pointee(ServedSet::default())),
             follower,
             l1_capacity_bytes: config.l1_capacity_bytes,
-            read_pool,
+            reads,
             primary,
             bus,
             metrics,
@@ -227,15 +234,26 @@ impl QueryService {
             })
     }
 
-    /// Runs `read` on projection `name` as served now; when the database
-    /// says the projection changed under it, reloads the catalog and runs
-    /// it once more on what is served then.
+    /// Runs `read` on projection `name` as served now, once more when it
+    /// failed in a way a second try can fix: the database says the
+    /// projection changed under it (reload the catalog first), a replica
+    /// cancelled it to replay WAL, or the read database is out of reach and
+    /// reads may fall back to the primary.
     async fn read<T, F, Fut>(&self, name: &str, read: F) -> ApiResult<T>
     where
         F: Fn(Arc<Served>) -> Fut,
         Fut: Future<Output = ApiResult<T>>,
     {
         match read(self.served(name)?).await {
+            Err(ApiError::ReadCancelled(err)) => {
+                tracing::debug!(projection = %name, error = %err, "read cancelled by recovery; reading again");
+                self.metrics.replica_read_retries.inc();
+                read(self.served(name)?).await
+            }
+            Err(ApiError::Unavailable {
+                code: "database_busy",
+                ..
+            }) if self.reads.failed() => read(self.served(name)?).await,
             Err(ApiError::SchemaChanged(err)) => {
                 tracing::info!(projection = %name, error = %err, "projection changed under a read; reloading the catalog");
                 let snapshot = self.follower.refresh().await?;
@@ -357,22 +375,23 @@ async fn row(
     let spec = &served.projection.spec;
     let key = parse_param(spec.key_column().ty, key)
         .map_err(|e| ApiError::bad_request("invalid_key", format!("key: {e}")))?;
+    let pool = service.reads.pool().clone();
     let load = {
-        let service = service.clone();
+        let (service, pool) = (service.clone(), pool.clone());
         let sql = served.row_sql.clone();
         let key = key.clone();
         move || async move {
             let started = Instant::now();
             let row: Option<String> = sqlx::query_scalar(AssertSqlSafe(sql.clone()))
                 .bind(&key)
-                .fetch_optional(&service.read_pool)
+                .fetch_optional(&pool)
                 .await?;
-            slow::check(&service, "row", &sql, vec![key], started.elapsed());
+            slow::check(&service, &pool, "row", &sql, vec![key], started.elapsed());
             Ok::<Cached, sqlx::Error>(Arc::new(row.map(Bytes::from)))
         }
     };
     if let Some(token) = token {
-        consistency::wait_for(service, &served.projection.name, token).await?;
+        consistency::wait_for(service, &pool, &served.projection.name, token).await?;
         Ok((load().await?, Layer::L3))
     } else {
         let version = served.projection.spec.version;
@@ -595,8 +614,9 @@ async fn list(
         })?;
     let list = list_params(&served, query, params)?;
 
+    let pool = service.reads.pool().clone();
     let load = {
-        let service = service.clone();
+        let (service, pool) = (service.clone(), pool.clone());
         let (plain, paged) = served.list_sql[&query.name].clone();
         let filters = list.filters.clone();
         let cursor = list.cursor.clone();
@@ -608,17 +628,14 @@ async fn list(
             for value in filters.iter().chain(cursor.iter().flatten()) {
                 q = q.bind(value);
             }
-            let mut rows = q
-                .bind(i64::from(limit) + 1)
-                .fetch_all(&service.read_pool)
-                .await?;
+            let mut rows = q.bind(i64::from(limit) + 1).fetch_all(&pool).await?;
             let mut params: Vec<String> = filters
                 .iter()
                 .chain(cursor.iter().flatten())
                 .cloned()
                 .collect();
             params.push((i64::from(limit) + 1).to_string());
-            slow::check(&service, "list", &sql, params, started.elapsed());
+            slow::check(&service, &pool, "list", &sql, params, started.elapsed());
             let next = if rows.len() > limit as usize {
                 rows.truncate(limit as usize);
                 rows.last().map(|(_, sort)| encode_cursor(sort))
@@ -629,7 +646,7 @@ async fn list(
         }
     };
     if let Some(token) = list.token {
-        consistency::wait_for(service, name, token).await?;
+        consistency::wait_for(service, &pool, name, token).await?;
         Ok((load().await?, Layer::L3))
     } else {
         let canonical: Vec<&str> = list
@@ -716,6 +733,9 @@ struct ServedStatus {
     #[serde(flatten)]
     status: eventplane_store::status::ProjectionStatus,
     catalog_generation: i64,
+    /// The read database's state, when reads go to a separate one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    read_replica: Option<replica::ReplicaState>,
 }
 
 /// A projection's checkpoint, lag, dead letters and halt reason, the
@@ -742,7 +762,7 @@ async fn projection_status(
     grants.require(Access::Read(&name))?;
     let generation = service.served.load().generation;
     let served = service.served(&name)?;
-    let status = eventplane_store::status::status(&service.read_pool, &served.projection)
+    let status = eventplane_store::status::status(service.reads.pool(), &served.projection)
         .await?
         .ok_or_else(|| {
             ApiError::not_found(
@@ -753,6 +773,7 @@ async fn projection_status(
     Ok(Json(ServedStatus {
         status,
         catalog_generation: generation,
+        read_replica: service.reads.state(),
     })
     .into_response())
 }

@@ -13,6 +13,7 @@ use crate::metrics::QueryLabels;
 /// text (every placeholder in generated SQL carries its own cast).
 pub fn check(
     service: &QueryService,
+    pool: &sqlx::PgPool,
     query_type: &str,
     sql: &str,
     params: Vec<String>,
@@ -25,7 +26,7 @@ pub fn check(
         query_type: query_type.to_string(),
     };
     service.metrics.slow_queries.get_or_create(&labels).inc();
-    let pool = service.read_pool.clone();
+    let pool = pool.clone();
     let sql = sql.to_string();
     tokio::spawn(async move {
         let mut explain = sqlx::query_scalar::<_, String>(AssertSqlSafe(format!("EXPLAIN {sql}")));
