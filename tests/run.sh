@@ -8,6 +8,8 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash tests/ensure-services.sh
 # The read-replica tests read from a real streaming replica on port 5433.
 bash tests/ensure-replica.sh
+# The cluster tests use a 3-master Redis Cluster on ports 7000-7002.
+bash tests/ensure-redis-cluster.sh
 if ! command -v cargo >/dev/null && [ -x "${CARGO_HOME:-$HOME/.cargo}/bin/cargo" ]; then
     export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
 fi

@@ -20,9 +20,8 @@
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
-use std::time::Duration;
 
-use redis::aio::ConnectionManager;
+use crate::redis_conn::Redis;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
 
@@ -109,15 +108,11 @@ pub struct Message {
     pub epoch: u64,
     pub generation: u64,
     pub keys: Vec<String>,
-}
-
-pub async fn redis_manager(url: &str) -> redis::RedisResult<ConnectionManager> {
-    let client = redis::Client::open(url)?;
-    let config = redis::aio::ConnectionManagerConfig::new()
-        .set_connection_timeout(Some(Duration::from_millis(500)))
-        .set_response_timeout(Some(Duration::from_millis(500)))
-        .set_number_of_retries(1);
-    ConnectionManager::new_with_config(client, config).await
+    /// Sent when an invalidation could not be delivered (part of a cluster
+    /// is down): query processes drop every L1 entry of the projection,
+    /// since they cannot know which rows changed.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub flush: bool,
 }
 
 #[derive(Default)]
@@ -154,18 +149,13 @@ return generation
 pub struct Invalidator {
     scope: Scope,
     projection: String,
-    redis: ConnectionManager,
+    redis: Redis,
     pending: Mutex<Pending>,
     metrics: Arc<Metrics>,
 }
 
 impl Invalidator {
-    pub fn new(
-        scope: Scope,
-        projection: &str,
-        redis: ConnectionManager,
-        metrics: Arc<Metrics>,
-    ) -> Self {
+    pub fn new(scope: Scope, projection: &str, redis: Redis, metrics: Arc<Metrics>) -> Self {
         Self {
             scope,
             projection: projection.to_string(),
@@ -212,6 +202,17 @@ impl Invalidator {
         self.flush(&mut pending).await;
     }
 
+    /// Orphans every L2 entry of the projection now, or says why it could
+    /// not.
+    pub async fn orphan_all(&self) -> redis::RedisResult<()> {
+        let mut pending = self.pending.lock().await;
+        pending.overflowed = true;
+        pending.keys.clear();
+        self.deliver(&pending).await?;
+        pending.overflowed = false;
+        Ok(())
+    }
+
     async fn flush(&self, pending: &mut Pending) {
         match self.deliver(pending).await {
             Ok(()) => {
@@ -221,7 +222,34 @@ impl Invalidator {
             Err(err) => {
                 self.metrics.redis_errors.inc();
                 tracing::warn!(projection = %self.projection, error = %err, "cache invalidation not delivered; will retry");
+                self.flush_l1().await;
             }
+        }
+    }
+
+    /// Tells query processes to drop the projection's L1 entries. On a
+    /// cluster the invalidation script fails when its slot's node is down,
+    /// while the subscription (on another node) stays live and L1 stays in
+    /// use: without this, L1 would keep rows the failed invalidation named.
+    /// A plain PUBLISH names no key, so any node that is up takes it. With a
+    /// single Redis down it fails too, and so has the subscription, which
+    /// empties and bypasses L1 by itself.
+    async fn flush_l1(&self) {
+        let message = Message {
+            projection: self.projection.clone(),
+            version: 0,
+            epoch: 0,
+            generation: 0,
+            keys: Vec::new(),
+            flush: true,
+        };
+        let payload = serde_json::to_string(&message).expect("messages serialize");
+        let sent = self
+            .redis
+            .publish_everywhere(&self.scope.channel(), &payload)
+            .await;
+        if let Err(err) = sent {
+            tracing::debug!(projection = %self.projection, error = %err, "L1 flush not published either");
         }
     }
 

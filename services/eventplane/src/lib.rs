@@ -18,5 +18,6 @@ pub mod partitions;
 pub mod projections;
 pub mod projector;
 pub mod query;
+pub mod redis_conn;
 pub mod roles;
 pub mod server;

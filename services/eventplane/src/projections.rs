@@ -180,7 +180,7 @@ async fn replay(
         && let Some(url) = redis_url
     {
         let scope = Scope::new(&db::instance_id(&pool).await?);
-        let redis = crate::invalidation::redis_manager(url).await?;
+        let redis = crate::redis_conn::open(url).await?;
         Invalidator::new(scope, name, redis, crate::metrics::Metrics::new())
             .invalidate_all()
             .await;

@@ -112,7 +112,7 @@ pub async fn rebuild(args: RebuildArgs) -> anyhow::Result<()> {
         .await
         .map_err(|err| anyhow::anyhow!("projection {}: {err}", projection.name))?;
     let redis = match &args.redis_url {
-        Some(url) => Some(crate::invalidation::redis_manager(url).await?),
+        Some(url) => Some(crate::redis_conn::open(url).await?),
         None => None,
     };
     let options = RebuildOptions::from_spec(&projection.spec);

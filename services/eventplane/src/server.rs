@@ -19,7 +19,7 @@ use eventplane_store::{catalog, db, jobs};
 use crate::auth::{AuthConfig, Authenticator};
 use crate::catalog::{FollowConfig, Follower, member_name};
 use crate::command::{self, CommandConfig, CommandState};
-use crate::invalidation::{Scope, redis_manager};
+use crate::invalidation::Scope;
 use crate::metrics::Metrics;
 use crate::projector::{self, ProjectorConfig};
 use crate::query::{self, QueryConfig, QueryService};
@@ -151,7 +151,7 @@ impl Stack {
 
         let scope = Scope::new(&db::instance_id(&pool).await?);
         let redis = match &config.redis_url {
-            Some(url) => match redis_manager(url).await {
+            Some(url) => match crate::redis_conn::open(url).await {
                 Ok(manager) => Some((manager, url.clone())),
                 Err(err) => {
                     tracing::warn!(error = %err, "redis unreachable at start; caching and invalidation disabled");

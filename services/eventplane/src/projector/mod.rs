@@ -53,7 +53,7 @@ impl Default for ProjectorConfig {
 pub fn start(
     pool: PgPool,
     follower: Follower,
-    redis: Option<(redis::aio::ConnectionManager, Scope)>,
+    redis: Option<(crate::redis_conn::Redis, Scope)>,
     metrics: Arc<Metrics>,
     config: ProjectorConfig,
 ) -> Vec<JoinHandle<()>> {

@@ -111,7 +111,7 @@ const LOCK_NOT_AVAILABLE: &str = "55P03";
 pub async fn run(
     pool: &PgPool,
     projection: &Projection,
-    redis: Option<redis::aio::ConnectionManager>,
+    redis: Option<crate::redis_conn::Redis>,
     metrics: Arc<Metrics>,
     options: &RebuildOptions,
 ) -> Result<RebuildReport, RebuildError> {

@@ -67,7 +67,7 @@ pub struct Supervisor {
     pub pool: PgPool,
     pub follower: Follower,
     /// Redis for cache invalidations, and this database's scope in it.
-    pub redis: Option<(redis::aio::ConnectionManager, Scope)>,
+    pub redis: Option<(crate::redis_conn::Redis, Scope)>,
     pub metrics: Arc<Metrics>,
     pub config: ProjectorConfig,
     /// Bumped on every `NOTIFY eventplane_events`; tails wait on it.

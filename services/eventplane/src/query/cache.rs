@@ -21,11 +21,11 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use futures::StreamExt;
 use redis::AsyncCommands;
-use redis::aio::ConnectionManager;
 use tokio::sync::Mutex;
 
 use crate::invalidation::{Message, Scope};
 use crate::metrics::Metrics;
+use crate::redis_conn::{Redis, RedisTarget};
 
 /// After a Redis error, L2 is skipped for this long instead of making every
 /// request wait on a dead connection.
@@ -93,6 +93,10 @@ impl ProjectionCache {
     }
 
     async fn apply(&self, message: &Message) {
+        if message.flush {
+            self.l1.invalidate_all();
+            return;
+        }
         if message.epoch != self.epoch() {
             // A new epoch starts a new key space, whose generations count
             // from wherever Redis has them now (from 1 after Redis lost its
@@ -138,8 +142,10 @@ pub struct CacheBus {
     /// Whose cache this is, in a Redis several databases may share.
     pub scope: Scope,
     projections: RwLock<HashMap<String, Arc<ProjectionCache>>>,
-    redis: Option<ConnectionManager>,
+    redis: Option<Redis>,
     live: AtomicBool,
+    /// A subscription was live once and was lost since.
+    lost: AtomicBool,
     redis_down_until: Mutex<Option<Instant>>,
     pub metrics: Arc<Metrics>,
 }
@@ -160,12 +166,13 @@ return 0
 "#;
 
 impl CacheBus {
-    pub fn new(scope: Scope, redis: Option<ConnectionManager>, metrics: Arc<Metrics>) -> Arc<Self> {
+    pub fn new(scope: Scope, redis: Option<Redis>, metrics: Arc<Metrics>) -> Arc<Self> {
         Arc::new(Self {
             scope,
             projections: RwLock::new(HashMap::new()),
             redis,
             live: AtomicBool::new(false),
+            lost: AtomicBool::new(false),
             redis_down_until: Mutex::new(None),
             metrics,
         })
@@ -262,7 +269,7 @@ impl CacheBus {
         }
     }
 
-    async fn redis(&self) -> Option<ConnectionManager> {
+    async fn redis(&self) -> Option<Redis> {
         let redis = self.redis.clone()?;
         let down = self.redis_down_until.lock().await;
         match *down {
@@ -324,12 +331,22 @@ impl CacheBus {
     }
 
     /// Keeps the invalidation subscription up; runs until the process ends.
+    /// On a cluster it moves to the next node each time one fails.
     pub async fn subscribe(self: Arc<Self>, redis_url: String) {
-        loop {
-            if let Err(err) = self.clone().subscription(&redis_url).await {
-                tracing::warn!(error = %err, "cache invalidation subscription lost; L1 bypassed until it is back");
+        let urls = match RedisTarget::parse(&redis_url) {
+            Ok(target) => target.subscription_urls(),
+            Err(why) => {
+                tracing::error!(%why, "no cache invalidation subscription");
+                return;
             }
-            self.live.store(false, Ordering::Release);
+        };
+        for url in urls.iter().cycle() {
+            if let Err(err) = self.clone().subscription(url).await {
+                tracing::warn!(error = %err, node = %url, "cache invalidation subscription lost; L1 bypassed until it is back");
+            }
+            if self.live.swap(false, Ordering::AcqRel) {
+                self.lost.store(true, Ordering::Release);
+            }
             for cache in self.all() {
                 cache.l1.invalidate_all();
             }
@@ -341,9 +358,30 @@ impl CacheBus {
         let client = redis::Client::open(redis_url)?;
         let mut pubsub = client.get_async_pubsub().await?;
         pubsub.subscribe(self.scope.channel()).await?;
+        let clustered = matches!(self.redis, Some(Redis::Cluster(..)));
+        let mut node = client.get_multiplexed_async_connection().await?;
+        if clustered {
+            cluster_healthy(&mut node).await?;
+        }
         // Learn where each projection stands now; anything before is gone
-        // from L1 already.
-        let mut conn = client.get_multiplexed_async_connection().await?;
+        // from L1 already. (On a cluster the keys live on other nodes: ask
+        // through the cluster connection.)
+        let mut conn = match &self.redis {
+            Some(redis) => redis.clone(),
+            None => return Ok(()),
+        };
+        if self.lost.load(Ordering::Acquire) {
+            // While the subscription was down, invalidations may have failed
+            // to delete L2 rows (a cluster node that refused its slots, a
+            // partition) and be still pending: orphan every L2 entry before
+            // trusting L2 again.
+            for cache in self.all() {
+                if let Some(invalidator) = self.invalidator(&cache.name) {
+                    invalidator.orphan_all().await?;
+                }
+            }
+            self.lost.store(false, Ordering::Release);
+        }
         for cache in self.all() {
             let generation: Option<u64> = conn.get(self.scope.generation_key(&cache.name)).await?;
             let epoch: Option<u64> = conn.get(self.scope.epoch_key(&cache.name)).await?;
@@ -352,7 +390,21 @@ impl CacheBus {
         self.live.store(true, Ordering::Release);
         tracing::info!("cache invalidation subscription live");
         let mut messages = pubsub.on_message();
-        while let Some(msg) = messages.next().await {
+        let mut health = tokio::time::interval(CLUSTER_HEALTH_EVERY);
+        loop {
+            let msg = tokio::select! {
+                msg = messages.next() => match msg {
+                    Some(msg) => msg,
+                    None => break,
+                },
+                // A cluster that lost a master refuses its slots, so some
+                // invalidations cannot be delivered while the subscription
+                // lives on: L1 is given up until the cluster is whole.
+                _ = health.tick(), if clustered => {
+                    cluster_healthy(&mut node).await?;
+                    continue;
+                }
+            };
             let payload: String = match msg.get_payload() {
                 Ok(p) => p,
                 Err(err) => {
@@ -372,6 +424,22 @@ impl CacheBus {
         Err(redis::RedisError::from((
             redis::ErrorKind::Io,
             "subscription stream ended",
+        )))
+    }
+}
+
+/// How often a query process on a Redis Cluster checks that the cluster is
+/// whole (its node's `CLUSTER INFO`).
+const CLUSTER_HEALTH_EVERY: Duration = Duration::from_millis(250);
+
+async fn cluster_healthy(node: &mut redis::aio::MultiplexedConnection) -> redis::RedisResult<()> {
+    let info: String = redis::cmd("CLUSTER").arg("INFO").query_async(node).await?;
+    if info.lines().any(|l| l.trim() == "cluster_state:ok") {
+        Ok(())
+    } else {
+        Err(redis::RedisError::from((
+            redis::ErrorKind::Io,
+            "the Redis Cluster is not healthy",
         )))
     }
 }

@@ -147,7 +147,7 @@ impl QueryService {
         follower: Follower,
         reads: Arc<Reads>,
         primary: PgPool,
-        redis: Option<(redis::aio::ConnectionManager, String)>,
+        redis: Option<(crate::redis_conn::Redis, String)>,
         scope: Scope,
         metrics: Arc<Metrics>,
         config: QueryConfig,
