@@ -38,6 +38,14 @@ impl BenchDatabase {
         })
     }
 
+    /// This database on another server with the same databases (a
+    /// streaming replica): `server`'s URL with this database's name.
+    pub fn on(&self, server: &str) -> anyhow::Result<String> {
+        let mut url = reqwest::Url::parse(server).context("the replica URL is not a URL")?;
+        url.set_path(&format!("/{}", self.name));
+        Ok(url.to_string())
+    }
+
     /// Drops the database, ending any connection a stopped task left open.
     pub async fn drop_database(&self) -> anyhow::Result<()> {
         let mut conn = PgConnection::connect(&self.admin_url).await?;

@@ -71,6 +71,18 @@ pub struct Args {
     /// references.
     #[arg(long)]
     pub no_yardstick: bool,
+    /// A Redis Cluster (`redis+cluster://host:port,...`) to compare the
+    /// read path on, beside the one Redis.
+    #[arg(long, env = "EVENTPLANE_REDIS_CLUSTER_URL")]
+    pub redis_cluster_url: Option<String>,
+    /// A streaming replica of the database server (its URL, any database)
+    /// to compare L3 reads on, beside the primary.
+    #[arg(long, env = "EVENTPLANE_REPLICA_URL")]
+    pub replica_url: Option<String>,
+    /// Orders appended (through the store, in bulk) for the cache-miss
+    /// phases, so that none of their reads meets a key read before.
+    #[arg(long, default_value_t = 200_000)]
+    pub cold_orders: usize,
     /// Where the latency plots (SVG) go.
     #[arg(long, default_value = "bench-plots")]
     pub plots: std::path::PathBuf,
@@ -300,6 +312,7 @@ async fn measure(args: &Args, db: &BenchDatabase) -> anyhow::Result<Report> {
                 &db.url,
                 clients,
                 duration,
+                args.cold_orders,
             )
             .await?)
         }
@@ -432,7 +445,24 @@ async fn measure(args: &Args, db: &BenchDatabase) -> anyhow::Result<Report> {
                 hot: &hot,
                 hot_row,
             };
-            Ok(yardstick::reads(&scratch, appends, reads, clients, duration, &args.plots).await?)
+            let backends = yardstick::read_paths::Backends {
+                redis_url: args.redis_url.clone(),
+                cluster_url: args.redis_cluster_url.clone(),
+                replica_url: match &args.replica_url {
+                    Some(server) => Some(db.on(server)?),
+                    None => None,
+                },
+            };
+            Ok(yardstick::reads(
+                &scratch,
+                appends,
+                reads,
+                clients,
+                duration,
+                &args.plots,
+                &backends,
+            )
+            .await?)
         }
         Err(why) => {
             progress(&format!("yardstick skipped: {why}"));
