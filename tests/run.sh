@@ -47,6 +47,12 @@ if [ -f operator/Cargo.toml ]; then
     git diff --exit-code crds/ charts/eventplane/crds/
 fi
 
+step "container image (tests/image.sh)"
+# The image test copies the binaries cargo built here into the Dockerfile's
+# runtime stage; build them (already built by the tests, so this is quick).
+cargo build -q --bin eventplane --bin eventplane-operator
+bash tests/image.sh
+
 if [ -z "${KUBECONFIG:-}" ]; then
     echo
     echo "note: the end-to-end cluster suite (tests/tests/cluster.rs) was skipped: KUBECONFIG is not set"

@@ -18,7 +18,7 @@ use crate::projection::JobConfig;
 #[derive(clap::Parser, Debug, Clone)]
 #[command(
     name = "eventplane-operator",
-    version,
+    version = eventplane_telemetry::VERSION,
     about = "Reconciles Projection and PartitionPolicy resources"
 )]
 pub struct Args {
