@@ -85,6 +85,9 @@ pub struct Metrics {
     pub horizon_age_seconds: Gauge<f64, AtomicU64>,
     /// 1 while this process holds the projection's lease and applies it.
     pub projection_lease_held: Family<ProjectionLabels, Gauge>,
+    /// 1 while the projection (`onError: halt`) stopped on an event this
+    /// process could not apply.
+    pub projection_halted: Family<ProjectionLabels, Gauge>,
     /// The catalog generation this process serves.
     pub catalog_generation: Gauge,
     pub pool_connections: Family<PoolLabels, Gauge>,
@@ -121,6 +124,7 @@ impl Metrics {
             projection_dead_letters: Family::default(),
             horizon_age_seconds: Gauge::default(),
             projection_lease_held: Family::default(),
+            projection_halted: Family::default(),
             catalog_generation: Gauge::default(),
             pool_connections: Family::default(),
             jobs_processed: Counter::default(),
@@ -196,6 +200,11 @@ impl Metrics {
             "projection_lease_held",
             "1 while this process holds the projection's lease and applies it",
             m.projection_lease_held.clone(),
+        );
+        registry.register(
+            "projection_halted",
+            "1 while the projection is halted on an event it cannot apply",
+            m.projection_halted.clone(),
         );
         registry.register(
             "catalog_generation",
