@@ -22,6 +22,12 @@ cargo fmt --all -- --check
 step "cargo clippy"
 cargo clippy --workspace --all-targets -- -D warnings
 
+step "Helm chart (tests/chart.sh)"
+bash tests/chart.sh
+
+step "Argo CD health check (tests/argocd)"
+lua5.4 tests/argocd/health_test.lua charts/eventplane/argocd/health.lua
+
 step "Kubernetes API emulator (tests/k8s)"
 # The emulator that the operator's end-to-end test runs against checks its
 # own API semantics first.
