@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 
 use chrono::{DateTime, Utc};
+use eventplane_telemetry::metrics::Registrar;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -39,6 +40,8 @@ type FloatGauge = Gauge<f64, AtomicU64>;
 
 pub struct Metrics {
     registry: Registry,
+    /// Every series name this registry exports.
+    pub series: Vec<String>,
     pub reconciles: Family<ControllerLabels, Counter>,
     pub failures: Family<ControllerLabels, Counter>,
     pub duration: Family<ControllerLabels, Histogram>,
@@ -58,9 +61,10 @@ fn buckets() -> Histogram {
 
 impl Metrics {
     pub fn new() -> Arc<Metrics> {
-        let mut registry = Registry::with_prefix("eventplane_operator");
+        let mut registry = Registrar::new(Some("eventplane_operator"));
         let m = Metrics {
             registry: Registry::default(),
+            series: Vec::new(),
             reconciles: Family::default(),
             failures: Family::default(),
             duration: Family::new_with_constructor(buckets as fn() -> Histogram),
@@ -100,7 +104,12 @@ impl Metrics {
             "Unix time up to which the PartitionPolicy's table has partitions",
             m.premade_until.clone(),
         );
-        Arc::new(Metrics { registry, ..m })
+        let (registry, series) = registry.finish();
+        Arc::new(Metrics {
+            registry,
+            series,
+            ..m
+        })
     }
 
     /// Records a successful reconcile of `controller` at `now`.

@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use axum::extract::State;
 use axum::http::header::CONTENT_TYPE;
 use axum::response::IntoResponse;
+use eventplane_telemetry::metrics::Registrar;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -68,6 +69,8 @@ pub const CACHE_LAYERS: [&str; 3] = ["l1", "l2", "l3"];
 
 pub struct Metrics {
     registry: Registry,
+    /// Every series name this registry exports.
+    pub series: Vec<String>,
     pub command_latency: Family<CommandLabels, Histogram>,
     pub commands_total: Family<CommandLabels, Counter>,
     pub command_batch_size: Histogram,
@@ -107,7 +110,7 @@ fn size_buckets() -> Histogram {
 
 impl Metrics {
     pub fn new() -> Arc<Self> {
-        let mut registry = Registry::default();
+        let mut registry = Registrar::new(None);
         let m = Metrics {
             command_latency: Family::new_with_constructor(latency_buckets),
             commands_total: Family::default(),
@@ -130,6 +133,7 @@ impl Metrics {
             jobs_processed: Counter::default(),
             pools: Default::default(),
             registry: Registry::default(),
+            series: Vec::new(),
         };
         registry.register(
             "command_latency",
@@ -221,7 +225,12 @@ impl Metrics {
             "Async command jobs finished",
             m.jobs_processed.clone(),
         );
-        Arc::new(Metrics { registry, ..m })
+        let (registry, series) = registry.finish();
+        Arc::new(Metrics {
+            registry,
+            series,
+            ..m
+        })
     }
 
     pub fn observe_command(&self, command_type: &str, seconds: f64) {

@@ -3,6 +3,8 @@
 
 use tracing_subscriber::EnvFilter;
 
+pub mod metrics;
+
 /// `--version` of both binaries: the release and the git revision it was
 /// built from, e.g. `0.1.0 (3be797c1a2b4)`.
 pub const VERSION: &str = concat!(
