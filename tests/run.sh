@@ -27,6 +27,12 @@ cargo fmt --all -- --check
 step "cargo clippy"
 cargo clippy --workspace --all-targets -- -D warnings
 
+step "Helm chart (tests/chart.sh)"
+bash tests/chart.sh
+
+step "Argo CD health check (tests/argocd)"
+lua5.4 tests/argocd/health_test.lua charts/eventplane/argocd/health.lua
+
 step "Kubernetes API emulator (tests/k8s)"
 # The emulator that the operator's end-to-end test runs against checks its
 # own API semantics first.
@@ -51,6 +57,12 @@ if [ -f operator/Cargo.toml ]; then
     cargo run -q -p eventplane-operator --bin crdgen
     git diff --exit-code crds/ charts/eventplane/crds/
 fi
+
+step "container image (tests/image.sh)"
+# The image test copies the binaries cargo built here into the Dockerfile's
+# runtime stage; build them (already built by the tests, so this is quick).
+cargo build -q --bin eventplane --bin eventplane-operator
+bash tests/image.sh
 
 if [ -z "${KUBECONFIG:-}" ]; then
     echo

@@ -18,7 +18,7 @@ use crate::projection::JobConfig;
 #[derive(clap::Parser, Debug, Clone)]
 #[command(
     name = "eventplane-operator",
-    version,
+    version = eventplane_telemetry::VERSION,
     about = "Reconciles Projection and PartitionPolicy resources"
 )]
 pub struct Args {
@@ -92,6 +92,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     if !args.no_leader_election {
         leader::acquire(&leases, &lease).await?;
     }
+    ctx.metrics.leader.set(1);
     let jobs = JobConfig {
         image: args.image.clone(),
         redis_secret: args.redis_secret.clone(),

@@ -3,17 +3,26 @@
 {{- end -}}
 
 {{- define "eventplane.labels" -}}
+app.kubernetes.io/name: eventplane
 app.kubernetes.io/part-of: eventplane
 app.kubernetes.io/instance: {{ .Release.Name }}
 app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
 helm.sh/chart: {{ .Chart.Name }}-{{ .Chart.Version }}
+{{- end -}}
+
+{{/* The selector of one component's pods: (list $root "query"). */}}
+{{- define "eventplane.selector" -}}
+{{- $root := index . 0 -}}
+app.kubernetes.io/instance: {{ $root.Release.Name }}
+app.kubernetes.io/component: {{ index . 1 }}
 {{- end -}}
 
 {{- define "eventplane.dbEnv" -}}
 - name: DATABASE_URL
   valueFrom:
     secretKeyRef:
-      name: {{ .Values.database.secretName }}
+      name: {{ required "database.secretName is required" .Values.database.secretName }}
       key: {{ .Values.database.key }}
 {{- end -}}
 
@@ -21,16 +30,33 @@ helm.sh/chart: {{ .Chart.Name }}-{{ .Chart.Version }}
 - name: REDIS_URL
   valueFrom:
     secretKeyRef:
-      name: {{ .Values.redis.secretName }}
+      name: {{ required "redis.secretName is required" .Values.redis.secretName }}
       key: {{ .Values.redis.key }}
+{{- end -}}
+
+{{/* Pod-level settings every workload shares. */}}
+{{- define "eventplane.podSpec" -}}
+securityContext:
+  {{- toYaml .Values.podSecurityContext | nindent 2 }}
+{{- with .Values.imagePullSecrets }}
+imagePullSecrets:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .Values.nodeSelector }}
+nodeSelector:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .Values.tolerations }}
+tolerations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .Values.affinity }}
+affinity:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
 {{- end -}}
 
 {{- define "eventplane.securityContext" -}}
 securityContext:
-  runAsNonRoot: true
-  runAsUser: 65532
-  allowPrivilegeEscalation: false
-  readOnlyRootFilesystem: true
-  capabilities:
-    drop: ["ALL"]
+  {{- toYaml .Values.securityContext | nindent 2 }}
 {{- end -}}

@@ -4,6 +4,8 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use chrono::DateTime;
+
 use eventplane_api::PartitionPolicy;
 use eventplane_store::partitions::{ApplyOptions, PartitionError, apply};
 use kube::api::{Patch, PatchParams};
@@ -14,7 +16,7 @@ use serde_json::json;
 use super::decide::{Applied, Outcome, decide};
 use crate::context::{Context, MANAGER, is_connection_error};
 use crate::error::{Blocked, Error, RETRY_AFTER_ERROR, Result};
-use crate::metrics::ControllerLabels;
+use crate::metrics::{ControllerLabels, ResourceLabels};
 
 const LABELS: ControllerLabels = ControllerLabels {
     controller: "partitionpolicy",
@@ -48,6 +50,24 @@ pub async fn reconcile(policy: Arc<PartitionPolicy>, ctx: Arc<Context>) -> Resul
         &Patch::Apply(&patch),
     )
     .await?;
+    ctx.metrics.succeeded(&LABELS, now);
+    let premade_until = decision
+        .status
+        .premade_until
+        .as_deref()
+        .and_then(|t| DateTime::parse_from_rfc3339(t).ok());
+    let labels = ResourceLabels::new(&namespace, &policy.name_any());
+    match premade_until {
+        Some(until) => {
+            ctx.metrics
+                .premade_until
+                .get_or_create(&labels)
+                .set(until.timestamp() as f64);
+        }
+        None => {
+            ctx.metrics.premade_until.remove(&labels);
+        }
+    }
     ctx.metrics
         .duration
         .get_or_create(&LABELS)

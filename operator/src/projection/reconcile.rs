@@ -35,7 +35,8 @@ use super::scaling::{self, Measured, ReadPath, scrape};
 use super::{State, explain, job};
 use crate::context::{Context, MANAGER, is_connection_error};
 use crate::error::{Blocked, Error, RETRY_AFTER_ERROR};
-use crate::metrics::ControllerLabels;
+use crate::metrics::{ControllerLabels, ResourceLabels};
+use eventplane_api::resource::Phase;
 
 pub const FINALIZER: &str = "eventplane.io/cleanup";
 
@@ -163,6 +164,11 @@ async fn apply(
         &Patch::Apply(&patch),
     )
     .await?;
+    ctx.metrics.succeeded(&LABELS, now);
+    ctx.metrics
+        .rebuild_failed
+        .get_or_create(&ResourceLabels::new(namespace, &name))
+        .set(i64::from(plan.status.phase == Some(Phase::Failed)));
     Ok(Action::requeue(plan.requeue))
 }
 
@@ -532,6 +538,10 @@ async fn cleanup(
         note,
     };
     publish(&ctx.recorder, projection, &[event]).await?;
+    ctx.metrics
+        .rebuild_failed
+        .remove(&ResourceLabels::new(namespace, &name));
+    ctx.metrics.succeeded(&LABELS, now);
     Ok(Action::await_change())
 }
 

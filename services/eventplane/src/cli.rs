@@ -17,7 +17,7 @@ use crate::query::QueryConfig;
 #[derive(Parser, Debug)]
 #[command(
     name = "eventplane",
-    version,
+    version = eventplane_telemetry::VERSION,
     about = "Kubernetes-native CQRS / event-sourcing runtime"
 )]
 pub struct Cli {

@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use axum::extract::State;
 use axum::http::header::CONTENT_TYPE;
 use axum::response::IntoResponse;
+use eventplane_telemetry::metrics::Registrar;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -68,6 +69,8 @@ pub const CACHE_LAYERS: [&str; 3] = ["l1", "l2", "l3"];
 
 pub struct Metrics {
     registry: Registry,
+    /// Every series name this registry exports.
+    pub series: Vec<String>,
     pub command_latency: Family<CommandLabels, Histogram>,
     pub commands_total: Family<CommandLabels, Counter>,
     pub command_batch_size: Histogram,
@@ -85,6 +88,9 @@ pub struct Metrics {
     pub horizon_age_seconds: Gauge<f64, AtomicU64>,
     /// 1 while this process holds the projection's lease and applies it.
     pub projection_lease_held: Family<ProjectionLabels, Gauge>,
+    /// 1 while the projection (`onError: halt`) stopped on an event this
+    /// process could not apply.
+    pub projection_halted: Family<ProjectionLabels, Gauge>,
     /// The catalog generation this process serves.
     pub catalog_generation: Gauge,
     pub pool_connections: Family<PoolLabels, Gauge>,
@@ -108,7 +114,7 @@ fn size_buckets() -> Histogram {
 
 impl Metrics {
     pub fn new() -> Arc<Self> {
-        let mut registry = Registry::default();
+        let mut registry = Registrar::new(None);
         let m = Metrics {
             command_latency: Family::new_with_constructor(latency_buckets),
             commands_total: Family::default(),
@@ -125,6 +131,7 @@ impl Metrics {
             projection_dead_letters: Family::default(),
             horizon_age_seconds: Gauge::default(),
             projection_lease_held: Family::default(),
+            projection_halted: Family::default(),
             catalog_generation: Gauge::default(),
             pool_connections: Family::default(),
             jobs_processed: Counter::default(),
@@ -134,6 +141,7 @@ impl Metrics {
             replica_read_retries: Counter::default(),
             pools: Default::default(),
             registry: Registry::default(),
+            series: Vec::new(),
         };
         registry.register(
             "replica_lag_seconds",
@@ -226,6 +234,11 @@ impl Metrics {
             m.projection_lease_held.clone(),
         );
         registry.register(
+            "projection_halted",
+            "1 while the projection is halted on an event it cannot apply",
+            m.projection_halted.clone(),
+        );
+        registry.register(
             "catalog_generation",
             "Projection catalog generation this process has loaded",
             m.catalog_generation.clone(),
@@ -240,7 +253,12 @@ impl Metrics {
             "Async command jobs finished",
             m.jobs_processed.clone(),
         );
-        Arc::new(Metrics { registry, ..m })
+        let (registry, series) = registry.finish();
+        Arc::new(Metrics {
+            registry,
+            series,
+            ..m
+        })
     }
 
     pub fn observe_command(&self, command_type: &str, seconds: f64) {

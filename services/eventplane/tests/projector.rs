@@ -347,5 +347,15 @@ async fn unmappable_events_go_to_dead_letters_or_halt_as_the_spec_says() {
         !row_exists(&pool, "orders_strict", "d3").await,
         "halt stops before the bad event"
     );
+    // The halt is exported for alerting; the dead-letter policy's is not.
+    let metrics = stack.metrics.encode();
+    assert!(
+        metrics.contains("projection_halted{projection=\"orders-strict\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        !metrics.contains("projection_halted{projection=\"orders\"} 1"),
+        "{metrics}"
+    );
     let _: Value = status;
 }

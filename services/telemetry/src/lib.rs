@@ -3,6 +3,17 @@
 
 use tracing_subscriber::EnvFilter;
 
+pub mod metrics;
+
+/// `--version` of both binaries: the release and the git revision it was
+/// built from, e.g. `0.1.0 (3be797c1a2b4)`.
+pub const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (",
+    env!("EVENTPLANE_GIT_REVISION"),
+    ")"
+);
+
 pub fn init(json: bool) {
     let filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,tower_http=warn"));

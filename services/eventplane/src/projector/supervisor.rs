@@ -228,11 +228,16 @@ impl Supervisor {
     }
 
     fn set_held(&self, projection: &str, held: bool) {
+        let labels = ProjectionLabels {
+            projection: projection.to_string(),
+        };
         self.metrics
             .projection_lease_held
-            .get_or_create(&ProjectionLabels {
-                projection: projection.to_string(),
-            })
+            .get_or_create(&labels)
             .set(i64::from(held));
+        if !held {
+            // Whether it is halted is the new holder's to report.
+            self.metrics.projection_halted.get_or_create(&labels).set(0);
+        }
     }
 }

@@ -56,6 +56,10 @@ impl Tail {
                     continue;
                 }
             };
+            self.metrics
+                .projection_halted
+                .get_or_create(&labels)
+                .set(i64::from(outcome.halted.is_some()));
             if let Some(reason) = &outcome.halted {
                 if !halted_logged {
                     tracing::error!(projection = %self.projection.name, %reason, "projection halted");
