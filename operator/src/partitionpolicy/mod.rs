@@ -12,11 +12,18 @@ use kube::runtime::Controller;
 use kube::runtime::watcher;
 
 use crate::context::Context;
+use crate::metrics::{PARTITION_POLICY, follow_store};
 use eventplane_api::PartitionPolicy;
 
 pub async fn run(ctx: Arc<Context>) {
     let policies: Api<PartitionPolicy> = Api::all(ctx.client.clone());
-    Controller::new(policies, watcher::Config::default().any_semantic())
+    let controller = Controller::new(policies, watcher::Config::default().any_semantic());
+    let live = tokio::spawn(follow_store(
+        controller.store(),
+        ctx.metrics.clone(),
+        PARTITION_POLICY,
+    ));
+    controller
         .shutdown_on_signal()
         .run(reconcile::reconcile, reconcile::error_policy, ctx)
         .for_each(|result| async move {
@@ -25,4 +32,5 @@ pub async fn run(ctx: Arc<Context>) {
             }
         })
         .await;
+    live.abort();
 }

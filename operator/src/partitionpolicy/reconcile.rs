@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use chrono::DateTime;
+use chrono::{DateTime, Utc};
 
 use eventplane_api::PartitionPolicy;
 use eventplane_store::partitions::{ApplyOptions, PartitionError, apply};
@@ -16,10 +16,10 @@ use serde_json::json;
 use super::decide::{Applied, Outcome, decide};
 use crate::context::{Context, MANAGER, is_connection_error};
 use crate::error::{Blocked, Error, RETRY_AFTER_ERROR, Result};
-use crate::metrics::{ControllerLabels, ResourceLabels};
+use crate::metrics::{ControllerLabels, PARTITION_POLICY, ResourceLabels};
 
 const LABELS: ControllerLabels = ControllerLabels {
-    controller: "partitionpolicy",
+    controller: PARTITION_POLICY,
 };
 
 pub async fn reconcile(policy: Arc<PartitionPolicy>, ctx: Arc<Context>) -> Result<Action> {
@@ -55,19 +55,12 @@ pub async fn reconcile(policy: Arc<PartitionPolicy>, ctx: Arc<Context>) -> Resul
         .status
         .premade_until
         .as_deref()
-        .and_then(|t| DateTime::parse_from_rfc3339(t).ok());
-    let labels = ResourceLabels::new(&namespace, &policy.name_any());
-    match premade_until {
-        Some(until) => {
-            ctx.metrics
-                .premade_until
-                .get_or_create(&labels)
-                .set(until.timestamp() as f64);
-        }
-        None => {
-            ctx.metrics.premade_until.remove(&labels);
-        }
-    }
+        .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
+        .map(|t| t.with_timezone(&Utc));
+    ctx.metrics.set_premade_until(
+        ResourceLabels::new(&namespace, &policy.name_any()),
+        premade_until,
+    );
     ctx.metrics
         .duration
         .get_or_create(&LABELS)

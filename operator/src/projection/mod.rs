@@ -22,6 +22,7 @@ use kube::runtime::{Controller, PredicateConfig, WatchStreamExt, reflector, watc
 use tokio::sync::Mutex;
 
 use crate::context::{Context, MANAGER};
+use crate::metrics::{PROJECTION, follow_store};
 pub use job::JobConfig;
 
 /// The controller's own state beside the shared [`Context`].
@@ -71,6 +72,11 @@ pub async fn run(ctx: Arc<Context>, jobs: JobConfig) {
         .reflect(writer)
         .applied_objects()
         .predicate_filter(reconcile_trigger, PredicateConfig::default());
+    let live = tokio::spawn(follow_store(
+        reader.clone(),
+        ctx.metrics.clone(),
+        PROJECTION,
+    ));
     Controller::for_stream(changes, reader)
         .owns(rebuilds, watcher::Config::default().labels(&ours))
         .shutdown_on_signal()
@@ -85,6 +91,7 @@ pub async fn run(ctx: Arc<Context>, jobs: JobConfig) {
             }
         })
         .await;
+    live.abort();
 }
 
 #[cfg(test)]

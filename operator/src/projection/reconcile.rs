@@ -35,7 +35,7 @@ use super::scaling::{self, Measured, ReadPath, scrape};
 use super::{State, explain, job};
 use crate::context::{Context, MANAGER, is_connection_error};
 use crate::error::{Blocked, Error, RETRY_AFTER_ERROR};
-use crate::metrics::{ControllerLabels, ResourceLabels};
+use crate::metrics::{ControllerLabels, PROJECTION, ResourceLabels};
 use eventplane_api::resource::Phase;
 
 pub const FINALIZER: &str = "eventplane.io/cleanup";
@@ -46,7 +46,7 @@ pub const FINALIZER: &str = "eventplane.io/cleanup";
 pub const CLEANUP_GIVE_UP: chrono::Duration = chrono::Duration::minutes(10);
 
 const LABELS: ControllerLabels = ControllerLabels {
-    controller: "projection",
+    controller: PROJECTION,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -165,10 +165,10 @@ async fn apply(
     )
     .await?;
     ctx.metrics.succeeded(&LABELS, now);
-    ctx.metrics
-        .rebuild_failed
-        .get_or_create(&ResourceLabels::new(namespace, &name))
-        .set(i64::from(plan.status.phase == Some(Phase::Failed)));
+    ctx.metrics.set_rebuild_failed(
+        ResourceLabels::new(namespace, &name),
+        plan.status.phase == Some(Phase::Failed),
+    );
     Ok(Action::requeue(plan.requeue))
 }
 
