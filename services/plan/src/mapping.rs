@@ -387,4 +387,114 @@ mod tests {
             .unwrap();
         assert_eq!(change.key, "order-1");
     }
+
+    #[test]
+    fn renamed_fields_map_through_from_first_and_defaults() {
+        let mut s = sample();
+        s.handlers[0].event_type = String::new();
+        s.handlers[0].event_types = vec!["OrderCreated".into(), "OrderPlaced".into()];
+        let a = &mut s.handlers[0].set[1];
+        a.from = None;
+        a.from_first = vec!["/data/customerId".into(), "/data/customer/id".into()];
+        s.handlers[0].set[2].default = Some("0".into());
+        s.validate().unwrap();
+        let mapped = |ty: &str, data: Value| map_event(&s, &envelope(ty, data));
+        let old = mapped(
+            "OrderCreated",
+            json!({"orderId": "o1", "customer": {"id": "c9"}}),
+        )
+        .unwrap()
+        .unwrap();
+        let ChangeKind::Upsert(c) = old.kind else {
+            panic!("expected upsert")
+        };
+        assert_eq!(c["customer_id"].value.as_deref(), Some("c9"));
+        assert_eq!(c["total"].value.as_deref(), Some("0"), "the default");
+        let new = mapped(
+            "OrderPlaced",
+            json!({"orderId": "o1", "customerId": "c1", "customer": {"id": "c9"}, "total": null}),
+        )
+        .unwrap()
+        .unwrap();
+        let ChangeKind::Upsert(c) = new.kind else {
+            panic!("expected upsert")
+        };
+        assert_eq!(
+            c["customer_id"].value.as_deref(),
+            Some("c1"),
+            "the first present"
+        );
+        assert_eq!(
+            c["total"].value.as_deref(),
+            Some("0"),
+            "null takes the default too"
+        );
+        let e = mapped("OrderCreated", json!({"orderId": "o1"})).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "missing value at /data/customerId, /data/customer/id for column customer_id"
+        );
+    }
+
+    #[test]
+    fn operations_map_to_effects_and_nulls_leave_them_out() {
+        let yaml = r#"
+apiVersion: eventplane.io/v1alpha1
+kind: Projection
+metadata: {name: stats}
+spec:
+  table: stats
+  key: id
+  columns:
+    - {name: id, type: text}
+    - {name: n, type: bigint}
+    - {name: lo, type: numeric}
+    - {name: tags, type: jsonb}
+    - {name: attrs, type: jsonb}
+  handlers:
+    - eventType: E
+      op: upsert
+      key: /data/id
+      when: "data.skip IS NULL"
+      if: "n < 100"
+      set:
+        - {column: n, op: add}
+        - {column: lo, op: min, from: /data/v}
+        - {column: tags, op: append, from: /data/tag}
+        - {column: attrs, op: merge, from: /data/attrs}
+"#;
+        let s = eventplane_api::load_manifests(yaml).unwrap().remove(0).spec;
+        let change = map_event(
+            &s,
+            &envelope(
+                "E",
+                json!({"id": "k", "v": null, "tag": "t", "attrs": {"a": 1}}),
+            ),
+        )
+        .unwrap()
+        .unwrap();
+        let ChangeKind::Upsert(c) = change.kind else {
+            panic!("expected upsert")
+        };
+        assert_eq!(c["n"].op, ColumnOp::Add);
+        assert_eq!(c["n"].value.as_deref(), Some("1"));
+        assert!(!c.contains_key("lo"), "a null minimum changes nothing");
+        assert_eq!(c["tags"].value.as_deref(), Some(r#"["t"]"#));
+        assert_eq!(c["attrs"].value.as_deref(), Some(r#"{"a":1}"#));
+        assert_eq!(
+            change.guard,
+            Some(Guard {
+                handler: 0,
+                params: vec![Some("100".into())]
+            })
+        );
+        let skipped = map_event(&s, &envelope("E", json!({"id": "k", "skip": 1}))).unwrap();
+        assert_eq!(skipped, None, "when does not hold");
+        let e = map_event(
+            &s,
+            &envelope("E", json!({"id": "k", "v": 1, "tag": 1, "attrs": [1]})),
+        )
+        .unwrap_err();
+        assert_eq!(e.to_string(), "merge into column attrs needs a JSON object");
+    }
 }
