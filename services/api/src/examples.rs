@@ -1,5 +1,7 @@
-//! The bundled sample projection, `orders`: what `eventplane dev` serves,
-//! what the README shows, and the fixture the crates' tests share.
+//! The bundled sample projections: `orders`, one row per order, and
+//! `customer-stats`, an aggregate per customer over the same events. What
+//! `eventplane dev` serves, what the README shows, and the fixtures the
+//! crates' tests share.
 
 use crate::types::{ProjectionManifest, ProjectionSpec, load_manifests};
 
@@ -16,4 +18,14 @@ pub fn orders_manifest() -> ProjectionManifest {
 /// The sample's spec.
 pub fn orders() -> ProjectionSpec {
     orders_manifest().spec
+}
+
+/// `services/api/examples/customer_stats.yaml`, the aggregate sample.
+pub const CUSTOMER_STATS: &str = include_str!("../examples/customer_stats.yaml");
+
+/// The aggregate sample manifest, parsed.
+pub fn customer_stats_manifest() -> ProjectionManifest {
+    load_manifests(CUSTOMER_STATS)
+        .expect("the bundled sample is valid")
+        .remove(0)
 }

@@ -4,6 +4,7 @@
 //! the typed column values the specs declare. No I/O.
 
 pub mod cluster;
+pub mod condition;
 mod error;
 pub mod examples;
 mod ident;
@@ -24,7 +25,7 @@ pub use partition::{
 };
 pub use predicate::render_predicate;
 pub use types::{
-    API_VERSION, Assignment, CacheSpec, ColumnSpec, ColumnType, ErrorPolicy, HandlerSpec,
+    API_VERSION, Assignment, CacheSpec, ColumnOp, ColumnSpec, ColumnType, ErrorPolicy, HandlerSpec,
     IndexColumn, IndexSpec, KIND, ManifestMetadata, Op, OrderBy, Projection, ProjectionManifest,
     ProjectionSpec, QuerySpec, SortOrder, load_manifests,
 };

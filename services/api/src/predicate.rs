@@ -14,6 +14,13 @@ use crate::value::is_decimal;
 /// Parses `pred` and renders it as safe SQL over the declared `columns`.
 /// The error names the construct that was rejected.
 pub fn render_predicate(pred: &str, columns: &[ColumnSpec]) -> Result<String, String> {
+    Render { columns }.expr(&parse_condition(pred, false)?)
+}
+
+/// Parses one condition after screening its tokens; shared with the
+/// handler conditions.
+/// `dotted` admits qualified names (`data.total`).
+pub(crate) fn parse_condition(pred: &str, dotted: bool) -> Result<Expr, String> {
     let dialect = PostgreSqlDialect {};
     let tokens = Tokenizer::new(&dialect, pred)
         .tokenize()
@@ -21,7 +28,9 @@ pub fn render_predicate(pred: &str, columns: &[ColumnSpec]) -> Result<String, St
     // Tokens are screened before parsing because the parser drops comments
     // and would accept some literal forms we never want to render.
     for t in &tokens {
-        check_token(t)?;
+        if !(dotted && *t == Token::Period) {
+            check_token(t)?;
+        }
     }
     let mut parser = Parser::new(&dialect).with_tokens(tokens);
     let expr = parser
@@ -31,7 +40,7 @@ pub fn render_predicate(pred: &str, columns: &[ColumnSpec]) -> Result<String, St
     if rest.token != Token::EOF {
         return Err(format!("unexpected `{}` after the condition", rest.token));
     }
-    Render { columns }.expr(&expr)
+    Ok(expr)
 }
 
 fn check_token(t: &Token) -> Result<(), String> {

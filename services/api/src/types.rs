@@ -198,7 +198,14 @@ impl ColumnType {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct HandlerSpec {
     /// The event type this handler applies to, for example `OrderPlaced`.
+    /// Give either this or `eventTypes`.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub event_type: String,
+    /// Several event types this handler applies to alike, for example an
+    /// event's old and new name (`[OrderCreated, OrderPlaced]`). Give
+    /// either this or `eventType`; an event type belongs to one handler.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub event_types: Vec<String>,
     /// `upsert` creates the row if it does not exist and sets the listed
     /// columns; `update` sets the listed columns only if the row exists;
     /// `delete` removes the row.
@@ -208,9 +215,37 @@ pub struct HandlerSpec {
     /// `streamId`, `streamVersion`, `position`, `recordedAt`, `data` and
     /// `metadata`.
     pub key: String,
-    /// Columns to set. Not allowed for `delete`.
+    /// A condition on the event: the handler applies only to events for
+    /// which it holds, others are skipped. Event fields are written as
+    /// `data.total`, `metadata.source` or `event.streamId`; a missing field
+    /// reads as null. Allowed: comparisons (`=`, `<>`, `!=`, `<`, `<=`,
+    /// `>`, `>=`) with string, number, boolean and NULL constants, AND, OR,
+    /// NOT, IS [NOT] NULL, [NOT] IN (...) and parentheses; for example
+    /// `data.total > 100 AND data.currency IN ('EUR', 'USD')`. Strings
+    /// compare by code point, numbers by value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub when: Option<String>,
+    /// A condition on the current row, checked by the database when the
+    /// event is applied, for example `status = 'PENDING'`: the change is
+    /// made only where it holds. Besides what `when` allows it may name the
+    /// table's columns, and compare them with event fields
+    /// (`total < data.total`). For `upsert` a missing row reads as all
+    /// columns null, so `status IS NULL OR status = 'PENDING'` also
+    /// creates it.
+    #[serde(default, rename = "if", skip_serializing_if = "Option::is_none")]
+    pub guard: Option<String>,
+    /// Columns to change. Not allowed for `delete`.
     #[serde(default)]
     pub set: Vec<Assignment>,
+}
+
+impl HandlerSpec {
+    /// The event types this handler applies to.
+    pub fn types(&self) -> impl Iterator<Item = &str> {
+        std::iter::once(self.event_type.as_str())
+            .filter(|t| !t.is_empty())
+            .chain(self.event_types.iter().map(String::as_str))
+    }
 }
 
 /// The row operation a handler performs.
@@ -225,23 +260,83 @@ pub enum Op {
     Delete,
 }
 
-/// One column set by a handler: give either `from` or `value`.
+/// How an assignment changes its column.
+#[derive(
+    Serialize,
+    Deserialize,
+    JsonSchema,
+    Clone,
+    Copy,
+    Debug,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Default,
+)]
+#[serde(rename_all = "camelCase")]
+pub enum ColumnOp {
+    /// Replace the column's value.
+    #[default]
+    Set,
+    /// Add the value to the column (null counts as 0); a negative value
+    /// subtracts. Without `from` or `value` it adds 1, a counter. For
+    /// bigint, integer, numeric and double columns.
+    Add,
+    /// Keep the smaller of the column and the value.
+    Min,
+    /// Keep the larger of the column and the value.
+    Max,
+    /// Set the column only while it is null: the first value seen stays.
+    SetIfNull,
+    /// Append the value to the array in a jsonb column (a column that does
+    /// not hold an array becomes a one-element array).
+    Append,
+    /// Merge the value, a JSON object, into the object in a jsonb column:
+    /// its keys replace the column's (a column that does not hold an
+    /// object becomes the value).
+    Merge,
+}
+
+/// One column changed by a handler: give `from`, `fromFirst` or `value`
+/// (or, for `op: add`, none of them to count events).
 #[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Assignment {
-    /// The column to set. The key column cannot be set here; it comes from
-    /// the handler's `key`.
+    /// The column to change. The key column cannot be set here; it comes
+    /// from the handler's `key`.
     pub column: String,
+    /// How the column changes: `set` (default), `add`, `min`, `max`,
+    /// `setIfNull`, `append` or `merge`. For every operation but `set`, a
+    /// null value changes nothing (`append` adds a JSON null).
+    #[serde(default, skip_serializing_if = "is_set")]
+    pub op: ColumnOp,
     /// JSON pointer into the event envelope, for example `/data/total` or
-    /// `/recordedAt`. A missing field rejects the event; a JSON null sets the
-    /// column to null.
+    /// `/recordedAt`. A missing field rejects the event unless `default` is
+    /// given; a JSON null sets the column to null.
     #[serde(default)]
     pub from: Option<String>,
+    /// Several JSON pointers, tried in order: the value is the first one
+    /// present and not null, for example `[/data/customerId,
+    /// /data/customer_id]` for a field renamed between event versions.
+    /// When none is present the event is rejected unless `default` is
+    /// given; when the present ones are all null the value is null.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub from_first: Vec<String>,
+    /// The value used when `from` or `fromFirst` finds no value, written
+    /// like `value`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default: Option<String>,
     /// A constant, written as text in the column's format, for example
     /// `PAID`, `42`, `true` or `2024-01-01T00:00:00Z`. For a jsonb column
     /// the text is parsed as JSON, for example `[]` or `{"a": 1}`.
     #[serde(default)]
     pub value: Option<String>,
+}
+
+fn is_set(op: &ColumnOp) -> bool {
+    *op == ColumnOp::Set
 }
 
 /// A secondary index.
@@ -473,11 +568,21 @@ impl ProjectionManifest {
 impl ProjectionSpec {
     /// The event types this projection consumes, in handler order.
     pub fn event_types(&self) -> Vec<String> {
-        self.handlers.iter().map(|h| h.event_type.clone()).collect()
+        self.handlers
+            .iter()
+            .flat_map(|h| h.types().map(str::to_string))
+            .collect()
     }
 
     pub fn handler(&self, event_type: &str) -> Option<&HandlerSpec> {
-        self.handlers.iter().find(|h| h.event_type == event_type)
+        self.handler_index(event_type).map(|i| &self.handlers[i])
+    }
+
+    /// The position in `handlers` of the handler for `event_type`.
+    pub fn handler_index(&self, event_type: &str) -> Option<usize> {
+        self.handlers
+            .iter()
+            .position(|h| h.types().any(|t| t == event_type))
     }
 
     /// The key column.

@@ -3,9 +3,10 @@
 
 use std::collections::BTreeSet;
 
+use crate::condition::{parse_guard, parse_when};
 use crate::error::SpecError;
 use crate::predicate::render_predicate;
-use crate::types::{ColumnType, Op, ProjectionSpec, SortOrder};
+use crate::types::{ColumnOp, ColumnSpec, ColumnType, Op, ProjectionSpec, SortOrder};
 use crate::value::literal_to_sql_text;
 
 /// Largest page size a query may allow; bigger pages belong in an export,
@@ -70,6 +71,48 @@ fn check_ident(field: &str, s: &str) -> Result<(), SpecError> {
             field,
             format!("{s:?} uses the reserved prefix {p:?}"),
         ));
+    }
+    Ok(())
+}
+
+/// Whether operation `op` applies to a column of `col`'s type.
+fn check_column_op(at: &str, op: ColumnOp, col: &ColumnSpec) -> Result<(), SpecError> {
+    let fits = match op {
+        ColumnOp::Set | ColumnOp::SetIfNull => true,
+        ColumnOp::Add => matches!(
+            col.ty,
+            ColumnType::Bigint | ColumnType::Integer | ColumnType::Numeric | ColumnType::Double
+        ),
+        ColumnOp::Min | ColumnOp::Max => col.ty != ColumnType::Jsonb,
+        ColumnOp::Append | ColumnOp::Merge => col.ty == ColumnType::Jsonb,
+    };
+    if fits {
+        return Ok(());
+    }
+    let needs = match op {
+        ColumnOp::Add => "a bigint, integer, numeric or double column",
+        ColumnOp::Min | ColumnOp::Max => "a column of an ordered type (not jsonb)",
+        _ => "a jsonb column",
+    };
+    Err(SpecError::invalid(
+        format!("{at}.op"),
+        format!(
+            "{} needs {needs}; column {:?} is {}",
+            serde_json::to_value(op)
+                .unwrap_or_default()
+                .as_str()
+                .unwrap_or("op"),
+            col.name,
+            col.ty.name()
+        ),
+    ))
+}
+
+/// A constant `value` or `default` of an assignment.
+fn check_constant(field: &str, op: ColumnOp, ty: ColumnType, text: &str) -> Result<(), SpecError> {
+    let sql = literal_to_sql_text(ty, text).map_err(|e| SpecError::invalid(field, e))?;
+    if op == ColumnOp::Merge && !sql.starts_with('{') {
+        return Err(SpecError::invalid(field, "merge needs a JSON object"));
     }
     Ok(())
 }
@@ -189,14 +232,38 @@ impl ProjectionSpec {
         let mut types = BTreeSet::new();
         for (i, h) in self.handlers.iter().enumerate() {
             let at = format!("spec.handlers[{i}]");
-            check_event_type(&format!("{at}.eventType"), &h.event_type)?;
-            if !types.insert(h.event_type.as_str()) {
-                return Err(SpecError::invalid(
-                    format!("{at}.eventType"),
-                    format!("event type {:?} has more than one handler", h.event_type),
-                ));
+            let listed = match (h.event_type.is_empty(), h.event_types.is_empty()) {
+                (false, true) => vec![(format!("{at}.eventType"), &h.event_type)],
+                (true, false) => h
+                    .event_types
+                    .iter()
+                    .enumerate()
+                    .map(|(j, t)| (format!("{at}.eventTypes[{j}]"), t))
+                    .collect(),
+                _ => {
+                    return Err(SpecError::invalid(
+                        at,
+                        "give exactly one of `eventType` and `eventTypes`",
+                    ));
+                }
+            };
+            for (field, ty) in listed {
+                check_event_type(&field, ty)?;
+                if !types.insert(ty.as_str()) {
+                    return Err(SpecError::invalid(
+                        field,
+                        format!("event type {ty:?} has more than one handler"),
+                    ));
+                }
             }
             check_pointer(&format!("{at}.key"), &h.key)?;
+            if let Some(when) = &h.when {
+                parse_when(when).map_err(|e| SpecError::invalid(format!("{at}.when"), e))?;
+            }
+            if let Some(guard) = &h.guard {
+                parse_guard(guard, &self.columns)
+                    .map_err(|e| SpecError::invalid(format!("{at}.if"), e))?;
+            }
             if h.op == Op::Delete && !h.set.is_empty() {
                 return Err(SpecError::invalid(
                     format!("{at}.set"),
@@ -224,18 +291,35 @@ impl ProjectionSpec {
                         format!("column {:?} is set twice", a.column),
                     ));
                 }
-                match (&a.from, &a.value) {
-                    (Some(p), None) => check_pointer(&format!("{at}.from"), p)?,
-                    (None, Some(v)) => {
-                        literal_to_sql_text(col.ty, v)
-                            .map_err(|e| SpecError::invalid(format!("{at}.value"), e))?;
+                check_column_op(&at, a.op, col)?;
+                let pointers =
+                    usize::from(a.from.is_some()) + usize::from(!a.from_first.is_empty());
+                match (pointers, &a.value) {
+                    (1, None) => {
+                        if let Some(p) = &a.from {
+                            check_pointer(&format!("{at}.from"), p)?;
+                        }
+                        for (k, p) in a.from_first.iter().enumerate() {
+                            check_pointer(&format!("{at}.fromFirst[{k}]"), p)?;
+                        }
                     }
+                    (0, Some(v)) => check_constant(&format!("{at}.value"), a.op, col.ty, v)?,
+                    (0, None) if a.op == ColumnOp::Add => {}
                     _ => {
                         return Err(SpecError::invalid(
                             at,
-                            "give exactly one of `from` and `value`",
+                            "give exactly one of `from`, `fromFirst` and `value`",
                         ));
                     }
+                }
+                if let Some(d) = &a.default {
+                    if pointers == 0 {
+                        return Err(SpecError::invalid(
+                            format!("{at}.default"),
+                            "a default needs `from` or `fromFirst`",
+                        ));
+                    }
+                    check_constant(&format!("{at}.default"), a.op, col.ty, d)?;
                 }
             }
         }
@@ -621,6 +705,123 @@ mod tests {
         s.columns[0].nullable = true;
         s.queries[0].order_by[0].column = "id".into();
         s.validate().unwrap();
+    }
+
+    fn assignment(column: &str, op: ColumnOp, from: Option<&str>) -> crate::types::Assignment {
+        crate::types::Assignment {
+            column: column.into(),
+            op,
+            from: from.map(str::to_string),
+            from_first: Vec::new(),
+            default: None,
+            value: None,
+        }
+    }
+
+    #[test]
+    fn column_operations_must_fit_the_column_type() {
+        let e = invalid(|s| {
+            s.handlers[0].set[0] = assignment("status", ColumnOp::Add, Some("/data/x"))
+        });
+        assert_field(e.clone(), "spec.handlers[0].set[0].op");
+        assert!(
+            e.contains("add needs a bigint, integer, numeric or double column"),
+            "{e}"
+        );
+        assert!(e.contains("\"status\" is text"), "{e}");
+        let e = invalid(|s| {
+            s.handlers[0].set[0] = assignment("total", ColumnOp::Append, Some("/data/x"))
+        });
+        assert_field(e, "spec.handlers[0].set[0].op");
+        let mut ok = sample();
+        ok.handlers[1].set[0] = assignment("total", ColumnOp::Add, None);
+        ok.validate().unwrap();
+        ok.handlers[1].set[1] = assignment("updated_at", ColumnOp::Max, Some("/recordedAt"));
+        ok.validate().unwrap();
+        let e = invalid(|s| s.handlers[0].set[0] = assignment("status", ColumnOp::Set, None));
+        assert_field(e, "spec.handlers[0].set[0]");
+        let e = invalid(|s| {
+            let mut a = assignment("total", ColumnOp::Add, None);
+            a.value = Some("ten".into());
+            s.handlers[0].set[0] = a;
+        });
+        assert_field(e, "spec.handlers[0].set[0].value");
+    }
+
+    #[test]
+    fn sources_and_defaults_are_checked() {
+        let e = invalid(|s| {
+            let mut a = assignment("total", ColumnOp::Set, Some("/data/total"));
+            a.from_first = vec!["/data/amount".into()];
+            s.handlers[0].set[2] = a;
+        });
+        assert_field(e.clone(), "spec.handlers[0].set[2]");
+        assert!(
+            e.contains("exactly one of `from`, `fromFirst` and `value`"),
+            "{e}"
+        );
+        let e = invalid(|s| {
+            let mut a = assignment("total", ColumnOp::Set, None);
+            a.from_first = vec!["/data/total".into(), "data/amount".into()];
+            s.handlers[0].set[2] = a;
+        });
+        assert_field(e, "spec.handlers[0].set[2].fromFirst[1]");
+        let e = invalid(|s| {
+            let mut a = assignment("total", ColumnOp::Set, Some("/data/total"));
+            a.default = Some("lots".into());
+            s.handlers[0].set[2] = a;
+        });
+        assert_field(e, "spec.handlers[0].set[2].default");
+        let e = invalid(|s| {
+            let mut a = assignment("total", ColumnOp::Add, None);
+            a.default = Some("1".into());
+            s.handlers[0].set[2] = a;
+        });
+        assert_field(e, "spec.handlers[0].set[2].default");
+    }
+
+    #[test]
+    fn handlers_may_list_several_event_types_once() {
+        let mut ok = sample();
+        ok.handlers[0].event_type = String::new();
+        ok.handlers[0].event_types = vec!["OrderCreated".into(), "OrderPlaced".into()];
+        ok.validate().unwrap();
+        assert_eq!(ok.handler_index("OrderCreated"), Some(0));
+        let e = invalid(|s| s.handlers[0].event_types = vec!["OrderCreated".into()]);
+        assert_field(e, "spec.handlers[0]");
+        let e = invalid(|s| {
+            s.handlers[0].event_type = String::new();
+            s.handlers[0].event_types = vec!["OrderCreated".into(), "OrderPaid".into()];
+        });
+        assert_field(e, "spec.handlers[1].eventType");
+        let e = invalid(|s| {
+            s.handlers[0].event_type = String::new();
+            s.handlers[0].event_types = vec!["Order Created".into()];
+        });
+        assert_field(e, "spec.handlers[0].eventTypes[0]");
+    }
+
+    #[test]
+    fn conditions_are_parsed_and_checked_against_the_columns() {
+        let mut ok = sample();
+        ok.handlers[0].when = Some("data.total > 100 AND data.currency IN ('EUR')".into());
+        ok.handlers[1].guard = Some("status = 'PENDING' AND total <= data.amount".into());
+        ok.validate().unwrap();
+        for (bad, needle) in [
+            ("status = 'PENDING'; DROP TABLE orders", ";"),
+            ("status = 'x' -- comment", "comment"),
+            ("pg_sleep(1) IS NULL", "pg_sleep"),
+            ("nope = 'x'", "unknown column \"nope\""),
+            ("status = (SELECT 'x')", "subquer"),
+            ("total > 'many'", "not a numeric value"),
+        ] {
+            let e = invalid(|s| s.handlers[1].guard = Some(bad.into()));
+            assert_field(e.clone(), "spec.handlers[1].if");
+            assert!(e.contains(needle), "{bad}: {e}");
+        }
+        let e = invalid(|s| s.handlers[0].when = Some("status = 'PENDING'".into()));
+        assert_field(e.clone(), "spec.handlers[0].when");
+        assert!(e.contains("reads the event only"), "{e}");
     }
 
     #[test]

@@ -193,8 +193,149 @@ pub(crate) fn is_decimal(s: &str) -> bool {
     i == b.len()
 }
 
+/// An exact decimal: `mantissa × 10^-scale`, with Postgres' display scale
+/// (`1.50` has scale 2, `1.5e3` scale 0). `None` when it does not fit.
+fn decimal(s: &str) -> Option<(i128, u32)> {
+    if !is_decimal(s) {
+        return None;
+    }
+    let (body, exp) = match s.find(['e', 'E']) {
+        Some(i) => (&s[..i], s[i + 1..].parse::<i32>().ok()?),
+        None => (s, 0),
+    };
+    let (int, frac) = body.split_once('.').unwrap_or((body, ""));
+    let digits = format!("{int}{frac}");
+    let mut mantissa: i128 = if digits.trim_start_matches(['+', '-']).is_empty() {
+        0
+    } else {
+        digits.parse().ok()?
+    };
+    let frac_digits = i32::try_from(frac.len()).ok()?;
+    let scale = frac_digits.checked_sub(exp)?;
+    if scale < 0 {
+        mantissa = mantissa.checked_mul(10i128.checked_pow(scale.unsigned_abs())?)?;
+        return Some((mantissa, 0));
+    }
+    Some((mantissa, u32::try_from(scale).ok()?))
+}
+
+/// Two decimals brought to the larger scale.
+fn aligned(a: (i128, u32), b: (i128, u32)) -> Option<(i128, i128, u32)> {
+    let scale = a.1.max(b.1);
+    let up = |(m, s): (i128, u32)| m.checked_mul(10i128.checked_pow(scale - s)?);
+    Some((up(a)?, up(b)?, scale))
+}
+
+fn render_decimal(m: i128, scale: u32) -> String {
+    let digits = m.unsigned_abs().to_string();
+    let scale = scale as usize;
+    let padded = format!("{digits:0>width$}", width = scale + 1);
+    let (int, frac) = padded.split_at(padded.len() - scale);
+    let sign = if m < 0 { "-" } else { "" };
+    if scale == 0 {
+        format!("{sign}{int}")
+    } else {
+        format!("{sign}{int}.{frac}")
+    }
+}
+
+/// `a + b` as Postgres computes it for values of `ty` (numeric keeps the
+/// larger display scale). `None` when this crate cannot compute it
+/// exactly, or Postgres would refuse it (out of range).
+pub fn add_values(ty: ColumnType, a: &str, b: &str) -> Option<String> {
+    match ty {
+        ColumnType::Bigint => Some(
+            a.parse::<i64>()
+                .ok()?
+                .checked_add(b.parse().ok()?)?
+                .to_string(),
+        ),
+        ColumnType::Integer => Some(
+            a.parse::<i32>()
+                .ok()?
+                .checked_add(b.parse().ok()?)?
+                .to_string(),
+        ),
+        ColumnType::Numeric => {
+            let (x, y, scale) = aligned(decimal(a)?, decimal(b)?)?;
+            Some(render_decimal(x.checked_add(y)?, scale))
+        }
+        ColumnType::Double => {
+            let sum = a.parse::<f64>().ok()? + b.parse::<f64>().ok()?;
+            sum.is_finite().then(|| render_f64(sum))
+        }
+        _ => None,
+    }
+}
+
+/// The order Postgres gives two values of `ty`, for the types whose order
+/// does not depend on a collation (`text` is compared by code point, which
+/// callers use only where that is the rule). `None` when this crate cannot
+/// order them.
+pub fn compare_values(ty: ColumnType, a: &str, b: &str) -> Option<std::cmp::Ordering> {
+    match ty {
+        ColumnType::Bigint | ColumnType::Integer => {
+            Some(a.parse::<i64>().ok()?.cmp(&b.parse::<i64>().ok()?))
+        }
+        ColumnType::Numeric => {
+            let (x, y, _) = aligned(decimal(a)?, decimal(b)?)?;
+            Some(x.cmp(&y))
+        }
+        ColumnType::Double => a.parse::<f64>().ok()?.partial_cmp(&b.parse::<f64>().ok()?),
+        ColumnType::Boolean => Some((a == "true").cmp(&(b == "true"))),
+        ColumnType::Timestamptz => Some(
+            DateTime::parse_from_rfc3339(a)
+                .ok()?
+                .cmp(&DateTime::parse_from_rfc3339(b).ok()?),
+        ),
+        // Canonical lower-case hyphenated text orders like the bytes.
+        ColumnType::Uuid | ColumnType::Text => Some(a.cmp(b)),
+        ColumnType::Jsonb => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn decimals_add_and_compare_like_postgres() {
+        let n = ColumnType::Numeric;
+        assert_eq!(add_values(n, "1.50", "2.5").as_deref(), Some("4.00"));
+        assert_eq!(add_values(n, "1.5e3", "-0.25").as_deref(), Some("1499.75"));
+        assert_eq!(add_values(n, "-3", "1").as_deref(), Some("-2"));
+        assert_eq!(add_values(n, "0.05", "-0.1").as_deref(), Some("-0.05"));
+        assert_eq!(add_values(n, ".5", "1e-2").as_deref(), Some("0.51"));
+        assert_eq!(add_values(n, "1e40", "1"), None);
+        assert_eq!(
+            add_values(ColumnType::Bigint, &i64::MAX.to_string(), "1"),
+            None
+        );
+        assert_eq!(
+            add_values(ColumnType::Integer, "7", "-9").as_deref(),
+            Some("-2")
+        );
+        assert_eq!(
+            add_values(ColumnType::Double, "0.5", "0.25").as_deref(),
+            Some("0.75")
+        );
+        assert_eq!(add_values(ColumnType::Text, "a", "b"), None);
+        use std::cmp::Ordering::*;
+        assert_eq!(compare_values(n, "1.50", "1.5"), Some(Equal));
+        assert_eq!(compare_values(n, "-2", "1e-3"), Some(Less));
+        assert_eq!(
+            compare_values(
+                ColumnType::Timestamptz,
+                "2024-01-01T10:00:00+02:00",
+                "2024-01-01T09:00:00Z"
+            ),
+            Some(Less)
+        );
+        assert_eq!(
+            compare_values(ColumnType::Boolean, "true", "false"),
+            Some(Greater)
+        );
+        assert_eq!(compare_values(ColumnType::Jsonb, "1", "1"), None);
+    }
     use super::*;
     use serde_json::json;
 

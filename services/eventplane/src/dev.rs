@@ -1,6 +1,6 @@
 //! `eventplane dev`: every role in one process against local Postgres and
-//! Redis, the bundled `orders` projection, and a short demo load whose
-//! summary shows what the stack does.
+//! Redis, the bundled `orders` and `customer-stats` projections, and a
+//! short demo load whose summary shows what the stack does.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -27,10 +27,20 @@ pub fn sample_projections() -> Vec<ProjectionManifest> {
     vec![eventplane_api::examples::orders_manifest()]
 }
 
+/// The aggregate sample, fed by the same order events.
+pub const CUSTOMER_STATS_MANIFEST: &str = eventplane_api::examples::CUSTOMER_STATS;
+
+/// What `eventplane dev` serves without `--projections`: both samples.
+pub fn dev_projections() -> Vec<ProjectionManifest> {
+    let mut all = sample_projections();
+    all.push(eventplane_api::examples::customer_stats_manifest());
+    all
+}
+
 pub async fn run(role: DevRole) -> anyhow::Result<()> {
     let declare = match &role.catalog.projections {
         Some(path) => projections::load(path)?,
-        None => sample_projections(),
+        None => dev_projections(),
     };
     let config = StackConfig {
         database_url: role.db.database_url.clone(),
@@ -116,6 +126,8 @@ fn examples(base: &str, admin: &str) -> String {
   curl -s {base}/v1/projections/orders/rows/demo-1
   curl -s '{base}/v1/projections/orders/queries/by_customer?customer_id=c-1&limit=10'
   curl -s {base}/v1/projections/orders/status
+  curl -s {base}/v1/projections/customer-stats/rows/c-1
+  curl -s '{base}/v1/projections/customer-stats/queries/top-spenders'
   curl -s {admin}/metrics | grep -E '^(command_latency|query_latency|cache_hit_rate)'
 Stop with Ctrl-C."#
     )

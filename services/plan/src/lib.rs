@@ -14,13 +14,14 @@ mod sql;
 
 pub use cursor::{decode_cursor, encode_cursor};
 pub use digest::stable_hash;
-pub use fold::{Columns, Conflict, RowOp, fold};
-pub use mapping::{ChangeKind, MapError, RowChange, map_event};
+pub use fold::{Columns, Conflict, Effect, Folded, Guard, Patch, RowOp, fold};
+pub use mapping::{ChangeKind, MapError, Mapper, RowChange, map_event};
 pub use partition::{
     Bound, Calendar, ExistingPartition, Observed, Plan, PlanError, Step, default_partition_name,
     interval_start, next_start, partition_name, plan,
 };
 pub use sql::{
-    BulkStatement, ConflictCols, ListSql, create_table_sql, delete_sql, group_ops, index_name,
-    index_sql, list_sql, row_sql, sort_columns, update_sql, upsert_sql,
+    BulkStatement, ConflictCols, ListSql, create_table_sql, delete_guarded_sql, delete_sql,
+    group_ops, index_name, index_sql, list_sql, row_sql, sort_columns, update_effects_sql,
+    update_sql, upsert_guarded_sql, upsert_sql,
 };

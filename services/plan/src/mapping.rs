@@ -1,13 +1,16 @@
 //! Mapping one event envelope onto a row change, as declared by the spec's
-//! handlers.
+//! handlers: its key, its column effects, whether its `when` condition
+//! holds, and the values its `if` condition binds.
 
-use std::collections::BTreeMap;
 use std::fmt;
 
 use serde_json::Value;
 
+use eventplane_api::condition::{Condition, parse_guard, parse_when};
 use eventplane_api::value::{literal_to_sql_text, to_sql_text};
-use eventplane_api::{Op, ProjectionSpec};
+use eventplane_api::{Assignment, ColumnOp, ColumnSpec, Op, ProjectionSpec};
+
+use crate::fold::{Effect, Guard, Patch};
 
 /// The effect of one event on one row. Values are the SQL text of the
 /// column's type; `None` is NULL.
@@ -16,14 +19,16 @@ pub struct RowChange {
     /// The key column's value as SQL text.
     pub key: String,
     pub kind: ChangeKind,
+    /// Apply only where this holds on the row.
+    pub guard: Option<Guard>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ChangeKind {
-    /// Insert the row with these columns (others NULL) or update them.
-    Upsert(BTreeMap<String, Option<String>>),
-    /// Update these columns if the row exists.
-    Update(BTreeMap<String, Option<String>>),
+    /// Insert the row with these effects on a row of nulls, or apply them.
+    Upsert(Patch),
+    /// Apply these effects if the row exists.
+    Update(Patch),
     /// Delete the row if it exists.
     Delete,
 }
@@ -41,70 +46,171 @@ impl fmt::Display for MapError {
 
 impl std::error::Error for MapError {}
 
-/// Maps an event envelope (`{"type", "streamId", "streamVersion",
-/// "position", "recordedAt", "data", "metadata"}`) to a row change.
-/// Ok(None) when no handler is declared for the event type.
-pub fn map_event(spec: &ProjectionSpec, envelope: &Value) -> Result<Option<RowChange>, MapError> {
-    let Some(event_type) = envelope.get("type").and_then(Value::as_str) else {
-        return Err(MapError("envelope has no string field \"type\"".into()));
-    };
-    let Some(handler) = spec.handler(event_type) else {
-        return Ok(None);
-    };
-    let key_col = spec.key_column();
-    let key = match envelope.pointer(&handler.key) {
-        None => {
-            return Err(MapError(format!(
-                "missing value at {} for key column {}",
-                handler.key, key_col.name
-            )));
-        }
-        Some(v) => to_sql_text(key_col.ty, v)
-            .map_err(|e| MapError(format!("{}: {e}", handler.key)))?
-            .ok_or_else(|| {
-                MapError(format!(
-                    "{}: null for key column {}",
-                    handler.key, key_col.name
-                ))
-            })?,
-    };
-    let mut columns = BTreeMap::new();
-    for a in &handler.set {
-        let col = spec
-            .column(&a.column)
-            .ok_or_else(|| MapError(format!("unknown column {}", a.column)))?;
-        let text = match (&a.from, &a.value) {
-            (Some(pointer), _) => match envelope.pointer(pointer) {
-                None => {
-                    return Err(MapError(format!(
-                        "missing value at {pointer} for column {}",
-                        col.name
-                    )));
-                }
-                Some(v) => {
-                    to_sql_text(col.ty, v).map_err(|e| MapError(format!("{pointer}: {e}")))?
-                }
-            },
-            (None, Some(literal)) => Some(
-                literal_to_sql_text(col.ty, literal)
-                    .map_err(|e| MapError(format!("value for column {}: {e}", col.name)))?,
-            ),
-            (None, None) => None,
+/// A spec's handlers with their conditions compiled, to map many events.
+pub struct Mapper<'a> {
+    spec: &'a ProjectionSpec,
+    /// Per handler: the compiled `when` and `if`.
+    conditions: Vec<(Option<Condition>, Option<Condition>)>,
+}
+
+impl<'a> Mapper<'a> {
+    /// # Panics
+    /// On a condition that does not compile, which `validate` rules out.
+    pub fn new(spec: &'a ProjectionSpec) -> Self {
+        let conditions =
+            spec.handlers
+                .iter()
+                .map(|h| {
+                    let when = h.when.as_deref().map(|w| {
+                        parse_when(w).unwrap_or_else(|e| panic!("validated when {w:?}: {e}"))
+                    });
+                    let guard = h.guard.as_deref().map(|g| {
+                        parse_guard(g, &spec.columns)
+                            .unwrap_or_else(|e| panic!("validated if {g:?}: {e}"))
+                    });
+                    (when, guard)
+                })
+                .collect();
+        Mapper { spec, conditions }
+    }
+
+    /// Maps an event envelope (`{"type", "streamId", "streamVersion",
+    /// "position", "recordedAt", "data", "metadata"}`) to a row change.
+    /// Ok(None) when no handler is declared for the event type, or its
+    /// `when` condition does not hold.
+    pub fn map(&self, envelope: &Value) -> Result<Option<RowChange>, MapError> {
+        let spec = self.spec;
+        let Some(event_type) = envelope.get("type").and_then(Value::as_str) else {
+            return Err(MapError("envelope has no string field \"type\"".into()));
         };
-        if text.is_none() && !col.nullable {
+        let Some(index) = spec.handler_index(event_type) else {
+            return Ok(None);
+        };
+        let handler = &spec.handlers[index];
+        let (when, guard) = &self.conditions[index];
+        if let Some(when) = when {
+            let values = when
+                .bind(envelope)
+                .map_err(|e| MapError(format!("when: {e}")))?;
+            if !when.holds(&values) {
+                return Ok(None);
+            }
+        }
+        let key_col = spec.key_column();
+        let key = match envelope.pointer(&handler.key) {
+            None => {
+                return Err(MapError(format!(
+                    "missing value at {} for key column {}",
+                    handler.key, key_col.name
+                )));
+            }
+            Some(v) => to_sql_text(key_col.ty, v)
+                .map_err(|e| MapError(format!("{}: {e}", handler.key)))?
+                .ok_or_else(|| {
+                    MapError(format!(
+                        "{}: null for key column {}",
+                        handler.key, key_col.name
+                    ))
+                })?,
+        };
+        let mut columns = Patch::new();
+        for a in &handler.set {
+            let col = spec
+                .column(&a.column)
+                .ok_or_else(|| MapError(format!("unknown column {}", a.column)))?;
+            if let Some(effect) = effect(a, col, envelope)? {
+                columns.insert(col.name.clone(), effect);
+            }
+        }
+        let guard = match guard {
+            None => None,
+            Some(g) => Some(Guard {
+                handler: index,
+                params: g.bind(envelope).map_err(|e| MapError(format!("if: {e}")))?,
+            }),
+        };
+        let kind = match handler.op {
+            Op::Upsert => ChangeKind::Upsert(columns),
+            Op::Update => ChangeKind::Update(columns),
+            Op::Delete => ChangeKind::Delete,
+        };
+        Ok(Some(RowChange { key, kind, guard }))
+    }
+}
+
+/// Maps one event with `spec`'s handlers (see [`Mapper::map`]).
+pub fn map_event(spec: &ProjectionSpec, envelope: &Value) -> Result<Option<RowChange>, MapError> {
+    Mapper::new(spec).map(envelope)
+}
+
+/// The value an assignment reads: the first of its pointers that holds a
+/// value other than null, else its default, else null if one held null.
+fn source_value(
+    a: &Assignment,
+    col: &ColumnSpec,
+    envelope: &Value,
+) -> Result<Option<String>, MapError> {
+    let pointers: Vec<&String> = a.from.iter().chain(&a.from_first).collect();
+    let literal = |text: &str| {
+        literal_to_sql_text(col.ty, text)
+            .map(Some)
+            .map_err(|e| MapError(format!("value for column {}: {e}", col.name)))
+    };
+    if pointers.is_empty() {
+        // An add without a source counts.
+        return literal(a.value.as_deref().unwrap_or("1"));
+    }
+    let mut held_null = false;
+    for pointer in &pointers {
+        match envelope.pointer(pointer) {
+            Some(Value::Null) => held_null = true,
+            Some(v) => {
+                return to_sql_text(col.ty, v).map_err(|e| MapError(format!("{pointer}: {e}")));
+            }
+            None => {}
+        }
+    }
+    match &a.default {
+        Some(d) => literal(d),
+        None if held_null => Ok(None),
+        None => Err(MapError(format!(
+            "missing value at {} for column {}",
+            pointers
+                .iter()
+                .map(|p| p.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+            col.name
+        ))),
+    }
+}
+
+/// The effect of one assignment; `None` when a null leaves it without one.
+fn effect(a: &Assignment, col: &ColumnSpec, envelope: &Value) -> Result<Option<Effect>, MapError> {
+    let text = source_value(a, col, envelope)?;
+    let value = match (a.op, text) {
+        (ColumnOp::Set, None) if !col.nullable => {
             return Err(MapError(format!(
                 "null for non-nullable column {}",
                 col.name
             )));
         }
-        columns.insert(col.name.clone(), text);
-    }
-    let kind = match handler.op {
-        Op::Upsert => ChangeKind::Upsert(columns),
-        Op::Update => ChangeKind::Update(columns),
-        Op::Delete => ChangeKind::Delete,
+        (ColumnOp::Set, text) => text,
+        (ColumnOp::Append, text) => Some(format!("[{}]", text.as_deref().unwrap_or("null"))),
+        (_, None) => return Ok(None),
+        (ColumnOp::Merge, Some(text)) if !text.starts_with('{') => {
+            return Err(MapError(format!(
+                "merge into column {} needs a JSON object",
+                col.name
+            )));
+        }
+        (_, text) => text,
     };
-    Ok(Some(RowChange { key, kind }))
+    Ok(Some(Effect {
+        op: a.op,
+        ty: col.ty,
+        value,
+    }))
 }
 
 #[cfg(test)]
@@ -125,10 +231,15 @@ mod tests {
         })
     }
 
-    fn cols(pairs: &[(&str, Option<&str>)]) -> BTreeMap<String, Option<String>> {
+    /// The sample's columns set to the values.
+    fn cols(pairs: &[(&str, Option<&str>)]) -> Patch {
+        let spec = sample();
         pairs
             .iter()
-            .map(|(k, v)| (k.to_string(), v.map(str::to_string)))
+            .map(|(k, v)| {
+                let ty = spec.column(k).unwrap().ty;
+                (k.to_string(), Effect::set(ty, v.map(str::to_string)))
+            })
             .collect()
     }
 
@@ -198,7 +309,7 @@ mod tests {
         let ChangeKind::Upsert(c) = change.kind else {
             panic!("expected upsert")
         };
-        assert_eq!(c["total"], None);
+        assert_eq!(c["total"].value, None);
     }
 
     #[test]
@@ -275,5 +386,115 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(change.key, "order-1");
+    }
+
+    #[test]
+    fn renamed_fields_map_through_from_first_and_defaults() {
+        let mut s = sample();
+        s.handlers[0].event_type = String::new();
+        s.handlers[0].event_types = vec!["OrderCreated".into(), "OrderPlaced".into()];
+        let a = &mut s.handlers[0].set[1];
+        a.from = None;
+        a.from_first = vec!["/data/customerId".into(), "/data/customer/id".into()];
+        s.handlers[0].set[2].default = Some("0".into());
+        s.validate().unwrap();
+        let mapped = |ty: &str, data: Value| map_event(&s, &envelope(ty, data));
+        let old = mapped(
+            "OrderCreated",
+            json!({"orderId": "o1", "customer": {"id": "c9"}}),
+        )
+        .unwrap()
+        .unwrap();
+        let ChangeKind::Upsert(c) = old.kind else {
+            panic!("expected upsert")
+        };
+        assert_eq!(c["customer_id"].value.as_deref(), Some("c9"));
+        assert_eq!(c["total"].value.as_deref(), Some("0"), "the default");
+        let new = mapped(
+            "OrderPlaced",
+            json!({"orderId": "o1", "customerId": "c1", "customer": {"id": "c9"}, "total": null}),
+        )
+        .unwrap()
+        .unwrap();
+        let ChangeKind::Upsert(c) = new.kind else {
+            panic!("expected upsert")
+        };
+        assert_eq!(
+            c["customer_id"].value.as_deref(),
+            Some("c1"),
+            "the first present"
+        );
+        assert_eq!(
+            c["total"].value.as_deref(),
+            Some("0"),
+            "null takes the default too"
+        );
+        let e = mapped("OrderCreated", json!({"orderId": "o1"})).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "missing value at /data/customerId, /data/customer/id for column customer_id"
+        );
+    }
+
+    #[test]
+    fn operations_map_to_effects_and_nulls_leave_them_out() {
+        let yaml = r#"
+apiVersion: eventplane.io/v1alpha1
+kind: Projection
+metadata: {name: stats}
+spec:
+  table: stats
+  key: id
+  columns:
+    - {name: id, type: text}
+    - {name: n, type: bigint}
+    - {name: lo, type: numeric}
+    - {name: tags, type: jsonb}
+    - {name: attrs, type: jsonb}
+  handlers:
+    - eventType: E
+      op: upsert
+      key: /data/id
+      when: "data.skip IS NULL"
+      if: "n < 100"
+      set:
+        - {column: n, op: add}
+        - {column: lo, op: min, from: /data/v}
+        - {column: tags, op: append, from: /data/tag}
+        - {column: attrs, op: merge, from: /data/attrs}
+"#;
+        let s = eventplane_api::load_manifests(yaml).unwrap().remove(0).spec;
+        let change = map_event(
+            &s,
+            &envelope(
+                "E",
+                json!({"id": "k", "v": null, "tag": "t", "attrs": {"a": 1}}),
+            ),
+        )
+        .unwrap()
+        .unwrap();
+        let ChangeKind::Upsert(c) = change.kind else {
+            panic!("expected upsert")
+        };
+        assert_eq!(c["n"].op, ColumnOp::Add);
+        assert_eq!(c["n"].value.as_deref(), Some("1"));
+        assert!(!c.contains_key("lo"), "a null minimum changes nothing");
+        assert_eq!(c["tags"].value.as_deref(), Some(r#"["t"]"#));
+        assert_eq!(c["attrs"].value.as_deref(), Some(r#"{"a":1}"#));
+        assert_eq!(
+            change.guard,
+            Some(Guard {
+                handler: 0,
+                params: vec![Some("100".into())]
+            })
+        );
+        let skipped = map_event(&s, &envelope("E", json!({"id": "k", "skip": 1}))).unwrap();
+        assert_eq!(skipped, None, "when does not hold");
+        let e = map_event(
+            &s,
+            &envelope("E", json!({"id": "k", "v": 1, "tag": 1, "attrs": [1]})),
+        )
+        .unwrap_err();
+        assert_eq!(e.to_string(), "merge into column attrs needs a JSON object");
     }
 }

@@ -14,10 +14,11 @@
 use std::collections::BTreeMap;
 
 use crate::digest::stable_hash;
-use crate::fold::{Columns, Conflict, RowOp};
+use crate::fold::{Columns, Conflict, Folded, Patch, RowOp};
+use eventplane_api::condition::{Cond, Condition, Term, parse_guard};
 use eventplane_api::quote_ident;
 use eventplane_api::render_predicate;
-use eventplane_api::{ColumnSpec, ColumnType, ProjectionSpec, QuerySpec, SortOrder};
+use eventplane_api::{ColumnOp, ColumnSpec, ColumnType, ProjectionSpec, QuerySpec, SortOrder};
 
 /// Postgres truncates identifiers longer than this many bytes.
 const MAX_IDENT_BYTES: usize = 63;
@@ -175,23 +176,129 @@ fn quoted_list<S: AsRef<str>>(names: &[S]) -> String {
 /// Updates `cols` of existing rows; parameters are the keys, then one array
 /// per column.
 pub fn update_sql(spec: &ProjectionSpec, table: &str, cols: &[&str]) -> BulkStatement {
+    let cols: Vec<(&str, ColumnOp)> = cols.iter().map(|c| (*c, ColumnOp::Set)).collect();
+    update_effects_sql(spec, table, &cols, None)
+}
+
+/// The new value of column `c` under `op`, from the old value `old` and
+/// the operand parameter `v."c"`.
+fn effect_sql(spec: &ProjectionSpec, c: &str, op: ColumnOp, old: &str) -> String {
+    let q = quote_ident(c);
+    let v = format!("v.{q}::{}", ty(spec, c).sql());
+    match op {
+        ColumnOp::Set => v,
+        ColumnOp::Add => format!("COALESCE({old}, 0) + {v}"),
+        ColumnOp::Min => format!("LEAST({old}, {v})"),
+        ColumnOp::Max => format!("GREATEST({old}, {v})"),
+        ColumnOp::SetIfNull => format!("COALESCE({old}, {v})"),
+        ColumnOp::Append => {
+            format!("CASE WHEN jsonb_typeof({old}) = 'array' THEN {old} || {v} ELSE {v} END")
+        }
+        ColumnOp::Merge => {
+            format!("CASE WHEN jsonb_typeof({old}) = 'object' THEN {old} || {v} ELSE {v} END")
+        }
+    }
+}
+
+/// The parameter columns of handler `handler`'s guard, after the others.
+fn guard_names(spec: &ProjectionSpec, handler: Option<usize>) -> Vec<String> {
+    handler
+        .map(|h| {
+            (0..guard_of(spec, h).slots.len())
+                .map(|i| format!("ep_g{i}"))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn guard_of(spec: &ProjectionSpec, handler: usize) -> Condition {
+    let text = spec.handlers[handler]
+        .guard
+        .as_deref()
+        .unwrap_or_else(|| panic!("handler {handler} has no guard"));
+    parse_guard(text, &spec.columns).unwrap_or_else(|e| panic!("validated guard {text:?}: {e}"))
+}
+
+/// Renders a guard. Columns are read from `t` or, without a row, are
+/// NULL; slots are the `v."ep_g<i>"` parameters.
+fn guard_sql(spec: &ProjectionSpec, c: &Condition, row: bool) -> String {
+    let term = |t: &Term| match t {
+        Term::Column(name) if row => format!("t.{}", quote_ident(name)),
+        Term::Column(name) => format!("NULL::{}", ty(spec, name).sql()),
+        Term::Slot(i) => format!("v.\"ep_g{i}\"::{}", c.slots[*i].ty.sql()),
+        Term::Null => "NULL".to_string(),
+    };
+    fn walk(e: &Cond, term: &dyn Fn(&Term) -> String) -> String {
+        match e {
+            Cond::And(a, b) => format!("({} AND {})", walk(a, term), walk(b, term)),
+            Cond::Or(a, b) => format!("({} OR {})", walk(a, term), walk(b, term)),
+            Cond::Not(a) => format!("(NOT {})", walk(a, term)),
+            Cond::Compare(a, op, b) => format!("({} {} {})", term(a), op.sql(), term(b)),
+            Cond::IsNull(a, negated) => {
+                let not = if *negated { "NOT " } else { "" };
+                format!("({} IS {not}NULL)", term(a))
+            }
+            Cond::In(a, items, negated) => {
+                let not = if *negated { "NOT " } else { "" };
+                let items: Vec<String> = items.iter().map(term).collect();
+                format!("({} {not}IN ({}))", term(a), items.join(", "))
+            }
+            Cond::Truth(a) => format!("({})", term(a)),
+        }
+    }
+    walk(&c.cond, &term)
+}
+
+/// Changes `cols` of existing rows, each by its operation, where handler
+/// `guard`'s condition holds if one is given; parameters are the keys, one
+/// array per column, then the guard's slots.
+pub fn update_effects_sql(
+    spec: &ProjectionSpec,
+    table: &str,
+    cols: &[(&str, ColumnOp)],
+    guard: Option<usize>,
+) -> BulkStatement {
     let key = quote_ident(&spec.key);
     let kt = spec.key_column().ty.sql();
     let mut names = vec![spec.key.clone()];
-    names.extend(cols.iter().map(|c| c.to_string()));
+    names.extend(cols.iter().map(|(c, _)| c.to_string()));
+    names.extend(guard_names(spec, guard));
     let set = cols
         .iter()
-        .map(|c| {
+        .map(|(c, op)| {
             let q = quote_ident(c);
-            format!("{q} = v.{q}::{}", ty(spec, c).sql())
+            format!("{q} = {}", effect_sql(spec, c, *op, &format!("t.{q}")))
         })
         .collect::<Vec<_>>()
         .join(", ");
+    let condition = guard
+        .map(|h| format!(" AND {}", guard_sql(spec, &guard_of(spec, h), true)))
+        .unwrap_or_default();
     let sql = format!(
-        "UPDATE {} AS t SET {set} FROM unnest({}) AS v({}) WHERE t.{key} = v.{key}::{kt}",
+        "UPDATE {} AS t SET {set} FROM unnest({}) AS v({}) WHERE t.{key} = v.{key}::{kt}{condition}",
         quote_ident(table),
         unnest(names.len()),
         quoted_list(&names)
+    );
+    BulkStatement {
+        sql,
+        columns: names,
+    }
+}
+
+/// Deletes the rows whose keys are in `$1` where handler `guard`'s
+/// condition holds; its slots are the next parameters.
+pub fn delete_guarded_sql(spec: &ProjectionSpec, table: &str, guard: usize) -> BulkStatement {
+    let key = quote_ident(&spec.key);
+    let kt = spec.key_column().ty.sql();
+    let mut names = vec![spec.key.clone()];
+    names.extend(guard_names(spec, Some(guard)));
+    let sql = format!(
+        "DELETE FROM {} AS t USING unnest({}) AS v({}) WHERE t.{key} = v.{key}::{kt} AND {}",
+        quote_ident(table),
+        unnest(names.len()),
+        quoted_list(&names),
+        guard_sql(spec, &guard_of(spec, guard), true)
     );
     BulkStatement {
         sql,
@@ -208,9 +315,23 @@ pub fn upsert_sql(
     insert_cols: &[&str],
     conflict: ConflictCols,
 ) -> BulkStatement {
+    upsert_guarded_sql(spec, table, insert_cols, conflict, None)
+}
+
+/// [`upsert_sql`], inserting only where handler `guard`'s condition holds
+/// on a row of nulls; its slots are parameters after the insert columns.
+pub fn upsert_guarded_sql(
+    spec: &ProjectionSpec,
+    table: &str,
+    insert_cols: &[&str],
+    conflict: ConflictCols,
+    guard: Option<usize>,
+) -> BulkStatement {
     let mut names = vec![spec.key.clone()];
     names.extend(insert_cols.iter().map(|c| c.to_string()));
-    let select = names
+    let inserted = names.len();
+    names.extend(guard_names(spec, guard));
+    let select = names[..inserted]
         .iter()
         .map(|c| {
             let q = quote_ident(c);
@@ -245,10 +366,13 @@ pub fn upsert_sql(
     } else {
         format!("DO UPDATE SET {}", assignments.join(", "))
     };
+    let condition = guard
+        .map(|h| format!(" WHERE {}", guard_sql(spec, &guard_of(spec, h), false)))
+        .unwrap_or_default();
     let sql = format!(
-        "INSERT INTO {} ({}) SELECT {select} FROM unnest({}) AS v({}) ON CONFLICT ({}) {on_conflict}",
+        "INSERT INTO {} ({}) SELECT {select} FROM unnest({}) AS v({}){condition} ON CONFLICT ({}) {on_conflict}",
         quote_ident(table),
-        quoted_list(&names),
+        quoted_list(&names[..inserted]),
         unnest(names.len()),
         quoted_list(&names),
         quote_ident(&spec.key)
@@ -259,87 +383,119 @@ pub fn upsert_sql(
     }
 }
 
-/// The statement shape a row operation needs. Variant order is execution
-/// order: see `group_ops`.
+/// The statement shape a row operation needs, with the handler whose
+/// guard it carries. Variant order is execution order: see `group_ops`.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 enum Shape {
-    Delete,
-    Update(Vec<String>),
-    Upsert(Vec<String>, ConflictCols),
+    Delete(Option<usize>),
+    Update(Vec<(String, ColumnOp)>, Option<usize>),
+    Upsert(Vec<String>, ConflictCols, Option<usize>),
 }
 
-/// Groups folded row operations by statement shape. Returns each statement
-/// with its column-major parameters (one array per `text[]` parameter).
-///
-/// The statements must run in the returned order, in one transaction: an
-/// upsert whose conflict update touches columns it does not insert (an
-/// update followed by an upsert in the batch) is split into an UPDATE, which
-/// comes first, and an INSERT … DO NOTHING, which must not run before it.
-pub fn group_ops(
-    spec: &ProjectionSpec,
-    table: &str,
-    ops: Vec<(String, RowOp)>,
-) -> Vec<(BulkStatement, Vec<Vec<Option<String>>>)> {
-    let mut groups: BTreeMap<Shape, Vec<Vec<Option<String>>>> = BTreeMap::new();
-    let mut add = |shape: Shape, key: &str, values: &Columns| {
-        let mut row = vec![Some(key.to_string())];
-        row.extend(values.values().cloned());
-        groups.entry(shape).or_default().push(row);
-    };
-    let names = |m: &Columns| m.keys().cloned().collect::<Vec<_>>();
+type Rows = Vec<Vec<Option<String>>>;
+
+/// One round's operations grouped by shape, each row as its parameter
+/// values.
+fn group_round(ops: Vec<(String, RowOp)>) -> BTreeMap<Shape, Rows> {
+    let mut groups: BTreeMap<Shape, Rows> = BTreeMap::new();
     for (key, op) in ops {
+        let (guard, op) = match op {
+            RowOp::Guarded(g, op) => (Some(g), *op),
+            op => (None, op),
+        };
+        let handler = guard.as_ref().map(|g| g.handler);
+        let params = guard.map(|g| g.params).unwrap_or_default();
+        let mut add = |shape: Shape, values: Vec<Option<String>>| {
+            let mut row = vec![Some(key.clone())];
+            row.extend(values);
+            row.extend(params.iter().cloned());
+            groups.entry(shape).or_default().push(row);
+        };
+        let names = |m: &Columns| m.keys().cloned().collect::<Vec<_>>();
+        let patch_shape = |p: &Patch| p.iter().map(|(c, e)| (c.clone(), e.op)).collect::<Vec<_>>();
+        let patch_values = |p: &Patch| p.values().map(|e| e.value.clone()).collect::<Vec<_>>();
         match op {
-            RowOp::Delete => add(Shape::Delete, &key, &Columns::new()),
-            RowOp::Update(m) => {
-                if !m.is_empty() {
-                    add(Shape::Update(names(&m)), &key, &m);
+            RowOp::Guarded(..) => unreachable!("guards do not nest"),
+            RowOp::Delete => add(Shape::Delete(handler), Vec::new()),
+            RowOp::Update(p) => {
+                if !p.is_empty() {
+                    add(Shape::Update(patch_shape(&p), handler), patch_values(&p));
                 }
             }
             RowOp::Upsert {
                 insert,
                 on_conflict: Conflict::Replace,
             } => add(
-                Shape::Upsert(names(&insert), ConflictCols::Replace),
-                &key,
-                &insert,
+                Shape::Upsert(names(&insert), ConflictCols::Replace, handler),
+                insert.into_values().collect(),
             ),
             RowOp::Upsert {
                 insert,
                 on_conflict: Conflict::Set(patch),
             } => {
-                let covered = patch.iter().all(|(c, v)| insert.get(c) == Some(v));
+                // One statement when the conflict sets columns to what the
+                // insert carries; otherwise the update of existing rows,
+                // then the insert of absent ones.
+                let covered = handler.is_none()
+                    && patch
+                        .iter()
+                        .all(|(c, e)| e.op == ColumnOp::Set && insert.get(c) == Some(&e.value));
                 if covered {
                     add(
-                        Shape::Upsert(names(&insert), ConflictCols::Set(names(&patch))),
-                        &key,
-                        &insert,
+                        Shape::Upsert(
+                            names(&insert),
+                            ConflictCols::Set(patch.keys().cloned().collect()),
+                            None,
+                        ),
+                        insert.into_values().collect(),
                     );
                 } else {
-                    add(Shape::Update(names(&patch)), &key, &patch);
+                    if !patch.is_empty() {
+                        add(
+                            Shape::Update(patch_shape(&patch), handler),
+                            patch_values(&patch),
+                        );
+                    }
                     add(
-                        Shape::Upsert(names(&insert), ConflictCols::Set(Vec::new())),
-                        &key,
-                        &insert,
+                        Shape::Upsert(names(&insert), ConflictCols::Set(Vec::new()), handler),
+                        insert.into_values().collect(),
                     );
                 }
             }
         }
     }
     groups
-        .into_iter()
-        .map(|(shape, rows)| {
+}
+
+/// Groups folded row operations by statement shape. Returns each statement
+/// with its column-major parameters (one array per `text[]` parameter).
+///
+/// The statements must run in the returned order, in one transaction:
+/// rounds in order, and within a round an upsert whose conflict changes
+/// more than it inserts is split into an UPDATE, which comes first, and an
+/// INSERT … DO NOTHING, which must not run before it.
+pub fn group_ops(
+    spec: &ProjectionSpec,
+    table: &str,
+    folded: Folded,
+) -> Vec<(BulkStatement, Vec<Vec<Option<String>>>)> {
+    let mut out = Vec::new();
+    for round in folded.rounds {
+        for (shape, rows) in group_round(round) {
             let statement = match shape {
-                Shape::Delete => BulkStatement {
+                Shape::Delete(None) => BulkStatement {
                     sql: delete_sql(spec, table),
                     columns: vec![spec.key.clone()],
                 },
-                Shape::Update(cols) => {
-                    let cols: Vec<&str> = cols.iter().map(String::as_str).collect();
-                    update_sql(spec, table, &cols)
+                Shape::Delete(Some(h)) => delete_guarded_sql(spec, table, h),
+                Shape::Update(cols, guard) => {
+                    let cols: Vec<(&str, ColumnOp)> =
+                        cols.iter().map(|(c, op)| (c.as_str(), *op)).collect();
+                    update_effects_sql(spec, table, &cols, guard)
                 }
-                Shape::Upsert(cols, conflict) => {
+                Shape::Upsert(cols, conflict, guard) => {
                     let cols: Vec<&str> = cols.iter().map(String::as_str).collect();
-                    upsert_sql(spec, table, &cols, conflict)
+                    upsert_guarded_sql(spec, table, &cols, conflict, guard)
                 }
             };
             let width = statement.columns.len();
@@ -349,9 +505,10 @@ pub fn group_ops(
                     param.push(value);
                 }
             }
-            (statement, params)
-        })
-        .collect()
+            out.push((statement, params));
+        }
+    }
+    out
 }
 
 /// Reads one row as the text of a JSON object; `$1` is the key as text.
@@ -624,6 +781,14 @@ mod tests {
         fold_tests::cols(pairs)
     }
 
+    fn p(pairs: &[(&str, Option<&str>)]) -> Patch {
+        fold_tests::set(pairs)
+    }
+
+    fn one_round(ops: Vec<(String, RowOp)>) -> Folded {
+        Folded { rounds: vec![ops] }
+    }
+
     #[test]
     fn group_ops_batches_rows_by_shape_in_execution_order() {
         let spec = sample();
@@ -631,16 +796,16 @@ mod tests {
             ("a".to_string(), RowOp::Delete),
             (
                 "b".to_string(),
-                RowOp::Update(c(&[("status", Some("PAID"))])),
+                RowOp::Update(p(&[("status", Some("PAID"))])),
             ),
             (
                 "c".to_string(),
-                RowOp::Update(c(&[("status", Some("SHIPPED"))])),
+                RowOp::Update(p(&[("status", Some("SHIPPED"))])),
             ),
-            ("d".to_string(), RowOp::Update(Columns::new())),
+            ("d".to_string(), RowOp::Update(Patch::new())),
             ("e".to_string(), RowOp::Delete),
         ];
-        let groups = group_ops(&spec, "orders", ops);
+        let groups = group_ops(&spec, "orders", one_round(ops));
         assert_eq!(groups.len(), 2);
         assert_eq!(groups[0].0.sql, delete_sql(&spec, "orders"));
         assert_eq!(
@@ -666,7 +831,7 @@ mod tests {
                 "a".to_string(),
                 RowOp::Upsert {
                     insert: ins.clone(),
-                    on_conflict: Conflict::Set(ins.clone()),
+                    on_conflict: Conflict::Set(p(&[("status", Some("PENDING")), ("total", None)])),
                 },
             ),
             (
@@ -677,7 +842,7 @@ mod tests {
                 },
             ),
         ];
-        let groups = group_ops(&spec, "orders", ops);
+        let groups = group_ops(&spec, "orders", one_round(ops));
         assert_eq!(groups.len(), 2);
         assert_eq!(
             groups[0].0,
@@ -709,10 +874,10 @@ mod tests {
             "a".to_string(),
             RowOp::Upsert {
                 insert: c(&[("status", Some("PENDING"))]),
-                on_conflict: Conflict::Set(c(&[("status", Some("PENDING")), ("total", Some("5"))])),
+                on_conflict: Conflict::Set(p(&[("status", Some("PENDING")), ("total", Some("5"))])),
             },
         )];
-        let groups = group_ops(&spec, "orders", ops);
+        let groups = group_ops(&spec, "orders", one_round(ops));
         assert_eq!(groups.len(), 2);
         assert_eq!(
             groups[0].0,
@@ -738,15 +903,13 @@ mod tests {
             let mut start: BTreeMap<String, Columns> = BTreeMap::new();
             for k in 0..3 {
                 if rng.below(2) == 0 {
-                    let row: Columns = all
-                        .iter()
-                        .map(|c| (c.to_string(), Some(format!("old{k}"))))
-                        .collect();
+                    let mut row = fold_tests::null_row();
+                    row.extend(all.iter().map(|c| (c.to_string(), Some(format!("old{k}")))));
                     start.insert(format!("k{k}"), row);
                 }
             }
             let mut expected = start.clone();
-            for (key, op) in fold(changes.clone()) {
+            for (key, op) in fold(changes.clone()).rounds.into_iter().flatten() {
                 fold_tests::apply_op(&mut expected, &key, &op);
             }
             let mut actual = start.clone();
@@ -759,8 +922,7 @@ mod tests {
                         .zip(&params[1..])
                         .map(|(c, p)| (c.clone(), p[r].clone()))
                         .collect();
-                    let null_row =
-                        || -> Columns { all.iter().map(|c| (c.to_string(), None)).collect() };
+                    let null_row = fold_tests::null_row;
                     if stmt.sql.starts_with("DELETE") {
                         actual.remove(&key);
                     } else if stmt.sql.starts_with("UPDATE") {
@@ -785,6 +947,48 @@ mod tests {
             }
             assert_eq!(actual, expected, "{changes:?}");
         }
+    }
+
+    #[test]
+    fn effects_and_guards_render_as_expressions_over_parameters() {
+        let mut spec = sample();
+        spec.handlers[1].guard =
+            Some("status IN ('PENDING', 'x''; DROP') AND total < data.total".into());
+        let s = update_effects_sql(
+            &spec,
+            "orders",
+            &[("total", ColumnOp::Add), ("updated_at", ColumnOp::Max)],
+            Some(1),
+        );
+        assert_eq!(
+            s.sql,
+            r#"UPDATE "orders" AS t SET "total" = COALESCE(t."total", 0) + v."total"::numeric, "updated_at" = GREATEST(t."updated_at", v."updated_at"::timestamptz) FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[]) AS v("id", "total", "updated_at", "ep_g0", "ep_g1", "ep_g2") WHERE t."id" = v."id"::text AND ((t."status" IN (v."ep_g0"::text, v."ep_g1"::text)) AND (t."total" < v."ep_g2"::numeric))"#
+        );
+        assert!(!s.sql.contains("DROP"), "constants are parameters");
+        let s = upsert_guarded_sql(
+            &spec,
+            "orders",
+            &["status"],
+            ConflictCols::Set(vec![]),
+            Some(1),
+        );
+        assert!(
+            s.sql.contains(r#"WHERE ((NULL::text IN (v."ep_g0"::text, v."ep_g1"::text)) AND (NULL::numeric < v."ep_g2"::numeric)) ON CONFLICT ("id") DO NOTHING"#),
+            "{}",
+            s.sql
+        );
+        assert_eq!(s.columns, ["id", "status", "ep_g0", "ep_g1", "ep_g2"]);
+        let s = delete_guarded_sql(&spec, "orders", 1);
+        assert!(
+            s.sql.starts_with(r#"DELETE FROM "orders" AS t USING unnest($1::text[], $2::text[], $3::text[], $4::text[]) AS v("id", "ep_g0", "ep_g1", "ep_g2") WHERE t."id" = v."id"::text AND "#),
+            "{}",
+            s.sql
+        );
+        let e = |op| update_effects_sql(&spec, "orders", &[("total", op)], None).sql;
+        assert!(e(ColumnOp::Min).contains(r#""total" = LEAST(t."total", v."total"::numeric)"#));
+        assert!(
+            e(ColumnOp::SetIfNull).contains(r#""total" = COALESCE(t."total", v."total"::numeric)"#)
+        );
     }
 
     fn test_spec() -> ProjectionSpec {
