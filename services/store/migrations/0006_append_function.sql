@@ -37,13 +37,22 @@ DECLARE
     k            text;
     stored_hash  bytea;
     stored_resp  jsonb;
-    versions     jsonb := '{}';
-    batch_keys   jsonb := '{}';
+    -- Distinct streams in byte order, each request's index into them, and
+    -- each locked stream's version as the batch moves it (NULL: not locked).
+    -- Arrays indexed this way keep the loop below linear in the batch.
+    s_ids        text[];
+    s_of         int[];
+    s_ver        bigint[];
+    -- Each request's idempotency key group, and the request of each group
+    -- that appended in this batch.
+    k_of         int[];
+    k_first      int[];
+    l_pos        int[];
+    l_ver        bigint[];
     answered     jsonb[] := array_fill(NULL::jsonb, ARRAY[greatest(n, 1)]);
     outcomes     text[] := array_fill(NULL::text, ARRAY[greatest(n, 1)]);
     actuals      bigint[] := array_fill(NULL::bigint, ARRAY[greatest(n, 1)]);
     first_of     int[] := array_fill(NULL::int, ARRAY[greatest(n, 1)]);
-    first_ver    bigint[] := array_fill(NULL::bigint, ARRAY[greatest(n, 1)]);
     offsets      int[] := array_fill(0, ARRAY[greatest(n, 1)]);
     cur          bigint;
     q_idx        int[] := '{}';
@@ -51,9 +60,26 @@ DECLARE
     q_last       bigint[] := '{}';
     rec          record;
 BEGIN
+    IF n = 0 THEN
+        RETURN;
+    END IF;
     FOR i IN 2..n LOOP
         offsets[i] := offsets[i - 1] + r_counts[i - 1];
     END LOOP;
+
+    SELECT array_agg(d.s ORDER BY d.s COLLATE "C") INTO s_ids
+    FROM (SELECT DISTINCT u.s FROM unnest(r_streams) AS u(s)) d;
+    SELECT array_agg(p.pos ORDER BY g.i) INTO s_of
+    FROM generate_subscripts(r_streams, 1) AS g(i)
+    JOIN unnest(s_ids) WITH ORDINALITY AS p(s, pos) ON p.s = r_streams[g.i];
+    s_ver := array_fill(NULL::bigint, ARRAY[array_length(s_ids, 1)]);
+
+    SELECT array_agg(kg.grp ORDER BY g.i) INTO k_of
+    FROM generate_subscripts(r_streams, 1) AS g(i)
+    LEFT JOIN (SELECT d.key, row_number() OVER () AS grp
+               FROM (SELECT DISTINCT u.key FROM unnest(r_keys) AS u(key)
+                     WHERE u.key IS NOT NULL) d) kg ON kg.key = r_keys[g.i];
+    k_first := array_fill(NULL::int, ARRAY[n]);
 
     -- Requests that share a key take turns, across batches too.
     FOR k IN SELECT d.key FROM (SELECT DISTINCT u.key FROM unnest(r_keys) AS u(key)
@@ -80,7 +106,7 @@ BEGIN
 
     -- Lock (creating at version 0) the streams the rest may write, in
     -- byte order; the no-op update returns their versions.
-    FOR rec IN
+    WITH locked AS (
         INSERT INTO streams (stream_id, version)
         SELECT d.s, 0 FROM (
             SELECT DISTINCT r_streams[g.i] AS s FROM generate_subscripts(r_streams, 1) AS g(i)
@@ -88,40 +114,41 @@ BEGIN
         ) d ORDER BY d.s COLLATE "C"
         ON CONFLICT (stream_id) DO UPDATE SET version = streams.version
         RETURNING streams.stream_id, streams.version
-    LOOP
-        versions := versions || jsonb_build_object(rec.stream_id, rec.version);
+    )
+    SELECT array_agg(p.pos), array_agg(l.version) INTO l_pos, l_ver
+    FROM locked l JOIN unnest(s_ids) WITH ORDINALITY AS p(s, pos) ON p.s = l.stream_id;
+    FOR j IN 1..coalesce(array_length(l_pos, 1), 0) LOOP
+        s_ver[l_pos[j]] := l_ver[j];
     END LOOP;
 
     FOR i IN 1..n LOOP
         CONTINUE WHEN outcomes[i] IS NOT NULL;
-        IF r_keys[i] IS NOT NULL AND batch_keys ? r_keys[i] THEN
+        IF k_of[i] IS NOT NULL AND k_first[k_of[i]] IS NOT NULL THEN
             -- The same key earlier in this batch: its answer, if the same
             -- request.
-            IF r_hashes[(batch_keys ->> r_keys[i])::int] = r_hashes[i] THEN
-                first_of[i] := (batch_keys ->> r_keys[i])::int;
+            IF r_hashes[k_first[k_of[i]]] = r_hashes[i] THEN
+                first_of[i] := k_first[k_of[i]];
                 outcomes[i] := 'same';
             ELSE
                 outcomes[i] := 'key_reused';
             END IF;
             CONTINUE;
         END IF;
-        cur := coalesce((versions ->> r_streams[i])::bigint, 0);
+        cur := coalesce(s_ver[s_of[i]], 0);
         IF NOT (r_expected[i] = -1 OR (r_expected[i] = -2 AND cur = 0) OR r_expected[i] = cur) THEN
             outcomes[i] := 'conflict';
             actuals[i] := cur;
             CONTINUE;
         END IF;
-        versions := versions || jsonb_build_object(r_streams[i], cur + r_counts[i]);
-        first_ver[i] := cur + 1;
+        s_ver[s_of[i]] := cur + r_counts[i];
         outcomes[i] := 'appended';
-        IF r_keys[i] IS NOT NULL THEN
-            batch_keys := batch_keys || jsonb_build_object(r_keys[i], i);
+        IF k_of[i] IS NOT NULL THEN
+            k_first[k_of[i]] := i;
         END IF;
         q_idx := q_idx || i;
         q_first := q_first || (cur + 1);
         q_last := q_last || (cur + r_counts[i]);
     END LOOP;
-
     IF array_length(q_idx, 1) > 0 THEN
         -- Positions are drawn in request order and, within a stream, in
         -- version order: the projector's (tx_id, position) order is then
@@ -154,9 +181,10 @@ BEGIN
             );
         END LOOP;
 
-        UPDATE streams SET version = v.version::bigint, updated_at = now()
-        FROM jsonb_each_text(versions) AS v(stream_id, version)
-        WHERE streams.stream_id = v.stream_id AND streams.version <> v.version::bigint;
+        UPDATE streams SET version = v.version, updated_at = now()
+        FROM unnest(s_ids, s_ver) AS v(stream_id, version)
+        WHERE streams.stream_id = v.stream_id AND v.version IS NOT NULL
+          AND streams.version <> v.version;
 
         INSERT INTO idempotency_keys (key, request_hash, response)
         SELECT r_keys[u.i], r_hashes[u.i], answered[u.i]
