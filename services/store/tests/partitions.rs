@@ -628,3 +628,87 @@ async fn event_store_keeps_working_under_its_example_policy() {
     // The migration's own helper still works next to the policy's partitions.
     eventplane_store::db::migrate(&pool).await.unwrap();
 }
+
+/// Leaves `part` half-detached, as a run interrupted during `DETACH
+/// CONCURRENTLY` does: a reader's open transaction makes the detach wait
+/// for it until its lock timeout.
+async fn leave_detach_pending(pool: &PgPool, part: &str) {
+    let mut reader = pool.begin().await.unwrap();
+    sqlx::query("SELECT count(*) FROM t")
+        .execute(&mut *reader)
+        .await
+        .unwrap();
+    let mut conn = pool.acquire().await.unwrap();
+    sqlx::query("SET lock_timeout = '50ms'")
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    let detached = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "ALTER TABLE t DETACH PARTITION {part} CONCURRENTLY"
+    )))
+    .execute(&mut *conn)
+    .await;
+    assert!(detached.is_err(), "the detach waits for the reader");
+    conn.detach();
+    reader.commit().await.unwrap();
+    let pending: bool = sqlx::query_scalar(
+        "SELECT inhdetachpending FROM pg_inherits WHERE inhrelid = $1::regclass",
+    )
+    .bind(part)
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    assert!(pending);
+}
+
+#[tokio::test]
+async fn interrupted_retirements_are_finished_with_their_drop_or_archive() {
+    for (retention, expected) in [
+        (
+            Retention::new(0, RetentionAction::Drop),
+            Step::Drop {
+                name: "t_p2026_10".into(),
+            },
+        ),
+        (
+            Retention::archive(0, "cold"),
+            Step::Archive {
+                name: "t_p2026_10".into(),
+                schema: "cold".into(),
+            },
+        ),
+    ] {
+        let (_db, pool) = table(TABLE).await;
+        run(&pool, &policy(1), "2026-10-15T10:00:00Z").await;
+        leave_detach_pending(&pool, "t_p2026_10").await;
+        let mut spec = policy(1);
+        spec.retention = Some(retention);
+        let executed = run(&pool, &spec, "2026-11-15T10:00:00Z").await;
+        assert_eq!(executed[0], expected);
+        assert!(!exists(&pool, "public.t_p2026_10").await);
+        if matches!(expected, Step::Archive { .. }) {
+            assert!(exists(&pool, "cold.t_p2026_10").await);
+        }
+        assert_eq!(attached(&pool, "t").await, ["t_p2026_11", "t_p2026_12"]);
+        assert_eq!(run(&pool, &spec, "2026-11-15T10:00:00Z").await, vec![]);
+    }
+}
+
+#[tokio::test]
+async fn a_detach_someone_else_left_pending_is_finished_and_kept() {
+    let (_db, pool) = table(TABLE).await;
+    run(&pool, &policy(1), "2026-10-15T10:00:00Z").await;
+    // October is within retention: its half-done detach is not the
+    // policy's, so it is finished and the table left alone.
+    leave_detach_pending(&pool, "t_p2026_10").await;
+    let spec = retain(policy(1), 6, RetentionAction::Drop);
+    let executed = run(&pool, &spec, "2026-11-15T10:00:00Z").await;
+    assert_eq!(
+        executed[0],
+        Step::Detach {
+            name: "t_p2026_10".into()
+        }
+    );
+    assert!(exists(&pool, "public.t_p2026_10").await);
+    assert_eq!(count(&pool, "public.t_p2026_10").await, 0);
+}

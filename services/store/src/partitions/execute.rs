@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use eventplane_api::{PartitionPolicySpec, RetentionAction, quote_ident};
-use eventplane_plan::{Bound, PlanError, Step};
+use eventplane_plan::{Bound, Calendar, PlanError, Step};
 use sqlx::{Acquire, PgConnection, PgPool};
 
 use super::catalog::{Relation, Snapshot, snapshot};
@@ -114,7 +114,8 @@ async fn run(
             )];
             retry_statements(conn, options.patient(), &what, &finalize).await?;
             let finished =
-                finish_retirement(conn, spec, &snap.parent, &relation, &bound, options).await?;
+                finish_retirement(conn, spec, now, &snap.parent, &relation, &bound, options)
+                    .await?;
             executed.push(finished);
             step_millis.push(millis(started));
         }
@@ -155,10 +156,13 @@ async fn run(
 
 /// Completes what the interrupted run was retiring `relation` for, now that
 /// it is detached: the drop, or the move into the archive schema (which
-/// the archive step does before its detach, so it is normally done).
+/// the archive step does before its detach, so it is normally done). Only
+/// for a partition past retention: a detach someone else started is
+/// finished and left at that.
 async fn finish_retirement(
     conn: &mut PgConnection,
     spec: &PartitionPolicySpec,
+    now: DateTime<Utc>,
     parent: &Relation,
     relation: &Relation,
     bound: &Bound,
@@ -168,6 +172,11 @@ async fn finish_retirement(
     let Some(retention) = &spec.retention else {
         return Ok(Step::Detach { name });
     };
+    let calendar = Calendar::new(spec)?;
+    let cutoff = calendar.shift(calendar.interval_start(now), -i64::from(retention.keep));
+    if !matches!(bound, Bound::Range { to, .. } if *to <= cutoff) {
+        return Ok(Step::Detach { name });
+    }
     match (retention.action, retention.archive_schema.as_deref()) {
         (RetentionAction::Drop, _) => {
             let drop = [format!("DROP TABLE {}", relation.sql())];
