@@ -96,7 +96,7 @@ impl Sampler {
                 tokio::time::sleep(PERIOD).await;
             }
             let mut all: Vec<Statement> = statements.into_values().collect();
-            all.sort_by(|a, b| b.running.cmp(&a.running));
+            all.sort_by_key(|s| std::cmp::Reverse(s.running));
             Ok(all)
         });
         Ok(Sampler { stop, task })
