@@ -295,3 +295,55 @@ async fn a_suspended_policy_reads_nothing_and_waits_for_a_change() {
     assert_eq!(condition(&status, "Stalled")["status"], "False");
     assert_eq!(action, Action::await_change());
 }
+
+#[tokio::test]
+async fn archive_retention_moves_old_months_to_the_archive_schema_and_lists_them_in_the_status() {
+    let db = database(&format!(
+        "{PARTITIONED};
+         CREATE TABLE events_p2026_08 PARTITION OF events FOR VALUES FROM ('2026-08-01 00:00+00') TO ('2026-09-01 00:00+00');
+         CREATE TABLE events_p2026_09 PARTITION OF events FOR VALUES FROM ('2026-09-01 00:00+00') TO ('2026-10-01 00:00+00');
+         INSERT INTO events VALUES (1, '2026-08-15 12:00+00'), (2, '2026-08-16 12:00+00');"
+    ))
+    .await;
+    let (ctx, mut server) = fixed_context();
+    let run = tokio::spawn(reconcile(
+        policy(json!({"retention": {"keep": 2, "action": "archive", "archiveSchema": "cold"}})),
+        ctx,
+    ));
+    server
+        .expect(Method::GET, SECRET_PATH)
+        .await
+        .reply(StatusCode::OK, secret(&db.url));
+    // The hole in October, November (current), two premade months, then
+    // August, past retention.
+    for _ in 0..4 {
+        expect_event(&mut server, "Normal", "PartitionCreated").await;
+    }
+    let event = expect_event(&mut server, "Normal", "PartitionArchived").await;
+    assert_eq!(
+        event["note"],
+        "detach events_p2026_08 into archive schema cold"
+    );
+    assert_eq!(event["action"], "Archive/events_p2026_08");
+    let status = expect_status(&mut server).await;
+    run.await.unwrap().expect("reconcile succeeds");
+
+    assert_eq!(condition(&status, "Ready")["status"], "True");
+    let archived = status["archived"].as_array().expect("archived listed");
+    assert_eq!(archived.len(), 1, "{status}");
+    assert_eq!(archived[0]["name"], "cold.events_p2026_08");
+    assert_eq!(archived[0]["from"], "2026-08-01T00:00:00Z");
+    assert_eq!(archived[0]["to"], "2026-09-01T00:00:00Z");
+    assert_eq!(status["oldestKept"], "2026-09-01T00:00:00Z");
+    assert!(
+        !partitions(&db)
+            .await
+            .contains(&"events_p2026_08".to_string())
+    );
+    let pool = PgPool::connect(&db.url).await.unwrap();
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM cold.events_p2026_08")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(rows, 2);
+}

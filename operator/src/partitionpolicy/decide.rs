@@ -31,6 +31,8 @@ pub struct Applied {
     pub plan: Plan,
     pub executed: Vec<Step>,
     pub partitions: Vec<ExistingPartition>,
+    /// Retired partitions in the archive schema.
+    pub archived: Vec<ExistingPartition>,
     pub dry_run: bool,
 }
 
@@ -76,6 +78,7 @@ fn step_action(step: &Step) -> &'static str {
         Step::Create { .. } | Step::CreateDefault { .. } => "Create",
         Step::MoveFromDefault { .. } => "MoveRows",
         Step::Detach { .. } => "Detach",
+        Step::Archive { .. } => "Archive",
         Step::Drop { .. } => "Drop",
     }
 }
@@ -94,6 +97,7 @@ pub fn step_reason(step: &Step) -> &'static str {
         Step::MoveFromDefault { .. } => "RowsMovedFromDefault",
         Step::CreateDefault { .. } => "DefaultPartitionCreated",
         Step::Detach { .. } => "PartitionDetached",
+        Step::Archive { .. } => "PartitionArchived",
         Step::Drop { .. } => "PartitionDropped",
     }
 }
@@ -222,6 +226,7 @@ pub fn decide(
         Outcome::Applied(applied) => {
             let requeue = requeue_after(&applied.plan, now);
             status.partitions = applied.partitions.iter().map(partition_info).collect();
+            status.archived = applied.archived.iter().map(partition_info).collect();
             status.premade_until = applied.plan.premade_until.map(rfc3339);
             status.oldest_kept = applied.plan.oldest_kept.map(rfc3339);
             status.notes = applied.plan.notes.clone();

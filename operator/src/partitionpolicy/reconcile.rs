@@ -109,6 +109,7 @@ async fn observe_and_apply(
             plan: report.plan,
             executed: report.executed,
             partitions: report.partitions_after,
+            archived: report.archived,
             dry_run: spec.dry_run,
         }),
         Err(PartitionError::Plan(err)) => Outcome::PlanFailed(err),

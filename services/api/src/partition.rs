@@ -131,8 +131,9 @@ pub enum Interval {
 }
 
 /// Which old partitions are retired, and how.
-#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq)]
+#[derive(Serialize, Deserialize, KubeSchema, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[x_kube(validation = Rule::new("has(self.action) && self.action == 'archive' ? has(self.archiveSchema) : !has(self.archiveSchema)").message("archiveSchema is required with action archive and allowed only with it"))]
 pub struct Retention {
     /// How many whole intervals before the current one are kept. A partition
     /// whose end is at or before the start of the current interval minus
@@ -141,10 +142,18 @@ pub struct Retention {
     #[schemars(range(max = 10000))]
     pub keep: u32,
     /// `detach` (the default) takes retired partitions out of the table but
-    /// keeps them as plain tables, for archiving; `drop` deletes them and
-    /// their rows.
+    /// keeps them as plain tables, for archiving; `archive` detaches them
+    /// and moves them into `archiveSchema`; `drop` deletes them and their
+    /// rows.
     #[serde(default)]
     pub action: RetentionAction,
+    /// With `action: archive`: the schema retired partitions move to, where
+    /// they stay queryable with their rows until dumped or dropped. Made if
+    /// missing. Lowercase letters, digits and underscores, not starting with
+    /// a digit, not starting with `pg_`, and not the table's own schema.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[a-z_][a-z0-9_]{0,62}$"))]
+    pub archive_schema: Option<String>,
 }
 
 /// What is done with a retired partition.
@@ -154,8 +163,31 @@ pub enum RetentionAction {
     /// Detach it: its rows leave the table but stay in a table of their own.
     #[default]
     Detach,
+    /// Detach it and move its table into `archiveSchema`.
+    Archive,
     /// Detach and drop it: its rows are deleted.
     Drop,
+}
+
+impl Retention {
+    /// Retention that keeps `keep` intervals and detaches, archives (into
+    /// no schema yet) or drops the rest.
+    pub fn new(keep: u32, action: RetentionAction) -> Retention {
+        Retention {
+            keep,
+            action,
+            archive_schema: None,
+        }
+    }
+
+    /// Retention that moves retired partitions into `schema`.
+    pub fn archive(keep: u32, schema: impl Into<String>) -> Retention {
+        Retention {
+            keep,
+            action: RetentionAction::Archive,
+            archive_schema: Some(schema.into()),
+        }
+    }
 }
 
 impl PartitionPolicySpec {
@@ -226,33 +258,76 @@ impl PartitionPolicySpec {
                 ),
             ));
         }
-        if let Some(retention) = &self.retention
-            && retention.keep > MAX_KEEP
-        {
-            return Err(SpecError::invalid(
-                "spec.retention.keep",
-                format!("{} is too many: use 0 to {MAX_KEEP}", retention.keep),
-            ));
+        if let Some(retention) = &self.retention {
+            if retention.keep > MAX_KEEP {
+                return Err(SpecError::invalid(
+                    "spec.retention.keep",
+                    format!("{} is too many: use 0 to {MAX_KEEP}", retention.keep),
+                ));
+            }
+            self.check_archive_schema(retention)?;
         }
         Ok(())
     }
 }
 
+impl PartitionPolicySpec {
+    fn check_archive_schema(&self, retention: &Retention) -> Result<(), SpecError> {
+        const FIELD: &str = "spec.retention.archiveSchema";
+        match (retention.action, retention.archive_schema.as_deref()) {
+            (RetentionAction::Archive, None) => Err(SpecError::invalid(
+                FIELD,
+                "action archive needs the schema retired partitions move to",
+            )),
+            (RetentionAction::Archive, Some(schema)) => {
+                check_ident_len(FIELD, schema, MAX_SCHEMA_LEN)?;
+                if schema.starts_with("pg_") || schema == "information_schema" {
+                    return Err(SpecError::invalid(
+                        FIELD,
+                        format!("schema {schema:?} is reserved by Postgres"),
+                    ));
+                }
+                if schema == self.schema().unwrap_or("public") {
+                    return Err(SpecError::invalid(
+                        FIELD,
+                        format!(
+                            "{schema:?} is the table's own schema; archived partitions must leave it"
+                        ),
+                    ));
+                }
+                Ok(())
+            }
+            (_, Some(_)) => Err(SpecError::invalid(
+                FIELD,
+                "is only used with action archive",
+            )),
+            (_, None) => Ok(()),
+        }
+    }
+}
+
+/// Postgres's identifier limit, for names that get no suffix.
+const MAX_SCHEMA_LEN: usize = 63;
+
 /// `^[a-z_][a-z0-9_]{0,47}$`: safe unquoted, and short enough for the
 /// partition suffix to fit in 63 bytes.
 fn check_ident(field: &str, s: &str) -> Result<(), SpecError> {
+    check_ident_len(field, s, MAX_IDENT_LEN)
+}
+
+fn check_ident_len(field: &str, s: &str, max: usize) -> Result<(), SpecError> {
     let mut chars = s.chars();
     let first_ok = chars
         .next()
         .is_some_and(|c| c.is_ascii_lowercase() || c == '_');
     let rest_ok = chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
-    if first_ok && rest_ok && s.len() <= MAX_IDENT_LEN {
+    if first_ok && rest_ok && s.len() <= max {
         Ok(())
     } else {
         Err(SpecError::invalid(
             field,
             format!(
-                "{s:?} is not a valid identifier: use 1 to {MAX_IDENT_LEN} lowercase letters, digits and '_', not starting with a digit"
+                "{s:?} is not a valid identifier: use 1 to {max} lowercase letters, digits and '_', not starting with a digit"
             ),
         ))
     }
@@ -365,10 +440,7 @@ spec:
         assert_eq!(spec.time_zone, "UTC");
         assert_eq!(
             spec.retention,
-            Some(Retention {
-                keep: 24,
-                action: RetentionAction::Detach
-            })
+            Some(Retention::new(24, RetentionAction::Detach))
         );
         assert!(!spec.default_partition);
     }
@@ -424,10 +496,43 @@ spec:
             (
                 "spec.retention.keep",
                 Box::new(|s| {
-                    s.retention = Some(Retention {
-                        keep: MAX_KEEP + 1,
-                        action: RetentionAction::Drop,
-                    })
+                    s.retention = Some(Retention::new(MAX_KEEP + 1, RetentionAction::Drop))
+                }),
+            ),
+            (
+                "spec.retention.archiveSchema",
+                Box::new(|s| s.retention = Some(Retention::new(3, RetentionAction::Archive))),
+            ),
+            (
+                "spec.retention.archiveSchema",
+                Box::new(|s| {
+                    let mut r = Retention::archive(3, "cold");
+                    r.action = RetentionAction::Detach;
+                    s.retention = Some(r);
+                }),
+            ),
+            (
+                "spec.retention.archiveSchema",
+                Box::new(|s| s.retention = Some(Retention::archive(3, "Cold; drop"))),
+            ),
+            (
+                "spec.retention.archiveSchema",
+                Box::new(|s| s.retention = Some(Retention::archive(3, "pg_toast"))),
+            ),
+            (
+                "spec.retention.archiveSchema",
+                Box::new(|s| s.retention = Some(Retention::archive(3, "information_schema"))),
+            ),
+            (
+                "spec.retention.archiveSchema",
+                // MINIMAL's table is audit.entries.
+                Box::new(|s| s.retention = Some(Retention::archive(3, "audit"))),
+            ),
+            (
+                "spec.retention.archiveSchema",
+                Box::new(|s| {
+                    s.table = "entries".into();
+                    s.retention = Some(Retention::archive(3, "public"));
                 }),
             ),
             (
@@ -440,6 +545,19 @@ spec:
             change(&mut spec);
             assert_eq!(invalid_field(&spec), field, "{spec:?}");
         }
+    }
+
+    #[test]
+    fn archive_retention_reads_its_schema_from_yaml() {
+        let yaml = MINIMAL.replace(
+            "column: at",
+            "column: at\n  retention:\n    keep: 12\n    action: archive\n    archiveSchema: audit_archive",
+        );
+        let spec = load_partition_policies(&yaml).unwrap().remove(0).spec;
+        assert_eq!(
+            spec.retention,
+            Some(Retention::archive(12, "audit_archive"))
+        );
     }
 
     #[test]

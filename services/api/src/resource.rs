@@ -167,6 +167,10 @@ pub struct PartitionPolicyStatus {
     /// Partitions attached to the table.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub partitions: Vec<PartitionInfo>,
+    /// Retired partitions moved into the archive schema (`schema.name`) and
+    /// still there; with their bounds, read from the table's comment.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub archived: Vec<PartitionInfo>,
     /// Upper bound of the newest partition (RFC 3339).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub premade_until: Option<String>,

@@ -118,5 +118,9 @@ fn human(policy: &PartitionPolicyManifest, report: &ApplyReport, dry_run: bool) 
         show(Some(report.plan.next_boundary)),
         report.partitions_after.len()
     );
+    if !report.archived.is_empty() {
+        let names: Vec<&str> = report.archived.iter().map(|p| p.name.as_str()).collect();
+        let _ = writeln!(out, "  archived ({}): {}", names.len(), names.join(", "));
+    }
     out
 }

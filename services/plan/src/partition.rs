@@ -81,6 +81,8 @@ pub enum Step {
     CreateDefault { name: String },
     /// Detach a retired partition, keeping its table.
     Detach { name: String },
+    /// Move a retired partition into the archive schema, then detach it.
+    Archive { name: String, schema: String },
     /// Detach a retired partition (if still attached) and drop its table.
     Drop { name: String },
 }
@@ -93,6 +95,7 @@ impl Step {
             | Step::MoveFromDefault { name, .. }
             | Step::CreateDefault { name }
             | Step::Detach { name }
+            | Step::Archive { name, .. }
             | Step::Drop { name } => name,
         }
     }
@@ -113,6 +116,9 @@ impl fmt::Display for Step {
             ),
             Step::CreateDefault { name } => write!(f, "create default partition {name}"),
             Step::Detach { name } => write!(f, "detach {name}"),
+            Step::Archive { name, schema } => {
+                write!(f, "detach {name} into archive schema {schema}")
+            }
             Step::Drop { name } => write!(f, "detach and drop {name}"),
         }
     }
@@ -530,12 +536,21 @@ pub fn plan(
         });
     }
 
-    let action = spec.retention.as_ref().map(|r| r.action);
     for (_, p) in &retire {
         let name = p.name.clone();
-        steps.push(match action {
-            Some(RetentionAction::Drop) => Step::Drop { name },
-            _ => Step::Detach { name },
+        let Some(retention) = &spec.retention else {
+            break;
+        };
+        steps.push(match (retention.action, &retention.archive_schema) {
+            (RetentionAction::Drop, _) => Step::Drop { name },
+            (RetentionAction::Archive, Some(schema)) => Step::Archive {
+                name,
+                schema: schema.clone(),
+            },
+            // `validate` has made sure an archive names its schema.
+            (RetentionAction::Archive, None) | (RetentionAction::Detach, _) => {
+                Step::Detach { name }
+            }
         });
     }
 
@@ -602,7 +617,7 @@ mod tests {
         keep: u32,
         action: RetentionAction,
     ) -> PartitionPolicySpec {
-        spec.retention = Some(Retention { keep, action });
+        spec.retention = Some(Retention::new(keep, action));
         spec
     }
 
@@ -671,7 +686,7 @@ mod tests {
                     after.default_rows.retain(|r| !(*from <= *r && *r < *to));
                 }
                 Step::CreateDefault { name } => after.partitions.push(default_partition(name)),
-                Step::Detach { name } | Step::Drop { name } => {
+                Step::Detach { name } | Step::Archive { name, .. } | Step::Drop { name } => {
                     after.partitions.retain(|p| p.name != *name)
                 }
             }
@@ -1104,6 +1119,42 @@ mod tests {
             let plan = plan(&keep(monthly(1), n, action), &existing, now).unwrap();
             assert_eq!(names(&plan), expected, "keep {n} {action:?}");
         }
+    }
+
+    #[test]
+    fn archive_retention_moves_retired_partitions_into_its_schema() {
+        let mut spec = monthly(1);
+        spec.retention = Some(Retention::archive(3, "cold"));
+        let mut existing = observed(months_2026(&[6, 7, 8, 9, 10, 11, 12]));
+        // Moved by a run that stopped before its detach finished.
+        existing.partitions.push(range(
+            "cold.t_p2026_05",
+            "2026-05-01T00:00:00Z",
+            "2026-06-01T00:00:00Z",
+        ));
+        let now = t("2026-11-15T10:00:00Z");
+        let first = plan(&spec, &existing, now).unwrap();
+        assert_eq!(
+            names(&first),
+            [
+                "detach cold.t_p2026_05 into archive schema cold",
+                "detach t_p2026_06 into archive schema cold",
+                "detach t_p2026_07 into archive schema cold",
+            ]
+        );
+        assert_eq!(
+            first.steps[1],
+            Step::Archive {
+                name: "t_p2026_06".into(),
+                schema: "cold".into()
+            }
+        );
+        assert_eq!(first.oldest_kept, Some(t("2026-08-01T00:00:00Z")));
+        let second = plan(&spec, &applied(&existing, &first), now).unwrap();
+        assert_eq!(second.steps, vec![]);
+        let json = serde_json::to_value(&first.steps[1]).unwrap();
+        assert_eq!(json["action"], "archive");
+        assert_eq!(json["schema"], "cold");
     }
 
     #[test]

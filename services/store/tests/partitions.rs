@@ -1,11 +1,11 @@
 //! Partition policies applied to real Postgres: the partitions that appear,
-//! idempotence, rows moved out of the default partition, retention,
-//! concurrent runs, writers running alongside, and the event store's own
-//! `events` table.
+//! idempotence, rows moved out of the default partition, retention (detach,
+//! drop, archive), concurrent runs, writers running alongside, locks held by
+//! others, and the event store's own `events` table.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use eventplane_api::{
@@ -45,7 +45,7 @@ fn retain(
     keep: u32,
     action: RetentionAction,
 ) -> PartitionPolicySpec {
-    spec.retention = Some(Retention { keep, action });
+    spec.retention = Some(Retention::new(keep, action));
     spec
 }
 
@@ -292,52 +292,261 @@ async fn concurrent_runs_neither_fail_nor_duplicate() {
 
 #[tokio::test]
 async fn writer_sees_no_errors_while_partitions_change() {
-    let (_db, pool) = table(TABLE).await;
-    let now = Utc::now();
-    // A year of history with rows, up to the current month.
-    let year_ago = (now - chrono::Days::new(365)).to_rfc3339();
-    run(&pool, &policy(12), &year_ago).await;
-    sqlx::query(
-        "INSERT INTO t SELECT -g, now() - g * interval '1 hour', 'history' FROM generate_series(1, 8000) g",
-    )
-    .execute(&pool)
-    .await
-    .unwrap();
-
-    let stop = Arc::new(AtomicBool::new(false));
-    let writer = {
-        let pool = pool.clone();
-        let stop = stop.clone();
-        tokio::spawn(async move {
-            let (mut ok, mut errors) = (0u64, Vec::new());
-            let mut id = 1i64;
-            while !stop.load(Ordering::Relaxed) {
-                match sqlx::query("INSERT INTO t VALUES ($1, now(), 'live')")
-                    .bind(id)
-                    .execute(&pool)
-                    .await
-                {
-                    Ok(_) => ok += 1,
-                    Err(e) => errors.push(e.to_string()),
-                }
-                id += 1;
-            }
-            (ok, errors)
-        })
-    };
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    // Fill every hole of the past year, premake three years, then retire
-    // all but the last three months with drops.
-    let spec = retain(policy(36), 3, RetentionAction::Drop);
-    let report = apply(&pool, &spec, now, &ApplyOptions::default())
+    // Without a default partition retired months are detached concurrently;
+    // with one, under a short ACCESS EXCLUSIVE lock on the parent.
+    for default_partition in [false, true] {
+        let (_db, pool) = table(TABLE).await;
+        let now = Utc::now();
+        // A year of history with rows, up to the current month.
+        let year_ago = (now - chrono::Days::new(365)).to_rfc3339();
+        let mut history = policy(12);
+        history.default_partition = default_partition;
+        run(&pool, &history, &year_ago).await;
+        sqlx::query(
+            "INSERT INTO t SELECT -g, now() - g * interval '1 hour', 'history' FROM generate_series(1, 8000) g",
+        )
+        .execute(&pool)
         .await
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    stop.store(true, Ordering::Relaxed);
-    let (ok, errors) = writer.await.unwrap();
-    assert!(report.executed.len() >= 36, "{:?}", report.executed);
-    assert!(ok > 0);
-    assert_eq!(errors, Vec::<String>::new());
+
+        let stop = Arc::new(AtomicBool::new(false));
+        let writer = {
+            let pool = pool.clone();
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let mut conn = pool.acquire().await.unwrap();
+                let (mut ok, mut errors, mut longest) = (0u64, Vec::new(), Duration::ZERO);
+                let mut id = 1i64;
+                while !stop.load(Ordering::Relaxed) {
+                    let started = Instant::now();
+                    match sqlx::query("INSERT INTO t VALUES ($1, now(), 'live')")
+                        .bind(id)
+                        .execute(&mut *conn)
+                        .await
+                    {
+                        Ok(_) => ok += 1,
+                        Err(e) => errors.push(e.to_string()),
+                    }
+                    longest = longest.max(started.elapsed());
+                    id += 1;
+                }
+                (ok, errors, longest)
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        // Fill every hole of the past year, premake three years, then retire
+        // all but the last three months with drops.
+        let mut spec = retain(policy(36), 3, RetentionAction::Drop);
+        spec.default_partition = default_partition;
+        let report = apply(&pool, &spec, now, &ApplyOptions::default())
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        stop.store(true, Ordering::Relaxed);
+        let (ok, errors, longest) = writer.await.unwrap();
+        // The 50 ms target is the benchmark's (partition_measure): a test on
+        // a shared machine reports the figure instead of asserting it.
+        println!(
+            "default partition {default_partition}: {} steps, {ok} inserts, longest writer wait {:.1} ms",
+            report.executed.len(),
+            longest.as_secs_f64() * 1000.0
+        );
+        assert!(report.executed.len() >= 36, "{:?}", report.executed);
+        assert!(
+            report
+                .executed
+                .iter()
+                .any(|s| matches!(s, Step::Drop { .. })),
+            "{:?}",
+            report.executed
+        );
+        assert!(ok > 0);
+        assert_eq!(errors, Vec::<String>::new());
+    }
+}
+
+#[tokio::test]
+async fn archive_retention_moves_old_partitions_and_their_rows_into_the_archive_schema() {
+    for default_partition in [false, true] {
+        let (_db, pool) = table(TABLE).await;
+        let mut spec = policy(1);
+        spec.default_partition = default_partition;
+        run(&pool, &spec, "2026-10-15T10:00:00Z").await;
+        sqlx::query(
+            "INSERT INTO t VALUES (1, '2026-10-02T00:00:00Z', 'oct'), (2, '2026-10-30T00:00:00Z', 'oct'),
+                                  (3, '2026-10-31T23:59:59Z', 'oct'), (4, '2026-11-20T00:00:00Z', 'nov'),
+                                  (5, '2026-11-21T00:00:00Z', 'nov')",
+        )
+        .execute(&pool)
+        .await
+        .unwrap();
+        spec.retention = Some(Retention::archive(1, "cold"));
+        let now = t("2027-01-15T10:00:00Z");
+        let expected = [
+            "create t_p2027_01 [2027-01-01T00:00:00Z, 2027-02-01T00:00:00Z)",
+            "create t_p2027_02 [2027-02-01T00:00:00Z, 2027-03-01T00:00:00Z)",
+            "detach t_p2026_10 into archive schema cold",
+            "detach t_p2026_11 into archive schema cold",
+        ];
+
+        // A dry run shows the plan and changes nothing.
+        let dry = apply(
+            &pool,
+            &spec,
+            now,
+            &ApplyOptions {
+                dry_run: true,
+                ..ApplyOptions::default()
+            },
+        )
+        .await
+        .unwrap();
+        assert_eq!(names(&dry.plan.steps), expected);
+        assert_eq!(dry.executed, vec![]);
+        assert!(!exists(&pool, "cold.t_p2026_10").await);
+        assert!(
+            attached(&pool, "t")
+                .await
+                .contains(&"t_p2026_10".to_string())
+        );
+
+        let report = apply(&pool, &spec, now, &ApplyOptions::default())
+            .await
+            .unwrap();
+        assert_eq!(
+            names(&report.executed),
+            expected,
+            "default partition: {default_partition}"
+        );
+        let mut expected_attached = vec!["t_p2027_01", "t_p2027_02"];
+        if default_partition {
+            expected_attached.insert(0, "t_default");
+        }
+        assert_eq!(attached(&pool, "t").await, expected_attached);
+        assert!(!exists(&pool, "public.t_p2026_10").await);
+        assert_eq!(count(&pool, "cold.t_p2026_10").await, 3);
+        assert_eq!(count(&pool, "cold.t_p2026_11").await, 2);
+        assert_eq!(count(&pool, "t").await, 0);
+        let archived: Vec<(String, eventplane_plan::Bound)> = report
+            .archived
+            .iter()
+            .map(|p| (p.name.clone(), p.bound.clone()))
+            .collect();
+        assert_eq!(
+            archived,
+            [
+                (
+                    "cold.t_p2026_10".to_string(),
+                    eventplane_plan::Bound::Range {
+                        from: t("2026-10-01T00:00:00Z"),
+                        to: t("2026-11-01T00:00:00Z")
+                    }
+                ),
+                (
+                    "cold.t_p2026_11".to_string(),
+                    eventplane_plan::Bound::Range {
+                        from: t("2026-11-01T00:00:00Z"),
+                        to: t("2026-12-01T00:00:00Z")
+                    }
+                ),
+            ]
+        );
+
+        // A second run changes nothing and still lists the archive.
+        let again = apply(&pool, &spec, now, &ApplyOptions::default())
+            .await
+            .unwrap();
+        assert_eq!(again.plan.steps, vec![]);
+        assert_eq!(again.executed, vec![]);
+        assert_eq!(again.archived.len(), 2);
+        assert_eq!(count(&pool, "cold.t_p2026_10").await, 3);
+
+        // Once ops tools remove an archived month, it is no longer listed.
+        sqlx::query("DROP TABLE cold.t_p2026_10")
+            .execute(&pool)
+            .await
+            .unwrap();
+        let after = apply(&pool, &spec, now, &ApplyOptions::default())
+            .await
+            .unwrap();
+        assert_eq!(after.executed, vec![]);
+        let names: Vec<&str> = after.archived.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(names, ["cold.t_p2026_11"]);
+    }
+}
+
+#[tokio::test]
+async fn partition_moved_by_an_interrupted_archive_is_detached_by_the_next_run() {
+    let (_db, pool) = table(TABLE).await;
+    run(&pool, &policy(0), "2026-10-15T10:00:00Z").await;
+    sqlx::query("INSERT INTO t VALUES (1, '2026-10-02T00:00:00Z', 'oct')")
+        .execute(&pool)
+        .await
+        .unwrap();
+    // A run that moved the partition and stopped before detaching it.
+    sqlx::raw_sql("CREATE SCHEMA cold; ALTER TABLE t_p2026_10 SET SCHEMA cold")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let mut spec = policy(0);
+    spec.retention = Some(Retention::archive(0, "cold"));
+    let executed = run(&pool, &spec, "2026-11-15T10:00:00Z").await;
+    assert_eq!(
+        names(&executed),
+        [
+            "create t_p2026_11 [2026-11-01T00:00:00Z, 2026-12-01T00:00:00Z)",
+            "detach cold.t_p2026_10 into archive schema cold",
+        ]
+    );
+    assert_eq!(attached(&pool, "t").await, ["t_p2026_11"]);
+    assert_eq!(count(&pool, "cold.t_p2026_10").await, 1);
+    assert_eq!(run(&pool, &spec, "2026-11-15T10:00:00Z").await, vec![]);
+}
+
+#[tokio::test]
+async fn exclusive_lock_held_by_a_reader_makes_the_run_give_up_without_changes() {
+    let (_db, pool) = table(TABLE).await;
+    let mut spec = policy(0);
+    spec.default_partition = true;
+    run(&pool, &spec, "2026-10-15T10:00:00Z").await;
+    // A reader in a long transaction. Next to a default partition, attaching
+    // locks the default partition and detaching the parent ACCESS
+    // EXCLUSIVE, so each attempt gives up after the short timeout instead of
+    // queueing writers behind it.
+    let mut reader = pool.begin().await.unwrap();
+    sqlx::query("SELECT count(*) FROM t")
+        .execute(&mut *reader)
+        .await
+        .unwrap();
+    let spec = retain(spec, 0, RetentionAction::Detach);
+    let options = ApplyOptions {
+        exclusive_attempts: 3,
+        ..ApplyOptions::default()
+    };
+    let err = apply(&pool, &spec, t("2026-11-15T10:00:00Z"), &options)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, PartitionError::LockBusy), "{err:?}");
+    // A writer is not stuck behind the detach: it inserts while the reader
+    // still holds its lock.
+    sqlx::query("INSERT INTO t VALUES (7, '2026-10-20T00:00:00Z', 'late')")
+        .execute(&pool)
+        .await
+        .unwrap();
+    reader.commit().await.unwrap();
+    assert!(
+        attached(&pool, "t")
+            .await
+            .contains(&"t_p2026_10".to_string())
+    );
+    // Once the reader is gone the same run goes through.
+    let executed = run(&pool, &spec, "2026-11-15T10:00:00Z").await;
+    assert!(
+        executed.contains(&Step::Detach {
+            name: "t_p2026_10".into()
+        }),
+        "{executed:?}"
+    );
 }
 
 #[tokio::test]
@@ -418,4 +627,88 @@ async fn event_store_keeps_working_under_its_example_policy() {
     assert_eq!(count(&pool, "events").await, 2);
     // The migration's own helper still works next to the policy's partitions.
     eventplane_store::db::migrate(&pool).await.unwrap();
+}
+
+/// Leaves `part` half-detached, as a run interrupted during `DETACH
+/// CONCURRENTLY` does: a reader's open transaction makes the detach wait
+/// for it until its lock timeout.
+async fn leave_detach_pending(pool: &PgPool, part: &str) {
+    let mut reader = pool.begin().await.unwrap();
+    sqlx::query("SELECT count(*) FROM t")
+        .execute(&mut *reader)
+        .await
+        .unwrap();
+    let mut conn = pool.acquire().await.unwrap();
+    sqlx::query("SET lock_timeout = '50ms'")
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    let detached = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "ALTER TABLE t DETACH PARTITION {part} CONCURRENTLY"
+    )))
+    .execute(&mut *conn)
+    .await;
+    assert!(detached.is_err(), "the detach waits for the reader");
+    conn.detach();
+    reader.commit().await.unwrap();
+    let pending: bool = sqlx::query_scalar(
+        "SELECT inhdetachpending FROM pg_inherits WHERE inhrelid = $1::regclass",
+    )
+    .bind(part)
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    assert!(pending);
+}
+
+#[tokio::test]
+async fn interrupted_retirements_are_finished_with_their_drop_or_archive() {
+    for (retention, expected) in [
+        (
+            Retention::new(0, RetentionAction::Drop),
+            Step::Drop {
+                name: "t_p2026_10".into(),
+            },
+        ),
+        (
+            Retention::archive(0, "cold"),
+            Step::Archive {
+                name: "t_p2026_10".into(),
+                schema: "cold".into(),
+            },
+        ),
+    ] {
+        let (_db, pool) = table(TABLE).await;
+        run(&pool, &policy(1), "2026-10-15T10:00:00Z").await;
+        leave_detach_pending(&pool, "t_p2026_10").await;
+        let mut spec = policy(1);
+        spec.retention = Some(retention);
+        let executed = run(&pool, &spec, "2026-11-15T10:00:00Z").await;
+        assert_eq!(executed[0], expected);
+        assert!(!exists(&pool, "public.t_p2026_10").await);
+        if matches!(expected, Step::Archive { .. }) {
+            assert!(exists(&pool, "cold.t_p2026_10").await);
+        }
+        assert_eq!(attached(&pool, "t").await, ["t_p2026_11", "t_p2026_12"]);
+        assert_eq!(run(&pool, &spec, "2026-11-15T10:00:00Z").await, vec![]);
+    }
+}
+
+#[tokio::test]
+async fn a_detach_someone_else_left_pending_is_finished_and_kept() {
+    let (_db, pool) = table(TABLE).await;
+    run(&pool, &policy(1), "2026-10-15T10:00:00Z").await;
+    // October is within retention: its half-done detach is not the
+    // policy's, so it is finished and the table left alone.
+    leave_detach_pending(&pool, "t_p2026_10").await;
+    let spec = retain(policy(1), 6, RetentionAction::Drop);
+    let executed = run(&pool, &spec, "2026-11-15T10:00:00Z").await;
+    assert_eq!(
+        executed[0],
+        Step::Detach {
+            name: "t_p2026_10".into()
+        }
+    );
+    assert!(exists(&pool, "public.t_p2026_10").await);
+    assert_eq!(count(&pool, "public.t_p2026_10").await, 0);
 }

@@ -11,6 +11,7 @@ use eventplane_plan::{Bound, Calendar, ExistingPartition, Observed};
 use sqlx::{Acquire, PgConnection, Row};
 
 use super::PartitionError;
+use super::execute::archive_comment_prefix;
 
 /// At most this many distinct days are read from the default partition per
 /// run; a day missed here is caught when its partition's attach fails and
@@ -40,10 +41,13 @@ pub(crate) struct Snapshot {
     /// Partitions by the names the planner sees.
     pub relations: HashMap<String, Relation>,
     pub default: Option<Relation>,
-    /// Partitions left half-detached by an interrupted `DETACH CONCURRENTLY`.
-    pub detach_pending: Vec<Relation>,
+    /// Partitions left half-detached by an interrupted `DETACH CONCURRENTLY`,
+    /// with the bounds they had.
+    pub detach_pending: Vec<(Relation, Bound)>,
     /// The parent's insertable columns, in order, for moving rows.
     pub columns: Vec<String>,
+    /// Tables in the archive schema marked as this parent's partitions.
+    pub archived: Vec<ExistingPartition>,
 }
 
 /// What the catalog shows about the policy's table.
@@ -125,15 +129,15 @@ pub(crate) async fn snapshot(
             schema: row.try_get("schema")?,
             name: row.try_get("name")?,
         };
-        if row.try_get::<bool, _>("pending")? {
-            // Half-detached: no longer routes rows, finished by `apply`.
-            detach_pending.push(relation);
-            continue;
-        }
         let bound = parse_bound(
             &row.try_get::<Option<String>, _>("bound")?
                 .unwrap_or_default(),
         );
+        if row.try_get::<bool, _>("pending")? {
+            // Half-detached: no longer routes rows, finished by `apply`.
+            detach_pending.push((relation, bound));
+            continue;
+        }
         // Partitions in the parent's schema go by their bare name, like the
         // names the planner makes; others keep their schema to stay unique.
         let name = if relation.schema == parent.schema {
@@ -168,6 +172,14 @@ pub(crate) async fn snapshot(
         }
         _ => Vec::new(),
     };
+    let archived = match spec
+        .retention
+        .as_ref()
+        .and_then(|r| r.archive_schema.as_deref())
+    {
+        Some(schema) => archived(&mut tx, &parent, schema).await?,
+        None => Vec::new(),
+    };
     tx.commit().await?;
 
     Ok(Snapshot {
@@ -182,7 +194,57 @@ pub(crate) async fn snapshot(
         default,
         detach_pending,
         columns,
+        archived,
     })
+}
+
+/// The plain tables in `schema` whose comment marks them as archived
+/// partitions of `parent`, with the bounds the comment records.
+async fn archived(
+    conn: &mut PgConnection,
+    parent: &Relation,
+    schema: &str,
+) -> Result<Vec<ExistingPartition>, PartitionError> {
+    let prefix = archive_comment_prefix(parent);
+    let rows: Vec<(String, String, i64)> = sqlx::query_as(
+        "SELECT c.relname::text, d.description, c.reltuples::int8
+           FROM pg_class c
+           JOIN pg_namespace n ON n.oid = c.relnamespace
+           JOIN pg_description d ON d.objoid = c.oid AND d.classoid = 'pg_class'::regclass AND d.objsubid = 0
+          WHERE n.nspname = $1 AND c.relkind = 'r' AND NOT c.relispartition
+            AND starts_with(d.description, $2)
+          ORDER BY c.relname",
+    )
+    .bind(schema)
+    .bind(&prefix)
+    .fetch_all(&mut *conn)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(name, comment, rows)| ExistingPartition {
+            name: format!("{schema}.{name}"),
+            bound: parse_archive_range(&comment[prefix.len()..]),
+            row_estimate: rows,
+        })
+        .collect())
+}
+
+/// Reads the ` [from, to)` an archive comment ends with.
+fn parse_archive_range(text: &str) -> Bound {
+    let range = text
+        .trim()
+        .strip_prefix('[')
+        .and_then(|rest| rest.strip_suffix(')'))
+        .and_then(|rest| rest.split_once(", "));
+    let parse = |t: &str| {
+        DateTime::parse_from_rfc3339(t)
+            .ok()
+            .map(|t| t.with_timezone(&Utc))
+    };
+    match range.and_then(|(from, to)| Some((parse(from)?, parse(to)?))) {
+        Some((from, to)) => Bound::Range { from, to },
+        None => Bound::Other(text.trim().to_string()),
+    }
 }
 
 /// Interval starts with rows in the default partition. Rows are grouped by
@@ -296,6 +358,29 @@ mod tests {
         for (expr, expected) in cases {
             assert_eq!(parse_bound(expr), expected, "{expr}");
         }
+    }
+
+    #[test]
+    fn archive_comments_give_back_the_bounds_they_were_written_with() {
+        let parent = Relation {
+            schema: "public".into(),
+            name: "t".into(),
+        };
+        let bound = Bound::Range {
+            from: t("2026-01-01T00:00:00Z"),
+            to: t("2026-02-01T00:00:00Z"),
+        };
+        let comment = super::super::execute::archive_comment(&parent, Some(&bound));
+        assert_eq!(
+            comment,
+            "eventplane archive of public.t: [2026-01-01T00:00:00Z, 2026-02-01T00:00:00Z)"
+        );
+        let prefix = archive_comment_prefix(&parent);
+        assert_eq!(parse_archive_range(&comment[prefix.len()..]), bound);
+        assert_eq!(
+            parse_archive_range(" edited by hand"),
+            Bound::Other("edited by hand".into())
+        );
     }
 
     #[test]

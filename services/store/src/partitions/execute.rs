@@ -1,13 +1,15 @@
 //! Applies a partition plan. One run holds a session-level advisory lock per
 //! table, so runs from several places never interleave; each step is its
-//! own short transaction under `lock_timeout`, retried with backoff when a
-//! lock is busy, so writers are never stalled for longer than the timeout.
+//! own short transaction under a lock timeout, retried with backoff when a
+//! lock is busy. A statement that wants a lock writers conflict with waits
+//! only `exclusive_lock_timeout`, so writers queued behind it are never
+//! stalled for longer than that (see `ApplyOptions`).
 
 use std::time::Duration;
 
 use chrono::{DateTime, SecondsFormat, Utc};
-use eventplane_api::{PartitionPolicySpec, quote_ident};
-use eventplane_plan::{PlanError, Step};
+use eventplane_api::{PartitionPolicySpec, RetentionAction, quote_ident};
+use eventplane_plan::{Bound, Calendar, PlanError, Step};
 use sqlx::{Acquire, PgConnection, PgPool};
 
 use super::catalog::{Relation, Snapshot, snapshot};
@@ -99,19 +101,23 @@ async fn run(
     let dry_run = options.dry_run || spec.dry_run;
     let mut snap = snapshot(conn, spec).await?;
     let mut executed = Vec::new();
+    let mut step_millis = Vec::new();
 
     if !dry_run && !spec.suspend && !snap.detach_pending.is_empty() {
-        for relation in snap.detach_pending.clone() {
+        for (relation, bound) in snap.detach_pending.clone() {
+            let started = std::time::Instant::now();
             let what = format!("finishing the detach of {}", relation.name);
             let finalize = [format!(
                 "ALTER TABLE {} DETACH PARTITION {} FINALIZE",
                 snap.parent.sql(),
                 relation.sql()
             )];
-            retry_statements(conn, options, &what, &finalize).await?;
-            executed.push(Step::Detach {
-                name: relation.name.clone(),
-            });
+            retry_statements(conn, options.patient(), &what, &finalize).await?;
+            let finished =
+                finish_retirement(conn, spec, now, &snap.parent, &relation, &bound, options)
+                    .await?;
+            executed.push(finished);
+            step_millis.push(millis(started));
         }
         snap = snapshot(conn, spec).await?;
     }
@@ -121,24 +127,103 @@ async fn run(
         return Ok(ApplyReport {
             plan,
             executed,
+            step_millis,
             partitions_after: snap.observed.partitions,
+            archived: snap.archived,
         });
     }
 
     let column = quote_ident(&spec.column);
     let mut default = snap.default.clone();
     for step in &plan.steps {
+        let started = std::time::Instant::now();
         let ran = run_step(conn, &snap, &column, &mut default, step, options).await?;
-        tracing::info!(table = %spec.table, step = %ran, "partition step applied");
+        let elapsed_ms = millis(started);
+        tracing::info!(table = %spec.table, step = %ran, elapsed_ms, "partition step applied");
         executed.push(ran);
+        step_millis.push(elapsed_ms);
     }
 
     let after = snapshot(conn, spec).await?;
     Ok(ApplyReport {
         plan,
         executed,
+        step_millis,
         partitions_after: after.observed.partitions,
+        archived: after.archived,
     })
+}
+
+/// Completes what the interrupted run was retiring `relation` for, now that
+/// it is detached: the drop, or the move into the archive schema (which
+/// the archive step does before its detach, so it is normally done). Only
+/// for a partition past retention: a detach someone else started is
+/// finished and left at that.
+async fn finish_retirement(
+    conn: &mut PgConnection,
+    spec: &PartitionPolicySpec,
+    now: DateTime<Utc>,
+    parent: &Relation,
+    relation: &Relation,
+    bound: &Bound,
+    options: &ApplyOptions,
+) -> Result<Step, PartitionError> {
+    let name = relation.name.clone();
+    let Some(retention) = &spec.retention else {
+        return Ok(Step::Detach { name });
+    };
+    let calendar = Calendar::new(spec)?;
+    let cutoff = calendar.shift(calendar.interval_start(now), -i64::from(retention.keep));
+    if !matches!(bound, Bound::Range { to, .. } if *to <= cutoff) {
+        return Ok(Step::Detach { name });
+    }
+    match (retention.action, retention.archive_schema.as_deref()) {
+        (RetentionAction::Drop, _) => {
+            let drop = [format!("DROP TABLE {}", relation.sql())];
+            retry_statements(conn, options.patient(), "drop", &drop).await?;
+            Ok(Step::Drop { name })
+        }
+        (RetentionAction::Archive, Some(schema)) => {
+            if relation.schema != schema {
+                let statements = archive_statements(parent, relation, schema, Some(bound));
+                retry_statements(conn, options.patient(), "archive", &statements).await?;
+            }
+            Ok(Step::Archive {
+                name,
+                schema: schema.to_string(),
+            })
+        }
+        _ => Ok(Step::Detach { name }),
+    }
+}
+
+/// Moves `part` into `schema` and marks it as an archived partition of
+/// `parent`.
+fn archive_statements(
+    parent: &Relation,
+    part: &Relation,
+    schema: &str,
+    bound: Option<&Bound>,
+) -> [String; 3] {
+    let archived = Relation {
+        schema: schema.to_string(),
+        name: part.name.clone(),
+    };
+    [
+        // Takes no table lock; made here so that an archive schema needs no
+        // step of its own outside the policy.
+        format!("CREATE SCHEMA IF NOT EXISTS {}", quote_ident(schema)),
+        format!(
+            "ALTER TABLE {} SET SCHEMA {}",
+            part.sql(),
+            quote_ident(schema)
+        ),
+        format!(
+            "COMMENT ON TABLE {} IS {}",
+            archived.sql(),
+            quote_literal(&archive_comment(parent, bound))
+        ),
+    ]
 }
 
 /// Runs one step and returns the step that actually ran.
@@ -161,6 +246,15 @@ async fn run_step(
             .cloned()
             .unwrap_or_else(|| in_parent_schema(name))
     };
+    // Attaching next to a default partition locks it ACCESS EXCLUSIVE (and
+    // scans it): writers whose rows land there would queue behind the wait.
+    let attach_patience = |default: &Option<Relation>| {
+        if default.is_some() {
+            options.brief()
+        } else {
+            options.patient()
+        }
+    };
     let what = format!("{step}");
     match step {
         Step::CreateDefault { name } => {
@@ -173,14 +267,14 @@ async fn run_step(
                     part.sql()
                 ),
             ];
-            retry_statements(conn, options, &what, &statements).await?;
+            retry_statements(conn, options.patient(), &what, &statements).await?;
             *default = Some(part);
             Ok(step.clone())
         }
         Step::Create { name, from, to } => {
             let part = in_parent_schema(name);
             let create = create_statements(&part, parent, column, *from, *to);
-            let result = retry_statements(conn, options, &what, &create).await;
+            let result = retry_statements(conn, attach_patience(default), &what, &create).await;
             match (result, default.as_ref()) {
                 // Rows for this range reached the default partition after
                 // they were observed: move them, as the plan would have.
@@ -202,7 +296,7 @@ async fn run_step(
                         *from,
                         *to,
                     );
-                    retry_statements(conn, options, &what, &statements).await?;
+                    retry_statements(conn, options.brief(), &what, &statements).await?;
                     Ok(moved)
                 }
                 (result, _) => result.map(|()| step.clone()),
@@ -214,7 +308,7 @@ async fn run_step(
                 // The default partition vanished since it was observed:
                 // nothing to move, a plain create does.
                 let create = create_statements(&part, parent, column, *from, *to);
-                retry_statements(conn, options, &what, &create).await?;
+                retry_statements(conn, options.patient(), &what, &create).await?;
                 return Ok(Step::Create {
                     name: name.clone(),
                     from: *from,
@@ -230,7 +324,7 @@ async fn run_step(
                 *from,
                 *to,
             );
-            retry_statements(conn, options, &what, &statements).await?;
+            retry_statements(conn, options.brief(), &what, &statements).await?;
             Ok(step.clone())
         }
         Step::Detach { name } => {
@@ -238,18 +332,46 @@ async fn run_step(
             detach(conn, parent, &part, default.is_some(), options, &what).await?;
             Ok(step.clone())
         }
+        Step::Archive { name, schema } => {
+            let part = existing(name);
+            let archive = Relation {
+                schema: schema.clone(),
+                name: part.name.clone(),
+            };
+            if part.schema != *schema {
+                let bound = snap
+                    .observed
+                    .partitions
+                    .iter()
+                    .find(|p| p.name == *name)
+                    .map(|p| &p.bound);
+                // Moved while still attached, so a run cut short between
+                // the move and the detach leaves a partition the next run
+                // still sees, plans again and finishes. The partition is
+                // locked ACCESS EXCLUSIVE: late writers to its range and
+                // readers of the parent would queue behind the wait.
+                let statements = archive_statements(parent, &part, schema, bound);
+                retry_statements(conn, options.brief(), &what, &statements).await?;
+            }
+            detach(conn, parent, &archive, default.is_some(), options, &what).await?;
+            Ok(step.clone())
+        }
         Step::Drop { name } => {
             let part = existing(name);
             detach(conn, parent, &part, default.is_some(), options, &what).await?;
+            // A transaction of its own: once detached, the table is locked
+            // by nobody else, and its files are released at this commit.
             let drop = [format!("DROP TABLE {}", part.sql())];
-            retry_statements(conn, options, &what, &drop).await?;
+            retry_statements(conn, options.patient(), &what, &drop).await?;
             Ok(step.clone())
         }
     }
 }
 
 /// Detaches `part`: concurrently (no ACCESS EXCLUSIVE lock on the parent)
-/// unless the table has a default partition, which Postgres does not allow.
+/// unless the table has a default partition, which Postgres does not allow;
+/// then the parent is locked ACCESS EXCLUSIVE for a catalog change only,
+/// waiting at most `exclusive_lock_timeout` for it.
 async fn detach(
     conn: &mut PgConnection,
     parent: &Relation,
@@ -258,7 +380,12 @@ async fn detach(
     options: &ApplyOptions,
     what: &str,
 ) -> Result<(), PartitionError> {
-    let mut backoff = Backoff::new(options, what);
+    let patience = if has_default {
+        options.brief()
+    } else {
+        options.patient()
+    };
+    let mut backoff = Backoff::new(patience, what);
     loop {
         match detach_once(conn, parent, part, has_default, options).await {
             Ok(()) => return Ok(()),
@@ -293,7 +420,7 @@ async fn detach_once(
                 parent.sql(),
                 part.sql()
             );
-            in_transaction(conn, options, &[sql]).await
+            in_transaction(conn, options.lock_timeout, &[sql]).await
         }
         Some(false) if has_default => {
             let sql = format!(
@@ -301,19 +428,24 @@ async fn detach_once(
                 parent.sql(),
                 part.sql()
             );
-            in_transaction(conn, options, &[sql]).await
+            in_transaction(conn, options.exclusive_lock_timeout, &[sql]).await
         }
         Some(false) => {
             // CONCURRENTLY cannot run inside a transaction block, so the
-            // timeout is set for the session and reset afterwards.
+            // timeout is set for the session and reset afterwards. Its
+            // waits (for the parent's SHARE UPDATE EXCLUSIVE lock, then for
+            // transactions that still see the partition) queue no writer.
             let sql = format!(
                 "ALTER TABLE {} DETACH PARTITION {} CONCURRENTLY",
                 parent.sql(),
                 part.sql()
             );
-            sqlx::query(sqlx::AssertSqlSafe(set_lock_timeout(options, false)))
-                .execute(&mut *conn)
-                .await?;
+            sqlx::query(sqlx::AssertSqlSafe(set_lock_timeout(
+                options.lock_timeout,
+                false,
+            )))
+            .execute(&mut *conn)
+            .await?;
             let result = sqlx::query(sqlx::AssertSqlSafe(sql))
                 .execute(&mut *conn)
                 .await;
@@ -323,6 +455,32 @@ async fn detach_once(
             result.map(|_| ())
         }
     }
+}
+
+/// The comment that marks a table as this parent's archived partition, with
+/// its bounds: the catalog keeps no bounds for a detached table, and the
+/// archive listing reads them back from here.
+pub(crate) fn archive_comment(parent: &Relation, bound: Option<&Bound>) -> String {
+    let range = match bound {
+        Some(Bound::Range { from, to }) => format!(
+            " [{}, {})",
+            from.to_rfc3339_opts(SecondsFormat::AutoSi, true),
+            to.to_rfc3339_opts(SecondsFormat::AutoSi, true)
+        ),
+        _ => String::new(),
+    };
+    format!("{}{range}", archive_comment_prefix(parent))
+}
+
+/// What every archive comment of `parent` starts with.
+pub(crate) fn archive_comment_prefix(parent: &Relation) -> String {
+    format!("eventplane archive of {}.{}:", parent.schema, parent.name)
+}
+
+/// A string literal: the comment holds catalog names, which may contain
+/// quotes.
+fn quote_literal(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
 }
 
 fn create_like(part: &Relation, parent: &Relation) -> String {
@@ -426,21 +584,21 @@ fn literal(t: DateTime<Utc>) -> String {
     )
 }
 
-fn set_lock_timeout(options: &ApplyOptions, local: bool) -> String {
+fn set_lock_timeout(timeout: Duration, local: bool) -> String {
     format!(
         "SET {}lock_timeout = '{}ms'",
         if local { "LOCAL " } else { "" },
-        options.lock_timeout.as_millis().max(1)
+        timeout.as_millis().max(1)
     )
 }
 
 async fn in_transaction(
     conn: &mut PgConnection,
-    options: &ApplyOptions,
+    timeout: Duration,
     statements: &[String],
 ) -> Result<(), sqlx::Error> {
     let mut tx = conn.begin().await?;
-    sqlx::query(sqlx::AssertSqlSafe(set_lock_timeout(options, true)))
+    sqlx::query(sqlx::AssertSqlSafe(set_lock_timeout(timeout, true)))
         .execute(&mut *tx)
         .await?;
     for sql in statements {
@@ -451,25 +609,52 @@ async fn in_transaction(
     tx.commit().await
 }
 
+fn millis(since: std::time::Instant) -> u64 {
+    u64::try_from(since.elapsed().as_millis()).unwrap_or(u64::MAX)
+}
+
 fn has_state(error: &sqlx::Error, state: &str) -> bool {
     matches!(error, sqlx::Error::Database(db) if db.code().is_some_and(|c| c == state))
 }
 
-/// Runs `attempt` until it succeeds, retrying lock timeouts and deadlocks
-/// with exponential backoff.
+/// How long a statement waits for its lock, and how often it is tried.
+#[derive(Clone, Copy, Debug)]
+struct Patience {
+    timeout: Duration,
+    attempts: u32,
+}
+
+impl ApplyOptions {
+    /// For statements whose lock requests writers pass.
+    fn patient(&self) -> Patience {
+        Patience {
+            timeout: self.lock_timeout,
+            attempts: self.max_attempts,
+        }
+    }
+
+    /// For statements that writers would queue behind while they wait.
+    fn brief(&self) -> Patience {
+        Patience {
+            timeout: self.exclusive_lock_timeout,
+            attempts: self.exclusive_attempts,
+        }
+    }
+}
+
 /// Bounded retries with exponential backoff and jitter for statements that
 /// fail on a busy lock.
 struct Backoff<'a> {
-    options: &'a ApplyOptions,
+    patience: Patience,
     what: &'a str,
     attempt: u32,
     delay: Duration,
 }
 
 impl<'a> Backoff<'a> {
-    fn new(options: &'a ApplyOptions, what: &'a str) -> Self {
+    fn new(patience: Patience, what: &'a str) -> Self {
         Backoff {
-            options,
+            patience,
             what,
             attempt: 1,
             delay: BACKOFF_START,
@@ -482,7 +667,7 @@ impl<'a> Backoff<'a> {
         if !is_busy(&error) {
             return Err(error.into());
         }
-        let attempts = self.options.max_attempts.max(1);
+        let attempts = self.patience.attempts.max(1);
         if self.attempt >= attempts {
             tracing::warn!(step = self.what, attempts, "lock still busy; giving up");
             return Err(PartitionError::LockBusy);
@@ -502,13 +687,13 @@ impl<'a> Backoff<'a> {
 /// Runs `statements` in one transaction, retried while a lock is busy.
 async fn retry_statements(
     conn: &mut PgConnection,
-    options: &ApplyOptions,
+    patience: Patience,
     what: &str,
     statements: &[String],
 ) -> Result<(), PartitionError> {
-    let mut backoff = Backoff::new(options, what);
+    let mut backoff = Backoff::new(patience, what);
     loop {
-        match in_transaction(conn, options, statements).await {
+        match in_transaction(conn, patience.timeout, statements).await {
             Ok(()) => return Ok(()),
             Err(error) => backoff.after(error).await?,
         }

@@ -37,14 +37,27 @@ pub enum PartitionError {
 }
 
 /// How `apply` behaves towards other sessions.
+///
+/// Writers queue behind a statement that waits for a lock they conflict
+/// with, so the statements that want such a lock (`ACCESS EXCLUSIVE` on the
+/// parent, on the default partition or on a partition being archived) wait
+/// at most `exclusive_lock_timeout` and are retried; the rest take locks
+/// that writers pass (`SHARE UPDATE EXCLUSIVE` on the parent, locks on
+/// tables nobody writes to) and may wait up to `lock_timeout`.
 #[derive(Clone, Debug)]
 pub struct ApplyOptions {
-    /// Longest a DDL statement waits for a table lock before it gives up
-    /// and is retried; writers queue behind a waiting DDL statement, so this
-    /// bounds how long they can stall.
+    /// Longest a statement whose lock writers pass waits for it before it
+    /// gives up and is retried.
     pub lock_timeout: Duration,
     /// Attempts per step when its lock is busy.
     pub max_attempts: u32,
+    /// Longest a statement that writers would queue behind waits for its
+    /// lock: what a writer can stall for, plus the short time the lock is
+    /// then held.
+    pub exclusive_lock_timeout: Duration,
+    /// Attempts per such statement: more than `max_attempts`, since each
+    /// gives up sooner.
+    pub exclusive_attempts: u32,
     /// Longest to wait for another `apply` on the same table to finish.
     pub run_lock_wait: Duration,
     /// Plan only, as if the policy said `dryRun: true`.
@@ -58,6 +71,11 @@ impl Default for ApplyOptions {
             // to get in between the transactions of a busy table.
             lock_timeout: Duration::from_secs(2),
             max_attempts: 5,
+            // Well under the 50 ms a writer may wait during maintenance.
+            exclusive_lock_timeout: Duration::from_millis(20),
+            // With the backoff (0.1 s doubling to 2 s) about a minute of
+            // trying before the run gives up and is retried later.
+            exclusive_attempts: 30,
             // A run that moves rows out of a default partition can take a
             // while; a second run waiting a minute is cheaper than failing.
             run_lock_wait: Duration::from_secs(60),
@@ -74,8 +92,15 @@ pub struct ApplyReport {
     /// The steps that ran, in order. A `Create` that met rows newly written
     /// to the default partition is reported as the `MoveFromDefault` it
     /// turned into; pending concurrent detaches left by an interrupted run
-    /// are finished first and reported as `Detach`.
+    /// are finished first, with the drop or archive move they were for, and
+    /// reported as the `Detach`, `Drop` or `Archive` that completed.
     pub executed: Vec<Step>,
+    /// How long each executed step took, in milliseconds, in the order of
+    /// `executed`.
+    pub step_millis: Vec<u64>,
     /// The table's partitions once the run finished.
     pub partitions_after: Vec<ExistingPartition>,
+    /// Partitions retired into the archive schema (named `schema.table`)
+    /// that are still there; empty unless retention archives.
+    pub archived: Vec<ExistingPartition>,
 }
