@@ -78,8 +78,13 @@ impl ProjectionCache {
 
     /// Takes the epoch and generation Redis holds and empties L1.
     fn sync(&self, epoch: u64, generation: u64) {
-        self.epoch.store(epoch, Ordering::Release);
-        self.generation.fetch_max(generation, Ordering::AcqRel);
+        if self.epoch.swap(epoch, Ordering::AcqRel) == epoch {
+            self.generation.fetch_max(generation, Ordering::AcqRel);
+        } else {
+            // Another epoch's generations count on their own (from 1 after
+            // a fresh one): take them as they are, even if lower.
+            self.generation.store(generation, Ordering::Release);
+        }
         self.l1.invalidate_all();
         self.synced.store(true, Ordering::Release);
     }
