@@ -20,12 +20,12 @@ use prometheus_client::registry::Registry;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CommandLabels {
-    pub command_type: String,
+    pub command_type: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct QueryLabels {
-    pub query_type: String,
+    pub query_type: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -261,18 +261,15 @@ impl Metrics {
         })
     }
 
-    pub fn observe_command(&self, command_type: &str, seconds: f64) {
-        let labels = CommandLabels {
-            command_type: command_type.to_string(),
-        };
+    /// Label values are static so the hot path allocates nothing for them.
+    pub fn observe_command(&self, command_type: &'static str, seconds: f64) {
+        let labels = CommandLabels { command_type };
         self.command_latency.get_or_create(&labels).observe(seconds);
         self.commands_total.get_or_create(&labels).inc();
     }
 
-    pub fn observe_query(&self, query_type: &str, seconds: f64) {
-        let labels = QueryLabels {
-            query_type: query_type.to_string(),
-        };
+    pub fn observe_query(&self, query_type: &'static str, seconds: f64) {
+        let labels = QueryLabels { query_type };
         self.query_latency.get_or_create(&labels).observe(seconds);
     }
 

@@ -14,7 +14,7 @@ use crate::metrics::QueryLabels;
 pub fn check(
     service: &QueryService,
     pool: &sqlx::PgPool,
-    query_type: &str,
+    query_type: &'static str,
     sql: &str,
     params: Vec<String>,
     elapsed: Duration,
@@ -22,9 +22,7 @@ pub fn check(
     if elapsed < service.slow_query {
         return;
     }
-    let labels = QueryLabels {
-        query_type: query_type.to_string(),
-    };
+    let labels = QueryLabels { query_type };
     service.metrics.slow_queries.get_or_create(&labels).inc();
     let pool = pool.clone();
     let sql = sql.to_string();
