@@ -375,12 +375,13 @@ async fn row(
     let spec = &served.projection.spec;
     let key = parse_param(spec.key_column().ty, key)
         .map_err(|e| ApiError::bad_request("invalid_key", format!("key: {e}")))?;
-    let pool = service.reads.pool().clone();
+    // The pool is chosen when a read really goes to Postgres (a cache hit
+    // reads nothing, and counts no fallback), once per request.
     let load = {
-        let (service, pool) = (service.clone(), pool.clone());
+        let service = service.clone();
         let sql = served.row_sql.clone();
         let key = key.clone();
-        move || async move {
+        move |pool: PgPool| async move {
             let started = Instant::now();
             let row: Option<String> = sqlx::query_scalar(AssertSqlSafe(sql.clone()))
                 .bind(&key)
@@ -391,8 +392,9 @@ async fn row(
         }
     };
     if let Some(token) = token {
+        let pool = service.reads.pool().clone();
         consistency::wait_for(service, &pool, &served.projection.name, token).await?;
-        Ok((load().await?, Layer::L3))
+        Ok((load(pool).await?, Layer::L3))
     } else {
         let version = served.projection.spec.version;
         let l2_key = |epoch| {
@@ -401,6 +403,7 @@ async fn row(
                 .scope
                 .row_key(&served.projection.name, version, epoch, &key)
         };
+        let load = || load(service.reads.pool().clone());
         cached(service, &served, row_l1_key(version, &key), l2_key, load).await
     }
 }
@@ -614,14 +617,14 @@ async fn list(
         })?;
     let list = list_params(&served, query, params)?;
 
-    let pool = service.reads.pool().clone();
+    // As for rows: the pool is chosen when Postgres is really read.
     let load = {
-        let (service, pool) = (service.clone(), pool.clone());
+        let service = service.clone();
         let (plain, paged) = served.list_sql[&query.name].clone();
         let filters = list.filters.clone();
         let cursor = list.cursor.clone();
         let limit = list.limit;
-        move || async move {
+        move |pool: PgPool| async move {
             let sql = if cursor.is_some() { paged } else { plain };
             let started = Instant::now();
             let mut q = sqlx::query_as::<_, (String, String)>(AssertSqlSafe(sql.clone()));
@@ -646,8 +649,9 @@ async fn list(
         }
     };
     if let Some(token) = list.token {
+        let pool = service.reads.pool().clone();
         consistency::wait_for(service, &pool, name, token).await?;
-        Ok((load().await?, Layer::L3))
+        Ok((load(pool).await?, Layer::L3))
     } else {
         let canonical: Vec<&str> = list
             .filters
@@ -666,6 +670,7 @@ async fn list(
                 .scope
                 .list_key(name, version, epoch, generation, &query.name, &digest)
         };
+        let load = || load(service.reads.pool().clone());
         cached(service, &served, l1_key, l2_key, load).await
     }
 }

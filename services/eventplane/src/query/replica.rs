@@ -85,7 +85,8 @@ impl Reads {
         })
     }
 
-    /// The pool this request reads from, chosen once for the whole request.
+    /// The pool a read goes to now; a request takes it once, when it reads
+    /// Postgres, and keeps it (fallbacks are counted here).
     pub fn pool(&self) -> &PgPool {
         if self.separate && self.config.fallback && !self.healthy() {
             self.metrics.replica_fallback_reads.inc();
