@@ -257,8 +257,10 @@ impl Invalidator {
         let mut redis = self.redis.clone();
         let keys: Vec<&String> = pending.keys.iter().collect();
         let name = serde_json::to_string(&self.projection).expect("strings serialize");
-        let script = redis::Script::new(DELIVER);
-        let mut invocation = script.prepare_invoke();
+        // Hashed once, as the query side's fill script is.
+        static SCRIPT: std::sync::LazyLock<redis::Script> =
+            std::sync::LazyLock::new(|| redis::Script::new(DELIVER));
+        let mut invocation = SCRIPT.prepare_invoke();
         invocation
             .key(self.scope.epoch_key(&self.projection))
             .key(self.scope.generation_key(&self.projection))
