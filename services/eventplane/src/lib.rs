@@ -21,3 +21,4 @@ pub mod query;
 pub mod redis_conn;
 pub mod roles;
 pub mod server;
+pub mod traces;

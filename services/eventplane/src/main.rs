@@ -4,7 +4,7 @@ use eventplane::cli::{Cli, Command};
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    eventplane_telemetry::init(cli.log_json);
+    let _telemetry = eventplane_telemetry::init(cli.log_json);
     match cli.command {
         Command::Migrate(db) => eventplane::roles::migrate(db).await,
         Command::Command(role) => eventplane::roles::command(role).await,

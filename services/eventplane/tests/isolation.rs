@@ -141,6 +141,7 @@ fn request(stream: &str, data: Value) -> AppendRequest {
         expected_version: ExpectedVersion::Exact(0),
         events: serde_json::from_value(json!([{"type": "OrderPlaced", "data": data}])).unwrap(),
         idempotency_key: None,
+        traceparent: None,
     }
 }
 

@@ -30,7 +30,13 @@ pub struct BatchOutcome {
     /// Seconds from the oldest event's record time to the commit.
     pub max_lag_seconds: f64,
     pub checkpoint: Checkpoint,
+    /// The trace contexts (`traceparent`) the applied events were appended
+    /// under, distinct, in log order, at most [`MAX_TRACES`].
+    pub traceparents: Vec<String>,
 }
+
+/// Most trace contexts one batch reports: a span links to at most 128.
+pub const MAX_TRACES: usize = 128;
 
 #[derive(sqlx::FromRow)]
 pub struct TailEvent {
@@ -158,6 +164,7 @@ pub struct Prepared {
     last: Option<Checkpoint>,
     first_recorded: Option<chrono::DateTime<chrono::Utc>>,
     last_recorded: Option<chrono::DateTime<chrono::Utc>>,
+    traceparents: Vec<String>,
     /// The read returned as many events as it asked for.
     pub full: bool,
 }
@@ -215,8 +222,25 @@ pub fn prepare(projection: &Projection, events: &[TailEvent], limit: i64) -> Pre
         last: applied.last().map(TailEvent::checkpoint),
         first_recorded: applied.first().map(|e| e.recorded_at),
         last_recorded: applied.last().map(|e| e.recorded_at),
+        traceparents: traceparents(applied),
         full: events.len() as i64 == limit,
     }
+}
+
+/// The distinct trace contexts `events` were appended under.
+fn traceparents(events: &[TailEvent]) -> Vec<String> {
+    let mut found: Vec<String> = Vec::new();
+    for event in events {
+        if found.len() == MAX_TRACES {
+            break;
+        }
+        if let Some(Value::String(traceparent)) = event.metadata.get("traceparent")
+            && !found.contains(traceparent)
+        {
+            found.push(traceparent.clone());
+        }
+    }
+    found
 }
 
 /// Applies one batch in a transaction of its own. A live projection
@@ -317,6 +341,7 @@ pub async fn write(
         halted: prepared.halted,
         max_lag_seconds,
         checkpoint: next,
+        traceparents: prepared.traceparents,
     })
 }
 

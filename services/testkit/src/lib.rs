@@ -30,7 +30,7 @@ pub struct TestDb {
 
 impl TestDb {
     pub async fn new() -> TestDb {
-        eventplane_telemetry::init(false);
+        let _ = eventplane_telemetry::init(false);
         let name = format!("ep_test_{}", uuid::Uuid::new_v4().simple());
         let admin = PgPool::connect(&admin_url())
             .await

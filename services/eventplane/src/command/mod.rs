@@ -12,6 +12,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use sqlx::PgPool;
+use tracing::{Instrument as _, Span, field};
 use uuid::Uuid;
 
 use eventplane_store::error_body::ErrorResponse;
@@ -27,6 +28,7 @@ use utoipa_axum::routes;
 use crate::api_error::{ApiError, ApiResult};
 use crate::auth::{Access, Grants};
 use crate::metrics::Metrics;
+use crate::traces::{Incoming, child};
 
 /// How the command role runs.
 #[derive(Clone, Debug)]
@@ -133,16 +135,53 @@ async fn append(
     validate_stream_id(&stream_id).map_err(|e| ApiError::bad_request(e.code, e.message))?;
     grants.require(Access::Append(&stream_id))?;
     let Json(body) = body?;
+    let mode = if wants_async(&headers) {
+        "append_async"
+    } else {
+        "append"
+    };
+    // The seed's APM span: the command's type (its first event's) and its
+    // size in bytes.
+    let (span, traceparent) = Incoming::from_headers(&headers).span(|| {
+        tracing::info_span!(
+            "command.handle",
+            otel.kind = "server",
+            otel.status_code = field::Empty,
+            trace_id = field::Empty,
+            "command.type" = body.events.first().map_or("", |e| e.event_type.as_str()),
+            "command.size" = content_length(&headers),
+            "command.events" = body.events.len() as i64,
+            "command.mode" = mode,
+            "eventplane.stream" = %stream_id,
+        )
+    });
     let request = AppendRequest {
         stream_id,
         expected_version: body.expected_version,
         events: body.events,
         idempotency_key: header_str(&headers, "idempotency-key")?.map(str::to_string),
+        traceparent,
     };
+    let answer = handle(&state, request, &headers, started)
+        .instrument(span.clone())
+        .await;
+    if matches!(&answer, Err(err) if err.status().is_server_error()) {
+        span.record("otel.status_code", "ERROR");
+    }
+    answer
+}
+
+/// The body of an append, inside its span.
+async fn handle(
+    state: &CommandState,
+    request: AppendRequest,
+    headers: &HeaderMap,
+    started: Instant,
+) -> ApiResult<Response> {
     request.validate()?;
 
-    if wants_async(&headers) {
-        let priority = match header_str(&headers, "eventplane-priority")? {
+    if wants_async(headers) {
+        let priority = match header_str(headers, "eventplane-priority")? {
             None => Priority::Normal,
             Some(p) => Priority::parse(p).ok_or_else(|| {
                 ApiError::bad_request(
@@ -171,12 +210,28 @@ async fn append(
             .into_response());
     }
 
-    let outcome = state.appender.append(request).await?;
+    let outcome = state
+        .appender
+        .append(request)
+        .instrument(child(&Span::current(), || {
+            tracing::info_span!("command.append")
+        }))
+        .await?;
     state
         .metrics
         .observe_command("append", started.elapsed().as_secs_f64());
     let result = outcome?;
     Ok((StatusCode::CREATED, Json(result)).into_response())
+}
+
+/// The request body's size as its `Content-Length` says (0 when chunked);
+/// signed, as OpenTelemetry integers are.
+fn content_length(headers: &HeaderMap) -> i64 {
+    headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
 }
 
 #[derive(Deserialize)]

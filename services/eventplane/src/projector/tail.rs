@@ -8,12 +8,15 @@ use std::time::Duration;
 
 use eventplane_store::Projection;
 use eventplane_store::batch::{apply_batch, events_beyond};
+use eventplane_telemetry::trace;
 use sqlx::PgPool;
 use tokio::sync::watch;
+use tracing::{Instrument as _, Span, field};
 
 use super::ProjectorConfig;
 use crate::invalidation::Invalidator;
 use crate::metrics::{Metrics, ProjectionLabels};
+use crate::traces::child;
 
 /// While a transaction below the horizon keeps newer events hidden, re-read
 /// starting this often and backing off to `MAX_BEHIND_WAIT`.
@@ -42,6 +45,10 @@ impl Tail {
         let mut behind_wait = MIN_BEHIND_WAIT;
         let mut halted_logged = false;
         while !stopped(&stop) {
+            // Created before the batch so that it times it; it joins the
+            // trace of the batch's first command once the events are read
+            // (a span's parent is fixed when it is first entered).
+            let span = batch_span(&self.projection.name);
             let outcome = match apply_batch(
                 &self.pool,
                 &mut self.projection,
@@ -56,6 +63,8 @@ impl Tail {
                     continue;
                 }
             };
+            trace::follow(&span, outcome.traceparents.iter().map(String::as_str));
+            span.record("events", outcome.events as i64);
             self.metrics
                 .projection_halted
                 .get_or_create(&labels)
@@ -92,8 +101,12 @@ impl Tail {
             if let Some(invalidator) = &self.invalidator
                 && !outcome.keys.is_empty()
             {
+                let keys = outcome.keys.len() as i64;
                 invalidator
                     .invalidate(self.projection.spec.version, outcome.keys)
+                    .instrument(child(&span, || {
+                        tracing::info_span!("projector.invalidate", keys)
+                    }))
                     .await;
             }
             if outcome.full {
@@ -133,6 +146,21 @@ impl Tail {
                 .set(0);
             pause(&mut stop, Some(&mut wake), self.config.poll_interval).await;
         }
+    }
+}
+
+/// A batch's span, when spans are exported: an idle projector polls often
+/// and its empty batches are not worth a span each unless someone looks.
+fn batch_span(projection: &str) -> Span {
+    if trace::exporting() {
+        tracing::info_span!(
+            trace::BATCH_SPAN,
+            projection,
+            events = field::Empty,
+            trace_id = field::Empty,
+        )
+    } else {
+        Span::none()
     }
 }
 

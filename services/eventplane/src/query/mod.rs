@@ -34,6 +34,7 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 // Generated SQL holds only validated, quoted identifiers; values are bound.
 use sqlx::{AssertSqlSafe, PgPool};
+use tracing::{Instrument as _, Span, field};
 
 use arc_swap::ArcSwap;
 use eventplane_store::catalog::Snapshot;
@@ -48,6 +49,7 @@ use crate::auth::{Access, Grants};
 use crate::catalog::Follower;
 use crate::invalidation::Scope;
 use crate::metrics::Metrics;
+use crate::traces::Incoming;
 use cache::{CacheBus, Cached, Layer, ProjectionCache, row_l1_key};
 use replica::{Reads, ReplicaConfig};
 
@@ -308,6 +310,18 @@ fn json_response(body: &Cached, layer: Layer) -> Response {
     response
 }
 
+/// A query's span; `cache.layer` says which layer answered.
+fn query_span(query_type: &'static str, projection: &str) -> Span {
+    tracing::info_span!(
+        "query.handle",
+        otel.kind = "server",
+        trace_id = field::Empty,
+        "query.type" = query_type,
+        "eventplane.projection" = projection,
+        "cache.layer" = field::Empty,
+    )
+}
+
 fn parse_token(params: &BTreeMap<String, String>) -> ApiResult<Option<Token>> {
     params
         .get("token")
@@ -343,6 +357,7 @@ fn parse_token(params: &BTreeMap<String, String>) -> ApiResult<Option<Token>> {
 async fn get_row(
     State(service): State<QueryService>,
     Extension(grants): Extension<Grants>,
+    incoming: Incoming,
     path: Result<Path<(String, String)>, PathRejection>,
     params: Result<Query<BTreeMap<String, String>>, QueryRejection>,
 ) -> ApiResult<Response> {
@@ -357,9 +372,12 @@ async fn get_row(
         ));
     }
     let token = parse_token(&params)?;
+    let (span, _) = incoming.span(|| query_span("row", &name));
     let (body, layer) = service
         .read(&name, |served| row(&service, served, &key, token))
+        .instrument(span.clone())
         .await?;
+    span.record("cache.layer", layer.as_str());
     service
         .metrics
         .observe_query("row", started.elapsed().as_secs_f64());
@@ -581,6 +599,7 @@ fn list_params(
 async fn run_query(
     State(service): State<QueryService>,
     Extension(grants): Extension<Grants>,
+    incoming: Incoming,
     path: Result<Path<(String, String)>, PathRejection>,
     params: Result<Query<BTreeMap<String, String>>, QueryRejection>,
 ) -> ApiResult<Response> {
@@ -588,9 +607,12 @@ async fn run_query(
     let Path((name, query_name)) = path?;
     grants.require(Access::Read(&name))?;
     let Query(params) = params?;
+    let (span, _) = incoming.span(|| query_span("list", &name));
     let (body, layer) = service
         .read(&name, |served| list(&service, served, &query_name, &params))
+        .instrument(span.clone())
         .await?;
+    span.record("cache.layer", layer.as_str());
     service
         .metrics
         .observe_query("list", started.elapsed().as_secs_f64());

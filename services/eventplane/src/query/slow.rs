@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use sqlx::AssertSqlSafe;
+use tracing::Instrument as _;
 
 use super::QueryService;
 use crate::metrics::QueryLabels;
@@ -26,22 +27,28 @@ pub fn check(
     service.metrics.slow_queries.get_or_create(&labels).inc();
     let pool = pool.clone();
     let sql = sql.to_string();
-    tokio::spawn(async move {
-        let mut explain = sqlx::query_scalar::<_, String>(AssertSqlSafe(format!("EXPLAIN {sql}")));
-        for param in &params {
-            explain = explain.bind(param);
-        }
-        match explain.fetch_all(&pool).await {
-            Ok(plan) => tracing::warn!(
-                query_type = %labels.query_type,
-                elapsed_ms = elapsed.as_secs_f64() * 1000.0,
-                %sql,
-                plan = %plan.join("\n"),
-                "slow query"
-            ),
-            Err(err) => {
-                tracing::warn!(error = %err, %sql, "slow query; its plan could not be read")
+    // The plan is logged in the request's span: the line carries its trace.
+    let span = tracing::Span::current();
+    tokio::spawn(
+        async move {
+            let mut explain =
+                sqlx::query_scalar::<_, String>(AssertSqlSafe(format!("EXPLAIN {sql}")));
+            for param in &params {
+                explain = explain.bind(param);
+            }
+            match explain.fetch_all(&pool).await {
+                Ok(plan) => tracing::warn!(
+                    query_type = %labels.query_type,
+                    elapsed_ms = elapsed.as_secs_f64() * 1000.0,
+                    %sql,
+                    plan = %plan.join("\n"),
+                    "slow query"
+                ),
+                Err(err) => {
+                    tracing::warn!(error = %err, %sql, "slow query; its plan could not be read")
+                }
             }
         }
-    });
+        .instrument(span),
+    );
 }

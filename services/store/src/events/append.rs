@@ -4,6 +4,8 @@
 //! conflict or a reused idempotency key rejects that request only, never
 //! its neighbours in the batch.
 
+use std::borrow::Cow;
+
 use serde_json::Value;
 use sqlx::PgExecutor;
 
@@ -55,6 +57,19 @@ fn expected_code(expected: &ExpectedVersion) -> i64 {
 /// order. Outside a transaction block the call is its own transaction;
 /// inside one (an async job) it joins it. A database error fails the whole
 /// batch; the caller decides whether to retry.
+/// The metadata an event is stored with: as sent, plus the command's trace
+/// context when it has one.
+fn with_traceparent<'a>(metadata: &'a Value, traceparent: Option<&str>) -> Cow<'a, Value> {
+    match (traceparent, metadata) {
+        (Some(traceparent), Value::Object(fields)) => {
+            let mut fields = fields.clone();
+            fields.insert("traceparent".into(), Value::String(traceparent.into()));
+            Cow::Owned(Value::Object(fields))
+        }
+        _ => Cow::Borrowed(metadata),
+    }
+}
+
 pub async fn append(
     conn: impl PgExecutor<'_>,
     requests: &[&AppendRequest],
@@ -78,7 +93,10 @@ pub async fn append(
         for event in &request.events {
             types.push(event.event_type.as_str());
             data.push(sqlx::types::Json(&event.data));
-            metadata.push(sqlx::types::Json(&event.metadata));
+            metadata.push(sqlx::types::Json(with_traceparent(
+                &event.metadata,
+                request.traceparent.as_deref(),
+            )));
         }
     }
     let rows: Vec<(i32, String, Option<i64>, Option<Value>)> = sqlx::query_as(

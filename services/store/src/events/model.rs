@@ -108,6 +108,12 @@ pub struct AppendRequest {
     pub events: Vec<NewEvent>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idempotency_key: Option<String>,
+    /// The W3C trace context of the command, stored in every event's
+    /// metadata under `traceparent` so the projector's span can join the
+    /// command's trace. Not part of the request's identity: a retry under
+    /// the same idempotency key comes with a trace of its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
 }
 
 /// A committed append.
@@ -273,6 +279,7 @@ mod tests {
             expected_version: ExpectedVersion::Named(NamedVersion::Any),
             events: serde_json::from_value(events).unwrap(),
             idempotency_key: None,
+            traceparent: None,
         }
     }
 

@@ -105,6 +105,7 @@ async fn seed_cold_orders(pool: &PgPool, run_id: &str, n: usize) -> anyhow::Resu
                 metadata: json!({}),
             }],
             idempotency_key: None,
+            traceparent: None,
         })
         .collect();
     for batch in requests.chunks(2000) {
