@@ -136,6 +136,15 @@ ensure_rust() {
     fi
     command -v cc >/dev/null || command -v gcc >/dev/null ||
         die "no C compiler found; install gcc (Debian: apt-get install gcc)"
+    # rdkafka's cmake-build compiles the bundled librdkafka: cmake, and the
+    # curl header (only the header is used).
+    local missing=()
+    command -v cmake >/dev/null || missing+=(cmake)
+    dpkg -s libcurl4-openssl-dev >/dev/null 2>&1 || missing+=(libcurl4-openssl-dev)
+    if [ "${#missing[@]}" -gt 0 ]; then
+        log "rust: installing ${missing[*]} for librdkafka"
+        apt_install "${missing[@]}"
+    fi
     if cargo nextest --version >/dev/null 2>&1; then
         log "rust: reused cargo-nextest"
     else

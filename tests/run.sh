@@ -10,6 +10,8 @@ bash tests/ensure-services.sh
 bash tests/ensure-replica.sh
 # The cluster tests use a 3-master Redis Cluster on ports 7000-7002.
 bash tests/ensure-redis-cluster.sh
+# The relay tests publish to a real Kafka-protocol broker (tansu) on 9092.
+bash tests/ensure-kafka.sh
 if ! command -v cargo >/dev/null && [ -x "${CARGO_HOME:-$HOME/.cargo}/bin/cargo" ]; then
     export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
 fi
@@ -18,6 +20,7 @@ fi
 export DATABASE_URL="${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/postgres}"
 export REDIS_URL="${REDIS_URL:-redis://127.0.0.1:6379}"
 export EVENTPLANE_REPLICA_URL="${EVENTPLANE_REPLICA_URL:-postgres://postgres@127.0.0.1:5433/postgres}"
+export KAFKA_BROKERS="${KAFKA_BROKERS:-127.0.0.1:9092}"
 
 step() { echo; echo "==> $*"; }
 

@@ -38,6 +38,8 @@ pub enum Command {
     Projector(ProjectorRole),
     /// Run the query service (cached projection reads).
     Query(QueryRole),
+    /// Publish committed events to a Kafka topic (the outbox relay).
+    Relay(RelayRole),
     /// Run every role in one process against local Postgres and Redis.
     Dev(DevRole),
     /// Build a projection's new version from the event log and swap it in.
@@ -316,6 +318,71 @@ pub struct QueryRole {
     pub auth: AuthArgs,
     #[command(flatten)]
     pub query: QueryArgs,
+}
+
+/// `eventplane relay`: one replica publishes at a time (the lease
+/// holder); start several for failover.
+#[derive(Args, Debug, Clone)]
+pub struct RelayRole {
+    #[command(flatten)]
+    pub db: DbArgs,
+    /// Kafka bootstrap servers, `host:port[,host:port…]`.
+    #[arg(long, env = "KAFKA_BROKERS")]
+    pub brokers: String,
+    /// Topic the events are published to.
+    #[arg(
+        long,
+        env = "EVENTPLANE_RELAY_TOPIC",
+        default_value = "eventplane.events"
+    )]
+    pub topic: String,
+    /// The relay's checkpoint and lease (replicas of one relay share it);
+    /// defaults to the topic.
+    #[arg(long, env = "EVENTPLANE_RELAY_NAME")]
+    pub relay_name: Option<String>,
+    /// Most events per published batch.
+    #[arg(long, env = "EVENTPLANE_RELAY_BATCH_SIZE", default_value_t = 1000)]
+    pub batch_size: i64,
+    /// How long the lease lasts unrenewed, in milliseconds: the longest
+    /// publishing pauses after the holder died.
+    #[arg(long, env = "EVENTPLANE_RELAY_LEASE_TTL_MS", default_value_t = 10_000)]
+    pub lease_ttl_ms: u64,
+    /// Poll interval in milliseconds when no notification arrives.
+    #[arg(long, env = "EVENTPLANE_RELAY_POLL_INTERVAL_MS", default_value_t = 500)]
+    pub poll_interval_ms: u64,
+    /// Longest the broker may take to acknowledge a message, in
+    /// milliseconds, before the batch is retried.
+    #[arg(
+        long,
+        env = "EVENTPLANE_RELAY_DELIVERY_TIMEOUT_MS",
+        default_value_t = 5000
+    )]
+    pub delivery_timeout_ms: u64,
+    /// Create the topic with this many partitions when missing (0: never).
+    #[arg(long, env = "EVENTPLANE_RELAY_TOPIC_PARTITIONS", default_value_t = 0)]
+    pub topic_partitions: i32,
+    /// Address of `/metrics`, `/healthz`, `/readyz` and `/relay/status`.
+    #[arg(long, env = "EVENTPLANE_ADMIN_LISTEN", default_value = "0.0.0.0:9090")]
+    pub admin_listen: SocketAddr,
+}
+
+impl RelayRole {
+    pub fn config(&self) -> crate::relay::RelayConfig {
+        crate::relay::RelayConfig {
+            brokers: self.brokers.clone(),
+            topic: self.topic.clone(),
+            name: self
+                .relay_name
+                .clone()
+                .unwrap_or_else(|| self.topic.clone()),
+            holder: format!("{}-{}", crate::catalog::member_name(), std::process::id()),
+            batch_size: self.batch_size.max(1),
+            lease_ttl: Duration::from_millis(self.lease_ttl_ms.max(300)),
+            poll_interval: Duration::from_millis(self.poll_interval_ms.max(1)),
+            delivery_timeout: Duration::from_millis(self.delivery_timeout_ms.max(1)),
+            create_partitions: self.topic_partitions,
+        }
+    }
 }
 
 #[derive(Args, Debug, Clone)]

@@ -19,6 +19,7 @@ pub mod projections;
 pub mod projector;
 pub mod query;
 pub mod redis_conn;
+pub mod relay;
 pub mod roles;
 pub mod server;
 pub mod traces;

@@ -10,6 +10,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Command(role) => eventplane::roles::command(role).await,
         Command::Projector(role) => eventplane::roles::projector(role).await,
         Command::Query(role) => eventplane::roles::query(role).await,
+        Command::Relay(role) => eventplane::roles::relay(role).await,
         Command::Dev(role) => eventplane::dev::run(role).await,
         Command::Rebuild(args) => eventplane::roles::rebuild(args).await,
         Command::Partitions(args) => eventplane::partitions::run(args).await,

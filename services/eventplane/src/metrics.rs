@@ -99,6 +99,14 @@ pub struct Metrics {
     pub replica_up: Gauge,
     pub replica_fallback_reads: Counter,
     pub replica_read_retries: Counter,
+    /// Events committed but not yet acknowledged by the broker.
+    pub relay_lag_events: Gauge,
+    /// Age of the oldest event not yet acknowledged by the broker.
+    pub relay_lag_seconds: Gauge<f64, AtomicU64>,
+    pub relay_published: Counter,
+    /// 1 while this process holds the relay's lease and publishes.
+    pub relay_lease_held: Gauge,
+    pub relay_publish_failures: Counter,
     /// Pools whose usage is read at scrape time.
     pools: std::sync::Mutex<Vec<(&'static str, sqlx::PgPool)>>,
 }
@@ -139,6 +147,11 @@ impl Metrics {
             replica_up: Gauge::default(),
             replica_fallback_reads: Counter::default(),
             replica_read_retries: Counter::default(),
+            relay_lag_events: Gauge::default(),
+            relay_lag_seconds: Gauge::default(),
+            relay_published: Counter::default(),
+            relay_lease_held: Gauge::default(),
+            relay_publish_failures: Counter::default(),
             pools: Default::default(),
             registry: Registry::default(),
             series: Vec::new(),
@@ -252,6 +265,31 @@ impl Metrics {
             "command_jobs_processed",
             "Async command jobs finished",
             m.jobs_processed.clone(),
+        );
+        registry.register(
+            "relay_lag_events",
+            "Events committed but not yet acknowledged by the broker",
+            m.relay_lag_events.clone(),
+        );
+        registry.register(
+            "relay_lag_seconds",
+            "Age of the oldest event not yet acknowledged by the broker",
+            m.relay_lag_seconds.clone(),
+        );
+        registry.register(
+            "relay_published",
+            "Events the broker acknowledged (a retried batch counts again)",
+            m.relay_published.clone(),
+        );
+        registry.register(
+            "relay_lease_held",
+            "1 while this process holds the relay's lease and publishes",
+            m.relay_lease_held.clone(),
+        );
+        registry.register(
+            "relay_publish_failures",
+            "Batches the broker did not acknowledge (retried with backoff)",
+            m.relay_publish_failures.clone(),
         );
         let (registry, series) = registry.finish();
         Arc::new(Metrics {

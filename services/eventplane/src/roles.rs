@@ -6,7 +6,7 @@ use eventplane_store::{Projection, catalog};
 use crate::projections::CLI_SOURCE;
 
 use crate::cli::{
-    CatalogArgs, CommandRole, DbArgs, ListenArgs, ProjectorRole, QueryRole, RebuildArgs,
+    CatalogArgs, CommandRole, DbArgs, ListenArgs, ProjectorRole, QueryRole, RebuildArgs, RelayRole,
 };
 use crate::metrics::Metrics;
 use crate::projector::rebuild::{self, RebuildOptions};
@@ -87,6 +87,35 @@ pub async fn query(role: QueryRole) -> anyhow::Result<()> {
     config.query = role.query.config();
     config.auth = role.auth.config();
     serve(config).await
+}
+
+/// `eventplane relay`: the outbox relay, with its admin listener
+/// (`/relay/status` beside the usual health and metrics routes).
+pub async fn relay(role: RelayRole) -> anyhow::Result<()> {
+    let pool = eventplane_store::db::connect(&role.db.database_url, 4, "relay").await?;
+    eventplane_store::db::migrate(&pool).await?;
+    let metrics = Metrics::new();
+    metrics.watch_pool("primary", &pool);
+    let config = role.config();
+    tracing::info!(topic = %config.topic, relay = %config.name, holder = %config.holder, "relay starting");
+    let relay = crate::relay::Relay::start(pool.clone(), config, metrics.clone()).await?;
+    let admin = crate::admin::router(crate::admin::Admin {
+        pool,
+        metrics,
+        follower: None,
+    })
+    .merge(crate::relay::status_router(relay.status.clone()));
+    let listener = tokio::net::TcpListener::bind(role.admin_listen).await?;
+    let server = tokio::spawn(async move {
+        if let Err(err) = axum::serve(listener, crate::edge::around(admin)).await {
+            tracing::error!(error = %err, "admin server stopped");
+        }
+    });
+    shutdown_signal().await;
+    tracing::info!("shutting down");
+    relay.stop().await;
+    server.abort();
+    Ok(())
 }
 
 /// `eventplane rebuild`: what a rebuild Job runs. Prints the report as JSON.
