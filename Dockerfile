@@ -24,6 +24,11 @@ ARG GIT_REVISION=unknown
 ENV EVENTPLANE_GIT_REVISION=${GIT_REVISION} \
     CARGO_TARGET_DIR=/build/target
 WORKDIR /build/src
+# rdkafka builds its bundled librdkafka with cmake (zlib is linked in
+# statically: the runtime base has no libz).
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends cmake make g++ libcurl4-openssl-dev \
+ && rm -rf /var/lib/apt/lists/*
 COPY . .
 RUN cargo build --release --locked --bin eventplane --bin eventplane-operator \
  && mkdir -p /out \
