@@ -71,6 +71,7 @@ async fn append_events(pool: &PgPool, prefix: &str, streams: usize, rounds: usiz
                     metadata: json!({}),
                 }],
                 idempotency_key: None,
+                traceparent: None,
             })
             .collect();
         let refs: Vec<&AppendRequest> = requests.iter().collect();
