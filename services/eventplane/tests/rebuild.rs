@@ -437,6 +437,10 @@ async fn a_swap_on_the_primary_fails_no_read_on_the_replica() {
     let db = TestDb::new().await;
     let mut config = local(&db.url, None, orders());
     config.projector.rebuild_in_process = false;
+    // The replica holds the swap's lock until it replays the commit, which
+    // behind the WAL of every other test's database can take seconds: the
+    // claim here is that no read fails, not how fast it is.
+    config.query.read_timeout = Duration::from_secs(60);
     drop(stack_with(config.clone()).await);
     config.read_database_url = Some(db.on_replica().await);
     let stack = stack_with(config).await;
