@@ -23,14 +23,6 @@ fn command_process(db: &TestDb, port: u16) -> std::process::Child {
         .expect("the command process starts")
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 async fn up(http: &reqwest::Client, base: &str) -> bool {
     eventually(Duration::from_secs(20), || async {
         http.get(format!(

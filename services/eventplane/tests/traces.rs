@@ -75,12 +75,22 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
+/// The trace and span id of the `traceparent` stored with a stream's
+/// first event.
+async fn stored_trace(http: &reqwest::Client, base: &str, stream: &str) -> (String, String) {
+    let page: Value = http
+        .get(format!("{base}/v1/streams/{stream}"))
+        .send()
+        .await
         .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+        .json()
+        .await
+        .unwrap();
+    let stored = page["events"][0]["metadata"]["traceparent"]
+        .as_str()
+        .expect("the event's metadata holds a traceparent");
+    let parts: Vec<&str> = stored.split('-').collect();
+    (parts[1].to_string(), parts[2].to_string())
 }
 
 /// A `traceparent` of a made-up caller: trace `trace`, span `span`.
@@ -175,25 +185,12 @@ async fn one_command_is_one_trace_from_http_to_invalidation() {
 
     // The stored event carries the command span's context: the caller's
     // trace, the span Eventplane made for the command.
-    let stream: Value = http
-        .get(format!("{base}/v1/streams/order-t1"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let stored = stream["events"][0]["metadata"]["traceparent"]
-        .as_str()
-        .expect("the event's metadata holds a traceparent")
-        .to_string();
-    let parts: Vec<&str> = stored.split('-').collect();
-    assert_eq!(parts[1], trace, "the event is in the caller's trace");
+    let (stored_trace_id, command_span) = stored_trace(&http, &base, "order-t1").await;
+    assert_eq!(stored_trace_id, trace, "the event is in the caller's trace");
     assert_ne!(
-        parts[2], caller_span,
+        command_span, caller_span,
         "the event names the command's own span"
     );
-    let command_span = parts[2].to_string();
 
     let complete = eventually(Duration::from_secs(20), || async {
         !receiver.named("projector.invalidate").is_empty()
@@ -290,20 +287,7 @@ async fn one_command_is_one_trace_from_http_to_invalidation() {
     });
     futures::future::join_all(sends).await;
     for i in 0..20u64 {
-        let stream: Value = http
-            .get(format!("{base}/v1/streams/order-m{i}"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        let stored = stream["events"][0]["metadata"]["traceparent"]
-            .as_str()
-            .unwrap()
-            .to_string();
-        let parts: Vec<String> = stored.split('-').map(str::to_string).collect();
-        commands.push((parts[1].clone(), parts[2].clone()));
+        commands.push(stored_trace(&http, &base, &format!("order-m{i}")).await);
     }
     let all_followed = eventually(Duration::from_secs(20), || async {
         let batches = receiver.named("projector.batch");

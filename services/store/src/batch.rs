@@ -87,6 +87,22 @@ impl From<&checkpoints::DeadLetterRow> for TailEvent {
     }
 }
 
+/// The gap-safe tail statement: `$1`/`$2` the checkpoint, `$3` the
+/// horizon, then the caller's own filter and its `LIMIT` parameter.
+macro_rules! tail_sql {
+    ($filter:literal, $limit:literal) => {
+        concat!(
+            "SELECT position, tx_id::text::bigint AS tx_id, stream_id, stream_version, event_type, data, metadata, recorded_at \
+             FROM events \
+             WHERE (tx_id, position) > ($1::text::xid8, $2) AND tx_id < $3::text::xid8 ",
+            $filter,
+            " ORDER BY tx_id, position LIMIT ",
+            $limit
+        )
+    };
+}
+pub(crate) use tail_sql;
+
 /// The tail read: events after the checkpoint whose writing transaction is
 /// older than every transaction still running, so none can commit later
 /// with a smaller `(tx_id, position)`.
@@ -97,19 +113,14 @@ pub async fn read_tail(
     event_types: &[String],
     limit: i64,
 ) -> sqlx::Result<Vec<TailEvent>> {
-    sqlx::query_as(
-        "SELECT position, tx_id::text::bigint AS tx_id, stream_id, stream_version, event_type, data, metadata, recorded_at \
-         FROM events \
-         WHERE (tx_id, position) > ($1::text::xid8, $2) AND tx_id < $3::text::xid8 AND event_type = ANY($4) \
-         ORDER BY tx_id, position LIMIT $5",
-    )
-    .bind(after.tx_id.to_string())
-    .bind(after.position)
-    .bind(horizon.to_string())
-    .bind(event_types)
-    .bind(limit)
-    .fetch_all(conn)
-    .await
+    sqlx::query_as(tail_sql!("AND event_type = ANY($4)", "$5"))
+        .bind(after.tx_id.to_string())
+        .bind(after.position)
+        .bind(horizon.to_string())
+        .bind(event_types)
+        .bind(limit)
+        .fetch_all(conn)
+        .await
 }
 
 pub async fn horizon(conn: &mut PgConnection) -> sqlx::Result<i64> {

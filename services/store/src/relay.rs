@@ -127,18 +127,13 @@ pub async fn read(
     horizon: i64,
     limit: i64,
 ) -> sqlx::Result<Vec<TailEvent>> {
-    sqlx::query_as(
-        "SELECT position, tx_id::text::bigint AS tx_id, stream_id, stream_version, event_type, data, metadata, recorded_at \
-         FROM events \
-         WHERE (tx_id, position) > ($1::text::xid8, $2) AND tx_id < $3::text::xid8 \
-         ORDER BY tx_id, position LIMIT $4",
-    )
-    .bind(after.tx_id.to_string())
-    .bind(after.position)
-    .bind(horizon.to_string())
-    .bind(limit)
-    .fetch_all(conn)
-    .await
+    sqlx::query_as(crate::batch::tail_sql!("", "$4"))
+        .bind(after.tx_id.to_string())
+        .bind(after.position)
+        .bind(horizon.to_string())
+        .bind(limit)
+        .fetch_all(conn)
+        .await
 }
 
 /// Events committed after `after` (not yet published), at most `cap`

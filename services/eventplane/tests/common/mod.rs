@@ -42,6 +42,16 @@ pub async fn stack_with(config: StackConfig) -> Stack {
     Stack::start(config).await.expect("stack starts")
 }
 
+/// A loopback port free at the time of asking, for a child process to
+/// listen on.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 pub fn client() -> reqwest::Client {
     reqwest::Client::new()
 }
