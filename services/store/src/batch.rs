@@ -322,15 +322,8 @@ pub async fn write(
     // A short batch read everything below the horizon: the checkpoint can
     // move up to it, so the next read skips what other projections' events
     // left behind.
-    let next = if prepared.halted.is_some() || prepared.full {
-        prepared.last.unwrap_or(checkpoint)
-    } else {
-        Checkpoint {
-            tx_id: horizon,
-            position: 0,
-        }
-        .max(checkpoint)
-    };
+    let saw_all = prepared.halted.is_none() && !prepared.full;
+    let next = checkpoint.after_batch(prepared.last, horizon, saw_all);
     let step = Advance {
         to: next,
         last_event_at: prepared.last_recorded,

@@ -19,6 +19,25 @@ pub struct Checkpoint {
     pub position: i64,
 }
 
+impl Checkpoint {
+    /// Where the read after a batch read from `self` starts: after its
+    /// `last` event, or, when the read saw everything below `horizon` (a
+    /// short batch), at the horizon, so the next read skips what other
+    /// readers' events left behind.
+    pub fn after_batch(self, last: Option<Checkpoint>, horizon: i64, saw_all: bool) -> Checkpoint {
+        let last = last.unwrap_or(self);
+        if saw_all {
+            Checkpoint {
+                tx_id: horizon,
+                position: 0,
+            }
+            .max(last)
+        } else {
+            last
+        }
+    }
+}
+
 /// The checkpoint of a version other than the live one: `<name>@v<version>`.
 pub fn version_checkpoint(name: &str, version: u32) -> String {
     format!("{name}@v{version}")

@@ -340,18 +340,7 @@ impl Publisher {
             self.metrics.relay_published.inc_by(events.len() as u64);
         }
         let full = events.len() as i64 == self.config.batch_size;
-        let last = events.last().map(TailEvent::checkpoint).unwrap_or(at);
-        // A short batch read everything below the horizon: the next read
-        // may start there.
-        let next = if full {
-            last
-        } else {
-            Checkpoint {
-                tx_id: horizon,
-                position: 0,
-            }
-            .max(last)
-        };
+        let next = at.after_batch(events.last().map(TailEvent::checkpoint), horizon, !full);
         let advanced = store::advance(
             &self.pool,
             &self.config.name,
