@@ -26,8 +26,8 @@ pub use partition::{
 pub use predicate::render_predicate;
 pub use types::{
     API_VERSION, Assignment, CacheSpec, ColumnOp, ColumnSpec, ColumnType, ErrorPolicy, HandlerSpec,
-    IndexColumn, IndexSpec, KIND, ManifestMetadata, Op, OrderBy, Projection, ProjectionManifest,
-    ProjectionSpec, QuerySpec, SortOrder, load_manifests,
+    IndexColumn, IndexSpec, KIND, KeySource, ManifestMetadata, Op, OrderBy, Projection,
+    ProjectionManifest, ProjectionSpec, QuerySpec, SortOrder, load_manifests,
 };
 pub use validate::validate_name;
 pub use value::{parse_param, to_sql_text};

@@ -64,7 +64,10 @@ fn l2_ttl_seconds() -> u64 {
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
-#[x_kube(validation = Rule::new("self.columns.exists(c, c.name == self.key)").message("key must name one of the columns"))]
+#[x_kube(validation = Rule::new("has(self.key) != has(self.keys)").message("give exactly one of key and keys"))]
+#[x_kube(validation = Rule::new("!has(self.key) || self.columns.exists(c, c.name == self.key)").message("key must name one of the columns"))]
+#[x_kube(validation = Rule::new("!has(self.keys) || self.keys.all(k, self.columns.exists(c, c.name == k))").message("every entry of keys must name one of the columns"))]
+#[x_kube(validation = Rule::new("has(self.key) == has(oldSelf.key)").message("a key of one column cannot become a composite key, nor back: the table's primary key is immutable"))]
 #[x_kube(validation = Rule::new("self.scaling.minReplicas <= self.scaling.maxReplicas").message("scaling.minReplicas must not exceed scaling.maxReplicas"))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ProjectionSpec {
@@ -83,10 +86,22 @@ pub struct ProjectionSpec {
     pub version: u32,
     /// Name of the primary-key column. It must be one of `columns`, must not
     /// be of type jsonb, numeric or double, and is never null. Cannot be
-    /// changed: readers and caches address rows by it.
+    /// changed: readers and caches address rows by it. Give either this or
+    /// `keys`.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     #[x_kube(validation = Rule::new("self == oldSelf").message("key is immutable"))]
     pub key: String,
+    /// The columns of a composite primary key, in order, for example
+    /// `[tenant, orderId]`: at least two, each one of `columns`, under the
+    /// same rules as `key`. Rows are read at
+    /// `/v1/projections/{name}/rows/{part1}/{part2}...`, one path segment
+    /// per column. Give either this or `key`; cannot be changed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(min = 2, max = 8))]
+    #[x_kube(validation = Rule::new("self == oldSelf").message("keys is immutable"))]
+    pub keys: Vec<String>,
     /// The table's columns.
+    #[schemars(length(min = 1, max = 256))]
     pub columns: Vec<ColumnSpec>,
     /// How each event type changes the table. Events of other types are
     /// ignored.
@@ -213,8 +228,17 @@ pub struct HandlerSpec {
     /// JSON pointer to the row key in the event envelope, for example
     /// `/data/orderId` or `/streamId`. The envelope has the fields `type`,
     /// `streamId`, `streamVersion`, `position`, `recordedAt`, `data` and
-    /// `metadata`.
+    /// `metadata`. Give either this or `keys`.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub key: String,
+    /// Where each key column's value comes from, one entry per key column:
+    /// needed for a composite key, and for a key whose field was renamed
+    /// between event versions (`fromFirst`). For example `[{column:
+    /// tenant, from: /metadata/tenant}, {column: id, fromFirst:
+    /// [/data/orderId, /data/order_id]}]`. Give either this or `key`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 8))]
+    pub keys: Vec<KeySource>,
     /// A condition on the event: the handler applies only to events for
     /// which it holds, others are skipped. Event fields are written as
     /// `data.total`, `metadata.source` or `event.streamId`; a missing field
@@ -237,6 +261,28 @@ pub struct HandlerSpec {
     /// Columns to change. Not allowed for `delete`.
     #[serde(default)]
     pub set: Vec<Assignment>,
+}
+
+/// The value of one key column, read from the event.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct KeySource {
+    /// The key column.
+    pub column: String,
+    /// JSON pointer into the event envelope, for example `/data/orderId`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<String>,
+    /// Several JSON pointers, tried in order: the value is the first one
+    /// present and not null. Give either this or `from`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub from_first: Vec<String>,
+}
+
+impl KeySource {
+    /// The pointers tried in order.
+    pub fn pointers(&self) -> impl Iterator<Item = &str> {
+        self.from.iter().chain(&self.from_first).map(String::as_str)
+    }
 }
 
 impl HandlerSpec {
@@ -304,8 +350,8 @@ pub enum ColumnOp {
 #[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Assignment {
-    /// The column to change. The key column cannot be set here; it comes
-    /// from the handler's `key`.
+    /// The column to change. Key columns cannot be set here; they come
+    /// from the handler's `key` or `keys`.
     pub column: String,
     /// How the column changes: `set` (default), `add`, `min`, `max`,
     /// `setIfNull`, `append` or `merge`. For every operation but `set`, a
@@ -585,13 +631,33 @@ impl ProjectionSpec {
             .position(|h| h.types().any(|t| t == event_type))
     }
 
-    /// The key column.
+    /// The names of the primary-key columns, in key order: `key`, or the
+    /// entries of `keys`.
+    pub fn key_names(&self) -> Vec<&str> {
+        if self.keys.is_empty() {
+            vec![self.key.as_str()]
+        } else {
+            self.keys.iter().map(String::as_str).collect()
+        }
+    }
+
+    /// Whether `column` is part of the primary key.
+    pub fn is_key(&self, column: &str) -> bool {
+        self.key_names().contains(&column)
+    }
+
+    /// The primary-key columns, in key order.
     ///
     /// # Panics
-    /// If the key is not a declared column, which `validate` rules out.
-    pub fn key_column(&self) -> &ColumnSpec {
-        self.column(&self.key)
-            .expect("validated spec declares its key column")
+    /// If a key is not a declared column, which `validate` rules out.
+    pub fn key_columns(&self) -> Vec<&ColumnSpec> {
+        self.key_names()
+            .into_iter()
+            .map(|k| {
+                self.column(k)
+                    .expect("validated spec declares its key columns")
+            })
+            .collect()
     }
 
     pub fn column(&self, name: &str) -> Option<&ColumnSpec> {
@@ -637,7 +703,8 @@ mod tests {
         );
         assert_eq!(s.handler("OrderPaid").unwrap().op, Op::Update);
         assert!(s.handler("Nope").is_none());
-        assert_eq!(s.key_column().name, "id");
+        assert_eq!(s.key_names(), ["id"]);
+        assert!(s.is_key("id") && !s.is_key("status"));
         assert!(s.column("total").is_some());
         assert!(s.column("nope").is_none());
     }

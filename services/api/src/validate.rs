@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 use crate::condition::{parse_guard, parse_when};
 use crate::error::SpecError;
 use crate::predicate::render_predicate;
-use crate::types::{ColumnOp, ColumnSpec, ColumnType, Op, ProjectionSpec, SortOrder};
+use crate::types::{ColumnOp, ColumnSpec, ColumnType, HandlerSpec, Op, ProjectionSpec, SortOrder};
 use crate::value::literal_to_sql_text;
 
 /// Largest page size a query may allow; bigger pages belong in an export,
@@ -15,6 +15,8 @@ const MAX_LIMIT: u32 = 10_000;
 /// An L1 entry is never invalidated across pods faster than its TTL when an
 /// invalidation is lost, so it is kept to an hour at most.
 const MAX_L1_TTL_MS: u64 = 3_600_000;
+/// Most columns in a composite key; the CRD says the same.
+const MAX_KEY_COLUMNS: usize = 8;
 /// Names we create ourselves (bookkeeping tables) or Postgres reserves.
 const RESERVED_PREFIXES: [&str; 2] = ["ep_", "pg_"];
 
@@ -198,28 +200,133 @@ impl ProjectionSpec {
                 ));
             }
         }
-        let Some(key) = self.column(&self.key) else {
-            return Err(SpecError::invalid(
-                "spec.key",
-                format!("{:?} is not a declared column", self.key),
-            ));
+        self.validate_key()
+    }
+
+    /// `key` or `keys`: declared, distinct columns of types with one
+    /// spelling per value.
+    fn validate_key(&self) -> Result<(), SpecError> {
+        let named: Vec<(String, &String)> = match (self.key.is_empty(), self.keys.is_empty()) {
+            (false, true) => vec![("spec.key".to_string(), &self.key)],
+            (true, false) if self.keys.len() >= 2 => self
+                .keys
+                .iter()
+                .enumerate()
+                .map(|(i, k)| (format!("spec.keys[{i}]"), k))
+                .collect(),
+            (true, false) => {
+                return Err(SpecError::invalid(
+                    "spec.keys",
+                    "a composite key has at least two columns; for one, use `key`",
+                ));
+            }
+            _ => {
+                return Err(SpecError::invalid(
+                    "spec",
+                    "give exactly one of `key` (one column) and `keys` (a composite key)",
+                ));
+            }
         };
-        // jsonb has no btree equality; floating and decimal keys have
-        // several spellings of one value, which would defeat folding changes
-        // by key.
-        if matches!(
-            key.ty,
-            ColumnType::Jsonb | ColumnType::Double | ColumnType::Numeric
-        ) {
+        if named.len() > MAX_KEY_COLUMNS {
             return Err(SpecError::invalid(
-                "spec.key",
-                format!(
-                    "the key column cannot be of type {}; use text, bigint, integer, uuid, timestamptz or boolean",
-                    key.ty.name()
-                ),
+                "spec.keys",
+                format!("a key has at most {MAX_KEY_COLUMNS} columns"),
             ));
         }
+        let mut seen = BTreeSet::new();
+        for (field, name) in named {
+            let Some(key) = self.column(name) else {
+                return Err(SpecError::invalid(
+                    field,
+                    format!("{name:?} is not a declared column"),
+                ));
+            };
+            if !seen.insert(name.as_str()) {
+                return Err(SpecError::invalid(
+                    field,
+                    format!("{name:?} is listed twice"),
+                ));
+            }
+            // jsonb has no btree equality; floating and decimal keys have
+            // several spellings of one value, which would defeat folding
+            // changes by key.
+            if matches!(
+                key.ty,
+                ColumnType::Jsonb | ColumnType::Double | ColumnType::Numeric
+            ) {
+                return Err(SpecError::invalid(
+                    field,
+                    format!(
+                        "a key column cannot be of type {}; use text, bigint, integer, uuid, timestamptz or boolean",
+                        key.ty.name()
+                    ),
+                ));
+            }
+        }
         Ok(())
+    }
+
+    /// A handler's `key` or `keys`: a pointer per key column.
+    fn validate_handler_key(&self, at: &str, h: &HandlerSpec) -> Result<(), SpecError> {
+        let names = self.key_names();
+        match (h.key.is_empty(), h.keys.is_empty()) {
+            (false, true) if names.len() == 1 => check_pointer(&format!("{at}.key"), &h.key),
+            (false, true) => Err(SpecError::invalid(
+                format!("{at}.key"),
+                format!(
+                    "the key has {} columns ({}): give `keys`, one entry per key column",
+                    names.len(),
+                    names.join(", ")
+                ),
+            )),
+            (true, false) => {
+                let mut seen = BTreeSet::new();
+                for (j, k) in h.keys.iter().enumerate() {
+                    let at = format!("{at}.keys[{j}]");
+                    if !names.contains(&k.column.as_str()) {
+                        return Err(SpecError::invalid(
+                            format!("{at}.column"),
+                            format!(
+                                "{:?} is not a key column; the key is ({})",
+                                k.column,
+                                names.join(", ")
+                            ),
+                        ));
+                    }
+                    if !seen.insert(k.column.as_str()) {
+                        return Err(SpecError::invalid(
+                            format!("{at}.column"),
+                            format!("key column {:?} is given twice", k.column),
+                        ));
+                    }
+                    match (&k.from, k.from_first.is_empty()) {
+                        (Some(p), true) => check_pointer(&format!("{at}.from"), p)?,
+                        (None, false) => {
+                            for (i, p) in k.from_first.iter().enumerate() {
+                                check_pointer(&format!("{at}.fromFirst[{i}]"), p)?;
+                            }
+                        }
+                        _ => {
+                            return Err(SpecError::invalid(
+                                at,
+                                "give exactly one of `from` and `fromFirst`",
+                            ));
+                        }
+                    }
+                }
+                if let Some(missing) = names.iter().find(|n| !seen.contains(*n)) {
+                    return Err(SpecError::invalid(
+                        format!("{at}.keys"),
+                        format!("key column {missing:?} has no entry"),
+                    ));
+                }
+                Ok(())
+            }
+            _ => Err(SpecError::invalid(
+                at,
+                "give exactly one of `key` and `keys`",
+            )),
+        }
     }
 
     fn validate_handlers(&self) -> Result<(), SpecError> {
@@ -256,7 +363,7 @@ impl ProjectionSpec {
                     ));
                 }
             }
-            check_pointer(&format!("{at}.key"), &h.key)?;
+            self.validate_handler_key(&at, h)?;
             if let Some(when) = &h.when {
                 parse_when(when).map_err(|e| SpecError::invalid(format!("{at}.when"), e))?;
             }
@@ -279,10 +386,10 @@ impl ProjectionSpec {
                         format!("{:?} is not a declared column", a.column),
                     ));
                 };
-                if col.name == self.key {
+                if self.is_key(&col.name) {
                     return Err(SpecError::invalid(
                         format!("{at}.column"),
-                        "the key column cannot be set; it comes from the handler's key",
+                        "a key column cannot be set; it comes from the handler's key",
                     ));
                 }
                 if !assigned.insert(a.column.as_str()) {
@@ -400,7 +507,7 @@ impl ProjectionSpec {
             for (j, o) in q.order_by.iter().enumerate() {
                 let field = format!("{at}.orderBy[{j}].column");
                 let col = self.declared(&field, &o.column)?;
-                if col.nullable && col.name != self.key {
+                if col.nullable && !self.is_key(&col.name) {
                     return Err(SpecError::invalid(
                         field,
                         format!(
@@ -543,6 +650,134 @@ mod tests {
         for ty in [ColumnType::Jsonb, ColumnType::Double, ColumnType::Numeric] {
             assert_field(invalid(|s| s.columns[0].ty = ty), "spec.key");
         }
+    }
+
+    /// The sample keyed by (customer_id, id), each handler giving both.
+    fn composite(spec: &mut ProjectionSpec) {
+        spec.keys = vec!["customer_id".into(), "id".into()];
+        spec.key.clear();
+        spec.handlers[0].set.retain(|a| a.column != "customer_id");
+        for h in &mut spec.handlers {
+            h.key.clear();
+            h.keys = vec![
+                crate::KeySource {
+                    column: "customer_id".into(),
+                    from: Some("/data/customerId".into()),
+                    from_first: vec![],
+                },
+                crate::KeySource {
+                    column: "id".into(),
+                    from: None,
+                    from_first: vec!["/data/orderId".into(), "/data/order_id".into()],
+                },
+            ];
+        }
+    }
+
+    #[test]
+    fn composite_keys_are_declared_columns_each_given_by_every_handler() {
+        let mut ok = sample();
+        composite(&mut ok);
+        ok.validate().unwrap();
+        assert_eq!(ok.key_names(), ["customer_id", "id"]);
+
+        assert_field(
+            invalid(|s| {
+                composite(s);
+                s.keys[1] = "nope".into();
+            }),
+            "spec.keys[1]",
+        );
+        assert_field(
+            invalid(|s| {
+                composite(s);
+                s.keys[1] = "customer_id".into();
+            }),
+            "spec.keys[1]",
+        );
+        let e = invalid(|s| {
+            composite(s);
+            s.keys[0] = "total".into();
+        });
+        assert_field(e.clone(), "spec.keys[0]");
+        assert!(e.contains("numeric"), "{e}");
+        assert_field(
+            invalid(|s| {
+                composite(s);
+                s.keys.truncate(1);
+            }),
+            "spec.keys",
+        );
+        assert_field(
+            invalid(|s| {
+                composite(s);
+                s.key = "id".into();
+            }),
+            "spec",
+        );
+        // A handler names each key column once, with one source.
+        let e = invalid(|s| {
+            composite(s);
+            s.handlers[2].keys.clear();
+            s.handlers[2].key = "/data/orderId".into();
+        });
+        assert_field(e.clone(), "spec.handlers[2].key");
+        assert!(e.contains("customer_id, id"), "{e}");
+        assert_field(
+            invalid(|s| {
+                composite(s);
+                s.handlers[1].keys.pop();
+            }),
+            "spec.handlers[1].keys",
+        );
+        assert_field(
+            invalid(|s| {
+                composite(s);
+                s.handlers[1].keys[1].column = "status".into();
+            }),
+            "spec.handlers[1].keys[1].column",
+        );
+        assert_field(
+            invalid(|s| {
+                composite(s);
+                s.handlers[1].keys[1].column = "customer_id".into();
+            }),
+            "spec.handlers[1].keys[1].column",
+        );
+        assert_field(
+            invalid(|s| {
+                composite(s);
+                s.handlers[0].keys[0].from_first = vec!["/x".into()];
+            }),
+            "spec.handlers[0].keys[0]",
+        );
+        assert_field(
+            invalid(|s| {
+                composite(s);
+                s.handlers[0].keys[1].from_first[1] = "nope".into();
+            }),
+            "spec.handlers[0].keys[1].fromFirst[1]",
+        );
+        // Key columns are not set by assignments.
+        assert_field(
+            invalid(|s| {
+                composite(s);
+                s.handlers[0].set[1].column = "customer_id".into();
+            }),
+            "spec.handlers[0].set[1].column",
+        );
+    }
+
+    #[test]
+    fn a_one_column_key_may_come_from_several_pointers() {
+        let mut spec = sample();
+        spec.handlers[0].key.clear();
+        spec.handlers[0].keys = vec![crate::KeySource {
+            column: "id".into(),
+            from: None,
+            from_first: vec!["/data/orderId".into(), "/data/order_id".into()],
+        }];
+        spec.validate().unwrap();
     }
 
     #[test]

@@ -8,6 +8,7 @@ pub mod content;
 mod cursor;
 mod digest;
 mod fold;
+pub mod key;
 mod mapping;
 pub mod partition;
 mod sql;
@@ -21,7 +22,7 @@ pub use partition::{
     interval_start, next_start, partition_name, plan,
 };
 pub use sql::{
-    BulkStatement, ConflictCols, ListSql, create_table_sql, delete_guarded_sql, delete_sql,
-    group_ops, index_name, index_sql, list_sql, row_sql, sort_columns, update_effects_sql,
-    update_sql, upsert_guarded_sql, upsert_sql,
+    BulkStatement, ConflictCols, ListSql, create_table_sql, delete_sql, group_ops, index_name,
+    index_sql, list_sql, row_sql, sort_columns, update_effects_sql, update_sql, upsert_guarded_sql,
+    upsert_sql,
 };

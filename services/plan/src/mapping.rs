@@ -8,7 +8,7 @@ use serde_json::Value;
 
 use eventplane_api::condition::{Condition, parse_guard, parse_when};
 use eventplane_api::value::{literal_to_sql_text, to_sql_text};
-use eventplane_api::{Assignment, ColumnOp, ColumnSpec, Op, ProjectionSpec};
+use eventplane_api::{Assignment, ColumnOp, ColumnSpec, HandlerSpec, Op, ProjectionSpec};
 
 use crate::fold::{Effect, Guard, Patch};
 
@@ -16,7 +16,7 @@ use crate::fold::{Effect, Guard, Patch};
 /// column's type; `None` is NULL.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RowChange {
-    /// The key column's value as SQL text.
+    /// The row's key string: see [`crate::key`].
     pub key: String,
     pub kind: ChangeKind,
     /// Apply only where this holds on the row.
@@ -96,23 +96,7 @@ impl<'a> Mapper<'a> {
                 return Ok(None);
             }
         }
-        let key_col = spec.key_column();
-        let key = match envelope.pointer(&handler.key) {
-            None => {
-                return Err(MapError(format!(
-                    "missing value at {} for key column {}",
-                    handler.key, key_col.name
-                )));
-            }
-            Some(v) => to_sql_text(key_col.ty, v)
-                .map_err(|e| MapError(format!("{}: {e}", handler.key)))?
-                .ok_or_else(|| {
-                    MapError(format!(
-                        "{}: null for key column {}",
-                        handler.key, key_col.name
-                    ))
-                })?,
-        };
+        let key = row_key(spec, handler, envelope)?;
         let mut columns = Patch::new();
         for a in &handler.set {
             let col = spec
@@ -141,6 +125,57 @@ impl<'a> Mapper<'a> {
 /// Maps one event with `spec`'s handlers (see [`Mapper::map`]).
 pub fn map_event(spec: &ProjectionSpec, envelope: &Value) -> Result<Option<RowChange>, MapError> {
     Mapper::new(spec).map(envelope)
+}
+
+/// The row's key string (see [`crate::key`]): each key column's value from
+/// the handler's `key` or its entry in `keys`.
+fn row_key(
+    spec: &ProjectionSpec,
+    handler: &HandlerSpec,
+    envelope: &Value,
+) -> Result<String, MapError> {
+    let parts = spec
+        .key_columns()
+        .into_iter()
+        .map(|col| {
+            let pointers: Vec<&str> = if handler.keys.is_empty() {
+                vec![handler.key.as_str()]
+            } else {
+                handler
+                    .keys
+                    .iter()
+                    .find(|k| k.column == col.name)
+                    .map(|k| k.pointers().collect())
+                    .unwrap_or_default()
+            };
+            key_part(col, &pointers, envelope)
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(crate::key::encode(parts))
+}
+
+/// One key column's SQL text: the first of `pointers` present and not null.
+fn key_part(col: &ColumnSpec, pointers: &[&str], envelope: &Value) -> Result<String, MapError> {
+    let mut held_null = false;
+    for pointer in pointers {
+        match envelope.pointer(pointer) {
+            Some(Value::Null) => held_null = true,
+            Some(v) => {
+                return to_sql_text(col.ty, v)
+                    .map_err(|e| MapError(format!("{pointer}: {e}")))?
+                    .ok_or_else(|| {
+                        MapError(format!("{pointer}: null for key column {}", col.name))
+                    });
+            }
+            None => {}
+        }
+    }
+    let pointers = pointers.join(", ");
+    Err(MapError(if held_null {
+        format!("{pointers}: null for key column {}", col.name)
+    } else {
+        format!("missing value at {pointers} for key column {}", col.name)
+    }))
 }
 
 /// The value an assignment reads: the first of its pointers that holds a
@@ -370,6 +405,59 @@ mod tests {
         assert_eq!(
             e.to_string(),
             "/data/orderId: expected bigint, got string \"x\""
+        );
+    }
+
+    #[test]
+    fn composite_keys_take_each_column_from_its_source_in_key_order() {
+        use eventplane_api::KeySource;
+        let mut s = sample();
+        s.keys = vec!["customer_id".into(), "id".into()];
+        s.key.clear();
+        s.handlers[3].key.clear();
+        // Listed out of key order: the key string follows `keys`.
+        s.handlers[3].keys = vec![
+            KeySource {
+                column: "id".into(),
+                from: None,
+                from_first: vec!["/data/orderId".into(), "/data/order_id".into()],
+            },
+            KeySource {
+                column: "customer_id".into(),
+                from: Some("/data/customerId".into()),
+                from_first: vec![],
+            },
+        ];
+        let key = |data| {
+            map_event(&s, &envelope("OrderCancelled", data))
+                .map(|c| c.unwrap().key)
+                .map_err(|e| e.to_string())
+        };
+        let expected = crate::key::encode(vec!["c1".into(), "o1".into()]);
+        assert_eq!(
+            key(json!({"orderId": "o1", "customerId": "c1"})),
+            Ok(expected.clone())
+        );
+        // The old field name, and a null before it, fall through to it.
+        assert_eq!(
+            key(json!({"order_id": "o1", "customerId": "c1"})),
+            Ok(expected.clone())
+        );
+        assert_eq!(
+            key(json!({"orderId": null, "order_id": "o1", "customerId": "c1"})),
+            Ok(expected)
+        );
+        assert_eq!(
+            key(json!({"customerId": "c1"})),
+            Err("missing value at /data/orderId, /data/order_id for key column id".into())
+        );
+        assert_eq!(
+            key(json!({"orderId": "o1"})),
+            Err("missing value at /data/customerId for key column customer_id".into())
+        );
+        assert_eq!(
+            key(json!({"orderId": null, "customerId": "c1"})),
+            Err("/data/orderId, /data/order_id: null for key column id".into())
         );
     }
 

@@ -75,7 +75,7 @@ pub fn create_table_sql(spec: &ProjectionSpec, table: &str) -> Vec<String> {
         .map(|c| {
             // The key is NOT NULL through PRIMARY KEY anyway; saying so keeps
             // the DDL readable.
-            let not_null = if !c.nullable || c.name == spec.key {
+            let not_null = if !c.nullable || spec.is_key(&c.name) {
                 " NOT NULL"
             } else {
                 ""
@@ -83,7 +83,7 @@ pub fn create_table_sql(spec: &ProjectionSpec, table: &str) -> Vec<String> {
             format!("{} {}{not_null}", quote_ident(&c.name), c.ty.sql())
         })
         .collect();
-    defs.push(format!("PRIMARY KEY ({})", quote_ident(&spec.key)));
+    defs.push(format!("PRIMARY KEY ({})", quoted_list(&spec.key_names())));
     let mut out = vec![format!(
         "CREATE TABLE IF NOT EXISTS {} ({})",
         quote_ident(table),
@@ -148,14 +148,21 @@ pub fn index_sql(spec: &ProjectionSpec, table: &str) -> Vec<String> {
         .collect()
 }
 
-/// Deletes the rows whose keys are in `$1` (a text array).
-pub fn delete_sql(spec: &ProjectionSpec, table: &str) -> String {
-    let kt = spec.key_column().ty.sql();
-    format!(
-        "DELETE FROM {} WHERE {} = ANY($1::text[]::{kt}[])",
-        quote_ident(table),
-        quote_ident(&spec.key)
-    )
+/// The key columns' names, the first parameters of every bulk statement.
+fn key_params(spec: &ProjectionSpec) -> Vec<String> {
+    spec.key_names().into_iter().map(str::to_string).collect()
+}
+
+/// `t` is the row whose key the parameters `v` carry.
+fn key_match(spec: &ProjectionSpec) -> String {
+    spec.key_columns()
+        .iter()
+        .map(|c| {
+            let q = quote_ident(&c.name);
+            format!("t.{q} = v.{q}::{}", c.ty.sql())
+        })
+        .collect::<Vec<_>>()
+        .join(" AND ")
 }
 
 fn unnest(n: usize) -> String {
@@ -258,9 +265,7 @@ pub fn update_effects_sql(
     cols: &[(&str, ColumnOp)],
     guard: Option<usize>,
 ) -> BulkStatement {
-    let key = quote_ident(&spec.key);
-    let kt = spec.key_column().ty.sql();
-    let mut names = vec![spec.key.clone()];
+    let mut names = key_params(spec);
     names.extend(cols.iter().map(|(c, _)| c.to_string()));
     names.extend(guard_names(spec, guard));
     let set = cols
@@ -275,10 +280,11 @@ pub fn update_effects_sql(
         .map(|h| format!(" AND {}", guard_sql(spec, &guard_of(spec, h), true)))
         .unwrap_or_default();
     let sql = format!(
-        "UPDATE {} AS t SET {set} FROM unnest({}) AS v({}) WHERE t.{key} = v.{key}::{kt}{condition}",
+        "UPDATE {} AS t SET {set} FROM unnest({}) AS v({}) WHERE {}{condition}",
         quote_ident(table),
         unnest(names.len()),
-        quoted_list(&names)
+        quoted_list(&names),
+        key_match(spec)
     );
     BulkStatement {
         sql,
@@ -286,19 +292,20 @@ pub fn update_effects_sql(
     }
 }
 
-/// Deletes the rows whose keys are in `$1` where handler `guard`'s
-/// condition holds; its slots are the next parameters.
-pub fn delete_guarded_sql(spec: &ProjectionSpec, table: &str, guard: usize) -> BulkStatement {
-    let key = quote_ident(&spec.key);
-    let kt = spec.key_column().ty.sql();
-    let mut names = vec![spec.key.clone()];
-    names.extend(guard_names(spec, Some(guard)));
+/// Deletes the rows whose keys are the parameters, where handler `guard`'s
+/// condition holds if one is given; its slots are the next parameters.
+pub fn delete_sql(spec: &ProjectionSpec, table: &str, guard: Option<usize>) -> BulkStatement {
+    let mut names = key_params(spec);
+    names.extend(guard_names(spec, guard));
+    let condition = guard
+        .map(|h| format!(" AND {}", guard_sql(spec, &guard_of(spec, h), true)))
+        .unwrap_or_default();
     let sql = format!(
-        "DELETE FROM {} AS t USING unnest({}) AS v({}) WHERE t.{key} = v.{key}::{kt} AND {}",
+        "DELETE FROM {} AS t USING unnest({}) AS v({}) WHERE {}{condition}",
         quote_ident(table),
         unnest(names.len()),
         quoted_list(&names),
-        guard_sql(spec, &guard_of(spec, guard), true)
+        key_match(spec)
     );
     BulkStatement {
         sql,
@@ -327,7 +334,7 @@ pub fn upsert_guarded_sql(
     conflict: ConflictCols,
     guard: Option<usize>,
 ) -> BulkStatement {
-    let mut names = vec![spec.key.clone()];
+    let mut names = key_params(spec);
     names.extend(insert_cols.iter().map(|c| c.to_string()));
     let inserted = names.len();
     names.extend(guard_names(spec, guard));
@@ -350,7 +357,7 @@ pub fn upsert_guarded_sql(
         ConflictCols::Replace => spec
             .columns
             .iter()
-            .filter(|c| c.name != spec.key)
+            .filter(|c| !spec.is_key(&c.name))
             .map(|c| {
                 let q = quote_ident(&c.name);
                 if insert_cols.contains(&c.name.as_str()) {
@@ -375,7 +382,7 @@ pub fn upsert_guarded_sql(
         quoted_list(&names[..inserted]),
         unnest(names.len()),
         quoted_list(&names),
-        quote_ident(&spec.key)
+        quoted_list(&spec.key_names())
     );
     BulkStatement {
         sql,
@@ -396,9 +403,10 @@ type Rows = Vec<Vec<Option<String>>>;
 
 /// One round's operations grouped by shape, each row as its parameter
 /// values.
-fn group_round(ops: Vec<(String, RowOp)>) -> BTreeMap<Shape, Rows> {
+fn group_round(spec: &ProjectionSpec, ops: Vec<(String, RowOp)>) -> BTreeMap<Shape, Rows> {
     let mut groups: BTreeMap<Shape, Rows> = BTreeMap::new();
     for (key, op) in ops {
+        let key = crate::key::parts(spec, &key);
         let (guard, op) = match op {
             RowOp::Guarded(g, op) => (Some(g), *op),
             op => (None, op),
@@ -406,7 +414,7 @@ fn group_round(ops: Vec<(String, RowOp)>) -> BTreeMap<Shape, Rows> {
         let handler = guard.as_ref().map(|g| g.handler);
         let params = guard.map(|g| g.params).unwrap_or_default();
         let mut add = |shape: Shape, values: Vec<Option<String>>| {
-            let mut row = vec![Some(key.clone())];
+            let mut row: Vec<Option<String>> = key.iter().cloned().map(Some).collect();
             row.extend(values);
             row.extend(params.iter().cloned());
             groups.entry(shape).or_default().push(row);
@@ -481,13 +489,9 @@ pub fn group_ops(
 ) -> Vec<(BulkStatement, Vec<Vec<Option<String>>>)> {
     let mut out = Vec::new();
     for round in folded.rounds {
-        for (shape, rows) in group_round(round) {
+        for (shape, rows) in group_round(spec, round) {
             let statement = match shape {
-                Shape::Delete(None) => BulkStatement {
-                    sql: delete_sql(spec, table),
-                    columns: vec![spec.key.clone()],
-                },
-                Shape::Delete(Some(h)) => delete_guarded_sql(spec, table, h),
+                Shape::Delete(guard) => delete_sql(spec, table, guard),
                 Shape::Update(cols, guard) => {
                     let cols: Vec<(&str, ColumnOp)> =
                         cols.iter().map(|(c, op)| (c.as_str(), *op)).collect();
@@ -511,20 +515,26 @@ pub fn group_ops(
     out
 }
 
-/// Reads one row as the text of a JSON object; `$1` is the key as text.
-/// Postgres renders the JSON, so a `numeric` keeps every digit.
+/// Reads one row as the text of a JSON object; the parameters are the key
+/// columns' values as text, in key order. Postgres renders the JSON, so a
+/// `numeric` keeps every digit.
 pub fn row_sql(spec: &ProjectionSpec, table: &str) -> String {
+    let key = spec
+        .key_columns()
+        .iter()
+        .enumerate()
+        .map(|(i, c)| format!("{} = ${}::{}", quote_ident(&c.name), i + 1, c.ty.sql()))
+        .collect::<Vec<_>>()
+        .join(" AND ");
     format!(
-        "SELECT to_jsonb(t)::text FROM (SELECT {} FROM {} WHERE {} = $1::{}) t",
+        "SELECT to_jsonb(t)::text FROM (SELECT {} FROM {} WHERE {key}) t",
         all_columns(spec),
         quote_ident(table),
-        quote_ident(&spec.key),
-        spec.key_column().ty.sql()
     )
 }
 
 /// The columns a query's rows are ordered by: its orderBy columns, then the
-/// key as a tie-breaker (unless already listed). A cursor holds their values
+/// key columns as a tie-breaker (those not already listed). A cursor holds their values
 /// in this order.
 pub fn sort_columns<'a>(spec: &'a ProjectionSpec, query: &QuerySpec) -> Vec<&'a ColumnSpec> {
     let mut cols: Vec<&ColumnSpec> = query
@@ -532,8 +542,10 @@ pub fn sort_columns<'a>(spec: &'a ProjectionSpec, query: &QuerySpec) -> Vec<&'a 
         .iter()
         .map(|o| column(spec, &o.column))
         .collect();
-    if !cols.iter().any(|c| c.name == spec.key) {
-        cols.push(spec.key_column());
+    for key in spec.key_columns() {
+        if !cols.iter().any(|c| c.name == key.name) {
+            cols.push(key);
+        }
     }
     cols
 }
@@ -657,11 +669,57 @@ mod tests {
         assert_eq!(index_name("orders", "pending"), "orders_pending");
     }
 
+    /// The sample keyed by (customer_id, id).
+    fn composite() -> ProjectionSpec {
+        let mut spec = sample();
+        spec.keys = vec!["customer_id".into(), "id".into()];
+        spec.key.clear();
+        spec
+    }
+
+    #[test]
+    fn composite_keys_match_every_key_column() {
+        let spec = composite();
+        let ddl = create_table_sql(&spec, "orders");
+        assert!(
+            ddl[0].ends_with(r#"PRIMARY KEY ("customer_id", "id"))"#),
+            "{}",
+            ddl[0]
+        );
+        assert_eq!(
+            row_sql(&spec, "orders"),
+            r#"SELECT to_jsonb(t)::text FROM (SELECT "id", "status", "customer_id", "total", "created_at", "updated_at" FROM "orders" WHERE "customer_id" = $1::text AND "id" = $2::text) t"#
+        );
+        let delete = delete_sql(&spec, "orders", None);
+        assert_eq!(
+            delete.sql,
+            r#"DELETE FROM "orders" AS t USING unnest($1::text[], $2::text[]) AS v("customer_id", "id") WHERE t."customer_id" = v."customer_id"::text AND t."id" = v."id"::text"#
+        );
+        let upsert = upsert_sql(&spec, "orders", &["status"], ConflictCols::Replace);
+        assert!(
+            upsert.sql.ends_with(r#"ON CONFLICT ("customer_id", "id") DO UPDATE SET "status" = EXCLUDED."status", "total" = NULL, "created_at" = NULL, "updated_at" = NULL"#),
+            "{}",
+            upsert.sql
+        );
+        assert_eq!(upsert.columns, ["customer_id", "id", "status"]);
+        // Each row's key string is split into one parameter per column.
+        let key = crate::key::encode(vec!["c1".into(), "o1".into()]);
+        let groups = group_ops(&spec, "orders", one_round(vec![(key, RowOp::Delete)]));
+        assert_eq!(groups[0].0, delete);
+        assert_eq!(
+            groups[0].1,
+            vec![vec![Some("c1".to_string())], vec![Some("o1".to_string())]]
+        );
+        let sort = sort_columns(&spec, &spec.queries[0]);
+        let names: Vec<&str> = sort.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(names, ["created_at", "customer_id", "id"]);
+    }
+
     #[test]
     fn delete_snapshot() {
         assert_eq!(
-            delete_sql(&sample(), "orders"),
-            r#"DELETE FROM "orders" WHERE "id" = ANY($1::text[]::text[])"#
+            delete_sql(&sample(), "orders", None).sql,
+            r#"DELETE FROM "orders" AS t USING unnest($1::text[]) AS v("id") WHERE t."id" = v."id"::text"#
         );
     }
 
@@ -807,7 +865,7 @@ mod tests {
         ];
         let groups = group_ops(&spec, "orders", one_round(ops));
         assert_eq!(groups.len(), 2);
-        assert_eq!(groups[0].0.sql, delete_sql(&spec, "orders"));
+        assert_eq!(groups[0].0, delete_sql(&spec, "orders", None));
         assert_eq!(
             groups[0].1,
             vec![vec![Some("a".to_string()), Some("e".to_string())]]
@@ -978,7 +1036,7 @@ mod tests {
             s.sql
         );
         assert_eq!(s.columns, ["id", "status", "ep_g0", "ep_g1", "ep_g2"]);
-        let s = delete_guarded_sql(&spec, "orders", 1);
+        let s = delete_sql(&spec, "orders", Some(1));
         assert!(
             s.sql.starts_with(r#"DELETE FROM "orders" AS t USING unnest($1::text[], $2::text[], $3::text[], $4::text[]) AS v("id", "ep_g0", "ep_g1", "ep_g2") WHERE t."id" = v."id"::text AND "#),
             "{}",

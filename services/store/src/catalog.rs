@@ -155,7 +155,11 @@ pub async fn apply(
         }
         if let Some(stored) = stored {
             immutable("spec.table", &stored.table, &spec.table)?;
-            immutable("spec.key", &stored.key, &spec.key)?;
+            immutable(
+                "spec.key",
+                &stored.key_names().join(", "),
+                &spec.key_names().join(", "),
+            )?;
         }
     }
     check_table(&mut tx, name, spec).await?;

@@ -282,7 +282,7 @@ pub async fn ensure_in(
         }
         Some(row) if row.version as u32 == spec.version => {
             let stored = row.spec()?;
-            if stored.columns != spec.columns || stored.key != spec.key {
+            if stored.columns != spec.columns || stored.key_names() != spec.key_names() {
                 tracing::warn!(
                     projection = %projection.name,
                     "columns changed without a version bump; increase spec.version to rebuild"

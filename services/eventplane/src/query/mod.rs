@@ -24,12 +24,13 @@ use std::time::{Duration, Instant};
 use axum::Json;
 use axum::Router;
 use axum::extract::rejection::{PathRejection, QueryRejection};
-use axum::extract::{Extension, Path, Query, State};
+use axum::extract::{Extension, OriginalUri, Path, Query, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use eventplane_api::{QuerySpec, parse_param};
 use eventplane_plan::{decode_cursor, encode_cursor, list_sql, row_sql};
+use percent_encoding::percent_decode_str;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 // Generated SQL holds only validated, quoted identifiers; values are bound.
@@ -281,6 +282,12 @@ pub fn api() -> OpenApiRouter<QueryService> {
         .routes(routes!(list_projections))
         .routes(routes!(projection_status))
         .routes(routes!(get_row))
+        // A composite key takes one segment per key column; the route
+        // above describes both.
+        .route(
+            "/v1/projections/{name}/rows/{key}/{*rest}",
+            axum::routing::get(get_row),
+        )
         .routes(routes!(run_query))
         .routes(routes!(dead_letters::list))
         .routes(routes!(dead_letters::replay))
@@ -341,7 +348,7 @@ fn parse_token(params: &BTreeMap<String, String>) -> ApiResult<Option<Token>> {
     tag = "queries",
     params(
         ("name" = String, Path),
-        ("key" = String, Path, description = "the key column's value"),
+        ("key" = String, Path, description = "the key column's value; for a composite key, one path segment per key column in key order (`rows/acme/o-1`), each percent-encoded (a `/` inside a value is `%2F`)"),
         ("token" = Option<String>, Query, description = "an append's token: read your write"),
     ),
     responses(
@@ -358,12 +365,15 @@ async fn get_row(
     State(service): State<QueryService>,
     Extension(grants): Extension<Grants>,
     incoming: Incoming,
-    path: Result<Path<(String, String)>, PathRejection>,
+    path: Result<Path<BTreeMap<String, String>>, PathRejection>,
+    OriginalUri(uri): OriginalUri,
     params: Result<Query<BTreeMap<String, String>>, QueryRejection>,
 ) -> ApiResult<Response> {
     let started = Instant::now();
-    let Path((name, key)) = path?;
+    let Path(path) = path?;
+    let name = path.get("name").cloned().unwrap_or_default();
     grants.require(Access::Read(&name))?;
+    let key = key_segments(uri.path(), &name)?;
     let Query(params) = params?;
     if let Some(unknown) = params.keys().find(|k| k.as_str() != "token") {
         return Err(ApiError::bad_request(
@@ -384,28 +394,48 @@ async fn get_row(
     Ok(json_response(&body, layer))
 }
 
+/// The row route's key segments, each percent-decoded on its own: the
+/// decoded path could not tell a `/` inside a value from the one between
+/// two key columns.
+fn key_segments(raw_path: &str, name: &str) -> ApiResult<Vec<String>> {
+    let bad = |message: String| ApiError::bad_request("invalid_key", message);
+    let (_, keys) = raw_path
+        .split_once(&format!("/projections/{name}/rows/"))
+        .ok_or_else(|| bad("the path names no key".into()))?;
+    keys.split('/')
+        .map(|segment| {
+            percent_decode_str(segment)
+                .decode_utf8()
+                .map(|s| s.into_owned())
+                .map_err(|_| bad(format!("key segment {segment:?} is not UTF-8")))
+        })
+        .collect()
+}
+
 async fn row(
     service: &QueryService,
     served: Arc<Served>,
-    key: &str,
+    segments: &[String],
     token: Option<Token>,
 ) -> ApiResult<(Cached, Layer)> {
     let spec = &served.projection.spec;
-    let key = parse_param(spec.key_column().ty, key)
+    let segments: Vec<&str> = segments.iter().map(String::as_str).collect();
+    let key = eventplane_plan::key::from_params(spec, &segments)
         .map_err(|e| ApiError::bad_request("invalid_key", format!("key: {e}")))?;
+    let parts = eventplane_plan::key::parts(spec, &key);
     // The pool is chosen when a read really goes to Postgres (a cache hit
     // reads nothing, and counts no fallback), once per request.
     let load = {
         let service = service.clone();
         let sql = served.row_sql.clone();
-        let key = key.clone();
         move |pool: PgPool| async move {
             let started = Instant::now();
-            let row: Option<String> = sqlx::query_scalar(AssertSqlSafe(sql.clone()))
-                .bind(&key)
-                .fetch_optional(&pool)
-                .await?;
-            slow::check(&service, &pool, "row", &sql, vec![key], started.elapsed());
+            let mut query = sqlx::query_scalar(AssertSqlSafe(sql.clone()));
+            for part in &parts {
+                query = query.bind(part);
+            }
+            let row: Option<String> = query.fetch_optional(&pool).await?;
+            slow::check(&service, &pool, "row", &sql, parts, started.elapsed());
             Ok::<Cached, sqlx::Error>(Arc::new(row.map(Bytes::from)))
         }
     };
