@@ -264,7 +264,8 @@ pub struct HandlerSpec {
 }
 
 /// The value of one key column, read from the event.
-#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq)]
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[x_kube(validation = Rule::new("has(self.from) != has(self.fromFirst)").message("give exactly one of from and fromFirst"))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct KeySource {
     /// The key column.

@@ -120,7 +120,7 @@ async fn table(pool: &PgPool) -> Model {
         .collect()
 }
 
-async fn catch_up(pool: &PgPool, projection: &Arc<Projection>, rng: &mut Lcg) {
+async fn catch_up(pool: &PgPool, projection: &mut Arc<Projection>, rng: &mut Lcg) {
     loop {
         let limit = 1 + rng.next(9) as i64;
         let outcome = eventplane_store::batch::apply_batch(pool, projection, limit)
@@ -146,7 +146,7 @@ async fn a_composite_key_history_equals_the_model_live_and_rebuilt() {
     eventplane_store::catalog::apply(&pool, "tenant-orders", &v1.spec, "files")
         .await
         .unwrap();
-    let live = Arc::new(v1);
+    let mut live = Arc::new(v1);
     let (mut rng, mut sizes) = (Lcg(3), Lcg(5));
     let mut expected = Model::new();
     for round in 0..5 {
@@ -164,7 +164,7 @@ async fn a_composite_key_history_equals_the_model_live_and_rebuilt() {
             .await
             .unwrap();
         }
-        catch_up(&pool, &live, &mut sizes).await;
+        catch_up(&pool, &mut live, &mut sizes).await;
         assert_eq!(table(&pool).await, expected, "after round {round}");
     }
     let tenants: std::collections::BTreeSet<&str> =
