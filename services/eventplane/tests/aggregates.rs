@@ -419,11 +419,14 @@ async fn customer_stats(pool: &PgPool) -> Vec<StatsRow> {
     .unwrap()
 }
 
-/// What `customer_stats` must hold, computed from the log itself.
+/// What `customer_stats` must hold, computed from the log itself. The
+/// first order is the first in log order (`setIfNull` keeps what it saw
+/// first), which under concurrent appends need not be the earliest
+/// `recorded_at`: a transaction's clock starts before its turn in the log.
 async fn stats_from_log(pool: &PgPool) -> Vec<StatsRow> {
     sqlx::query_as(
         "SELECT data->>'customerId', count(*), sum((data->>'total')::numeric)::text, \
-                min(recorded_at)::text, max(recorded_at)::text \
+                ((array_agg(recorded_at ORDER BY tx_id, position))[1])::text, max(recorded_at)::text \
          FROM events WHERE event_type = 'OrderPlaced' GROUP BY 1 ORDER BY 1",
     )
     .fetch_all(pool)

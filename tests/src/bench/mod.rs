@@ -441,7 +441,7 @@ async fn measure(args: &Args, db: &BenchDatabase) -> anyhow::Result<Report> {
                 database_url: &db.url,
                 projection: &orders.name,
                 table: &orders.table,
-                key_column: &orders.spec.key_column().name,
+                key_column: &orders.spec.key,
                 hot: &hot,
                 hot_row,
             };
@@ -485,7 +485,7 @@ async fn measure(args: &Args, db: &BenchDatabase) -> anyhow::Result<Report> {
     let watcher = tokio::spawn(lag::watch(
         watch_pool.clone(),
         orders.table.clone(),
-        orders.spec.key_column().name.clone(),
+        orders.spec.key.clone(),
         receiver,
     ));
     let every = args.lag_sample_every.max(1);
