@@ -423,6 +423,12 @@ async fn a_subscriber_that_stops_reading_is_cut_off_and_its_connection_dropped()
     );
     let sent = text.matches("\nid: ").count() as i64;
     assert!(sent < EVENTS, "cut off before the end: {sent} events");
+    // Dropped, not left to drain: the last word (`slow_consumer`) never
+    // got past the full socket.
+    assert!(
+        !text.contains("slow_consumer"),
+        "the connection was drained"
+    );
 
     // Its place is free again.
     let mut next = Subscriber::open(&stack, "", None).await;

@@ -227,11 +227,14 @@ fn parse(headers: &HeaderMap, params: &BTreeMap<String, String>) -> ApiResult<Re
     })
 }
 
-/// Committed events in log order as Server-Sent Events, from a cursor on,
-/// then as they commit. Each event's `id` is its cursor
+/// Committed events in log order as Server-Sent Events.
+///
+/// From a cursor on, then as they commit. Each event's `id` is its cursor
 /// `<tx_id>-<position>`, its `event` its type, its `data` the event as
 /// JSON (`type`, `streamId`, `streamVersion`, `position`, `recordedAt`,
-/// `data`, `metadata`).
+/// `data`, `metadata`). A comment `: heartbeat` goes out while idle; a
+/// subscriber that stops reading gets `event: error` (`slow_consumer`)
+/// if it reads again, and its connection is closed.
 #[utoipa::path(
     get,
     path = "/v1/subscriptions/events",
@@ -532,6 +535,29 @@ mod tests {
             body["error"]["code"].as_str().unwrap().to_string(),
             body["error"]["message"].as_str().unwrap().to_string(),
         )
+    }
+
+    #[tokio::test]
+    async fn the_last_word_goes_out_ahead_of_what_the_subscriber_has_not_taken() {
+        use futures::StreamExt as _;
+        let (tx, rx) = mpsc::channel(4);
+        let last_word = Arc::new(OnceLock::new());
+        let outlet = Outlet {
+            rx,
+            last_word: last_word.clone(),
+            metrics: Metrics::new(),
+            done: false,
+        };
+        let mut stream = Box::pin(outlet.stream());
+        tx.send(Event::default().data("1")).await.unwrap();
+        tx.send(Event::default().data("2")).await.unwrap();
+        assert!(stream.next().await.is_some());
+        last_word
+            .set(Event::default().event("error").data("{}"))
+            .unwrap();
+        drop(tx);
+        let rest: Vec<_> = stream.collect().await;
+        assert_eq!(rest.len(), 1, "only the last word, then the end");
     }
 
     #[test]
