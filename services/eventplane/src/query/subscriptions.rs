@@ -150,81 +150,76 @@ struct Request {
 /// sends when it reconnects) wins over `from`.
 fn parse(headers: &HeaderMap, params: &BTreeMap<String, String>) -> ApiResult<Request> {
     super::dead_letters::only(params, &PARAMETERS)?;
-    let last_event_id = headers
-        .get("last-event-id")
-        .map(|value| {
-            value.to_str().map_err(|_| {
-                ApiError::bad_request(
-                    "invalid_last_event_id",
-                    "Last-Event-ID: not a cursor (it is not ASCII text)",
-                )
-            })
-        })
-        .transpose()?
-        // An empty ID is the SSE way of saying there is none.
-        .filter(|id| !id.is_empty());
-    let start = match (last_event_id, params.get("from")) {
-        (Some(id), _) => Start::After(
-            id.parse::<Cursor>()
-                .map_err(|e| {
-                    ApiError::bad_request("invalid_last_event_id", format!("Last-Event-ID: {e}"))
-                })?
-                .0,
-        ),
-        (None, Some(from)) => Start::AfterPosition(
-            from.parse::<i64>()
-                .ok()
-                .filter(|p| *p >= 0 && from.bytes().all(|b| b.is_ascii_digit()))
-                .ok_or_else(|| {
-                    ApiError::bad_request(
-                        "invalid_from",
-                        format!("from: {from:?} is not a global position (an integer >= 0)"),
-                    )
-                })?,
-        ),
-        (None, None) => Start::AfterPosition(0),
+    let start = match last_event_id(headers)? {
+        Some(cursor) => Start::After(cursor.0),
+        None => Start::AfterPosition(params.get("from").map_or(Ok(0), |f| position(f))?),
     };
-    let event_types = params
-        .get("types")
-        .map(|types| {
-            let listed: Vec<String> = types.split(',').map(str::to_string).collect();
-            if let Some(bad) = listed.iter().find(|t| !validate_event_type(t)) {
-                return Err(ApiError::bad_request(
-                    "invalid_types",
-                    format!(
-                        "types: {bad:?} is not an event type (1-128 letters, digits and _ . : -, starting with a letter); list them separated by commas"
-                    ),
-                ));
-            }
-            if listed.len() > MAX_TYPES {
-                return Err(ApiError::bad_request(
-                    "invalid_types",
-                    format!("types: at most {MAX_TYPES} event types"),
-                ));
-            }
-            Ok(listed)
-        })
-        .transpose()?;
-    let stream_prefix = params
-        .get("streamPrefix")
-        .map(|prefix| {
-            if prefix.is_empty() || prefix.len() > MAX_PREFIX_BYTES || prefix.chars().any(char::is_control) {
-                Err(ApiError::bad_request(
-                    "invalid_stream_prefix",
-                    format!("streamPrefix: must be 1-{MAX_PREFIX_BYTES} bytes without control characters"),
-                ))
-            } else {
-                Ok(prefix.clone())
-            }
-        })
-        .transpose()?;
     Ok(Request {
         start,
         filter: Filter {
-            event_types,
-            stream_prefix,
+            event_types: params.get("types").map(|t| event_types(t)).transpose()?,
+            stream_prefix: params
+                .get("streamPrefix")
+                .map(|p| stream_prefix(p))
+                .transpose()?,
         },
     })
+}
+
+fn last_event_id(headers: &HeaderMap) -> ApiResult<Option<Cursor>> {
+    let invalid = |message: String| ApiError::bad_request("invalid_last_event_id", message);
+    let Some(value) = headers.get("last-event-id") else {
+        return Ok(None);
+    };
+    let id = value
+        .to_str()
+        .map_err(|_| invalid("Last-Event-ID: not a cursor (it is not ASCII text)".into()))?;
+    // An empty ID is the SSE way of saying there is none.
+    if id.is_empty() {
+        return Ok(None);
+    }
+    let cursor = id.parse::<Cursor>();
+    cursor
+        .map(Some)
+        .map_err(|e| invalid(format!("Last-Event-ID: {e}")))
+}
+
+fn position(from: &str) -> ApiResult<i64> {
+    // Digits only: `parse` would take a sign.
+    let digits = !from.is_empty() && from.bytes().all(|b| b.is_ascii_digit());
+    let position = from.parse::<i64>().ok().filter(|_| digits);
+    position.ok_or_else(|| {
+        ApiError::bad_request(
+            "invalid_from",
+            format!("from: {from:?} is not a global position (an integer >= 0)"),
+        )
+    })
+}
+
+fn event_types(types: &str) -> ApiResult<Vec<String>> {
+    let invalid = |message: String| ApiError::bad_request("invalid_types", message);
+    let listed: Vec<String> = types.split(',').map(str::to_string).collect();
+    if let Some(bad) = listed.iter().find(|t| !validate_event_type(t)) {
+        return Err(invalid(format!(
+            "types: {bad:?} is not an event type (1-128 letters, digits and _ . : -, \
+             starting with a letter); separate types with commas"
+        )));
+    }
+    if listed.len() > MAX_TYPES {
+        return Err(invalid(format!("types: at most {MAX_TYPES} event types")));
+    }
+    Ok(listed)
+}
+
+fn stream_prefix(prefix: &str) -> ApiResult<String> {
+    let fits = (1..=MAX_PREFIX_BYTES).contains(&prefix.len());
+    if !fits || prefix.chars().any(char::is_control) {
+        return Err(ApiError::bad_request(
+            "invalid_stream_prefix",
+            format!("streamPrefix: must be 1-{MAX_PREFIX_BYTES} bytes without control characters"),
+        ));
+    }
+    Ok(prefix.to_string())
 }
 
 /// Committed events in log order as Server-Sent Events.
