@@ -5,7 +5,8 @@
 //!
 //! - `append:<streams>`: appends to matching streams (and async job status);
 //! - `read:<projection>`: rows, queries and status of a projection;
-//! - `read-stream:<streams>`: a stream's events;
+//! - `read-stream:<streams>`: a stream's events, and a subscription to
+//!   the events of every stream under a prefix the pattern covers;
 //! - `replay:<projection>`: replaying a projection's dead letters.
 //!
 //! A pattern is a name, `*`, or a prefix ending in `*` (`append:order-*`).
@@ -66,6 +67,15 @@ impl Pattern {
             Pattern::Prefix(prefix) => name.starts_with(prefix.as_str()),
         }
     }
+
+    /// Whether every name starting with `prefix` matches. A name pattern
+    /// covers no prefix: longer names start with it too.
+    fn covers(&self, prefix: &str) -> bool {
+        match self {
+            Pattern::Exact(_) => false,
+            Pattern::Prefix(p) => prefix.starts_with(p.as_str()),
+        }
+    }
 }
 
 /// What a request is about to do.
@@ -73,6 +83,9 @@ impl Pattern {
 pub enum Access<'a> {
     Append(&'a str),
     ReadStream(&'a str),
+    /// The events of every stream whose id starts with the prefix (`""`:
+    /// every stream), as a subscription reads them.
+    ReadStreamsUnder(&'a str),
     Read(&'a str),
     Replay(&'a str),
     /// Async job status: whoever may append somewhere.
@@ -132,6 +145,7 @@ impl Grants {
         match access {
             Access::Append(stream) => any(append, stream),
             Access::ReadStream(stream) => any(read_stream, stream),
+            Access::ReadStreamsUnder(prefix) => read_stream.iter().any(|p| p.covers(prefix)),
             Access::Read(projection) => any(read, projection),
             Access::Replay(projection) => any(replay, projection),
             Access::Jobs => !append.is_empty(),
@@ -149,6 +163,9 @@ impl Grants {
             Access::ReadStream(stream) => {
                 format!("read stream {stream:?} (scope read-stream:…)")
             }
+            Access::ReadStreamsUnder(prefix) => format!(
+                "read every stream starting with {prefix:?} (scope read-stream:<prefix>* covering it)"
+            ),
             Access::Read(projection) => format!("read projection {projection:?} (scope read:…)"),
             Access::Replay(projection) => {
                 format!("replay the dead letters of {projection:?} (scope replay:…)")
@@ -332,6 +349,20 @@ mod tests {
         assert!(!grants("read:*").allows(Access::Jobs));
         assert!(grants("read:*").allows(Access::Read("anything")));
         assert!(Grants::All.allows(Access::Append("x")));
+    }
+
+    #[test]
+    fn a_subscription_needs_a_pattern_covering_its_whole_prefix() {
+        let g = grants("read-stream:order-* read-stream:invoice-1");
+        assert!(g.allows(Access::ReadStreamsUnder("order-")));
+        assert!(g.allows(Access::ReadStreamsUnder("order-12")));
+        assert!(!g.allows(Access::ReadStreamsUnder("order")));
+        assert!(!g.allows(Access::ReadStreamsUnder("")));
+        // `invoice-1` grants that stream, not `invoice-12` under its prefix.
+        assert!(!g.allows(Access::ReadStreamsUnder("invoice-1")));
+        assert!(grants("read-stream:*").allows(Access::ReadStreamsUnder("")));
+        assert!(!grants("read:* append:*").allows(Access::ReadStreamsUnder("x")));
+        assert!(Grants::All.allows(Access::ReadStreamsUnder("")));
     }
 
     #[test]

@@ -261,6 +261,34 @@ pub struct QueryArgs {
     /// Apply lag, in milliseconds, past which a replica counts as behind.
     #[arg(long, env = "EVENTPLANE_REPLICA_MAX_LAG_MS", default_value_t = 10_000)]
     pub replica_max_lag_ms: u64,
+    /// Subscriptions: an SSE comment (`: heartbeat`) this often, in
+    /// milliseconds, while no event goes out.
+    #[arg(
+        long,
+        env = "EVENTPLANE_SUBSCRIPTION_HEARTBEAT_MS",
+        default_value_t = 15_000,
+        value_parser = clap::value_parser!(u64).range(1..)
+    )]
+    pub subscription_heartbeat_ms: u64,
+    /// Subscribers one process streams to at once (503 beyond).
+    #[arg(long, env = "EVENTPLANE_MAX_SUBSCRIBERS", default_value_t = 256)]
+    pub max_subscribers: usize,
+    /// Events buffered per subscriber, at most.
+    #[arg(
+        long,
+        env = "EVENTPLANE_SUBSCRIPTION_BUFFER",
+        default_value_t = 1000,
+        value_parser = clap::value_parser!(u64).range(1..=1_000_000)
+    )]
+    pub subscription_buffer: u64,
+    /// A subscriber whose buffer has had no room for a page this long, in
+    /// milliseconds, is cut off (`slow_consumer`).
+    #[arg(
+        long,
+        env = "EVENTPLANE_SUBSCRIPTION_STALL_TIMEOUT_MS",
+        default_value_t = 30_000
+    )]
+    pub subscription_stall_timeout_ms: u64,
 }
 
 impl QueryArgs {
@@ -273,6 +301,12 @@ impl QueryArgs {
             replica: crate::query::replica::ReplicaConfig {
                 fallback: self.read_fallback_to_primary,
                 max_lag: Duration::from_millis(self.replica_max_lag_ms),
+            },
+            subscriptions: crate::query::subscriptions::SubscriptionConfig {
+                heartbeat: Duration::from_millis(self.subscription_heartbeat_ms),
+                max_subscribers: self.max_subscribers,
+                buffer: self.subscription_buffer as usize,
+                stall_timeout: Duration::from_millis(self.subscription_stall_timeout_ms),
             },
         }
     }

@@ -9,6 +9,7 @@ pub mod auth;
 pub mod catalog;
 pub mod cli;
 pub mod command;
+pub mod conn;
 pub mod dev;
 pub mod edge;
 pub mod invalidation;

@@ -107,6 +107,12 @@ pub struct Metrics {
     /// 1 while this process holds the relay's lease and publishes.
     pub relay_lease_held: Gauge,
     pub relay_publish_failures: Counter,
+    /// Catch-up subscriptions streaming from this process now.
+    pub subscribers: Gauge,
+    /// Events handed to subscribers' connections.
+    pub subscription_events_sent: Counter,
+    /// Subscribers cut off for not reading (`slow_consumer`).
+    pub subscribers_cut_off: Counter,
     /// Pools whose usage is read at scrape time.
     pools: std::sync::Mutex<Vec<(&'static str, sqlx::PgPool)>>,
 }
@@ -152,6 +158,9 @@ impl Metrics {
             relay_published: Counter::default(),
             relay_lease_held: Gauge::default(),
             relay_publish_failures: Counter::default(),
+            subscribers: Gauge::default(),
+            subscription_events_sent: Counter::default(),
+            subscribers_cut_off: Counter::default(),
             pools: Default::default(),
             registry: Registry::default(),
             series: Vec::new(),
@@ -290,6 +299,21 @@ impl Metrics {
             "relay_publish_failures",
             "Batches the broker did not acknowledge (retried with backoff)",
             m.relay_publish_failures.clone(),
+        );
+        registry.register(
+            "subscribers",
+            "Catch-up subscriptions streaming from this process",
+            m.subscribers.clone(),
+        );
+        registry.register(
+            "subscription_events_sent",
+            "Events handed to subscribers' connections",
+            m.subscription_events_sent.clone(),
+        );
+        registry.register(
+            "subscribers_cut_off",
+            "Subscribers cut off because they stopped reading (slow_consumer)",
+            m.subscribers_cut_off.clone(),
         );
         let (registry, series) = registry.finish();
         Arc::new(Metrics {

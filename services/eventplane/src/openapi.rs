@@ -70,6 +70,7 @@ mod tests {
             "/v1/projections/{name}/queries/{query}",
             "/v1/projections/{name}/dead-letters",
             "/v1/projections/{name}/dead-letters/replay",
+            "/v1/subscriptions/events",
         ] {
             assert!(
                 paths.iter().any(|p| p.as_str() == path),

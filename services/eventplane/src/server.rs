@@ -288,9 +288,13 @@ impl Stack {
                     )
                 }),
             );
-        let app = crate::edge::around(app);
+        let app = crate::edge::around(app)
+            .into_make_service_with_connect_info::<crate::conn::Connection>();
         let listener = tokio::net::TcpListener::bind(config.listen).await?;
         let addr = listener.local_addr()?;
+        // Each connection carries a handle a streaming response can use to
+        // drop it when its client stops reading.
+        let listener = crate::conn::Droppable(listener);
         tasks.push(tokio::spawn(async move {
             if let Err(err) = axum::serve(listener, app).await {
                 tracing::error!(error = %err, "http server stopped");

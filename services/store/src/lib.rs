@@ -1,7 +1,7 @@
 //! Eventplane's database layer, on Postgres: connection pools and
 //! migrations, the event store and its command queue, the projection
 //! catalog and version registry, the processes that follow them and their
-//! leases, checkpoints and dead letters, the outbox relay's checkpoint and lease, the projector's batch
+//! leases, checkpoints and dead letters, the outbox relay's checkpoint and lease, catch-up subscriptions' reads, the projector's batch
 //! (read below the horizon, map, fold, bulk write, advance, in one
 //! transaction) and the partition executor. Everything here owns a table
 //! or a statement; nothing here speaks HTTP or Redis.
@@ -19,6 +19,7 @@ pub mod processes;
 pub mod projection;
 pub mod relay;
 pub mod status;
+pub mod subscription;
 pub mod token;
 pub mod versions;
 

@@ -41,7 +41,8 @@ fn number(params: &BTreeMap<String, String>, name: &str, default: i64, max: i64)
     }
 }
 
-fn only(params: &BTreeMap<String, String>, allowed: &[&str]) -> ApiResult<()> {
+/// Refuses any parameter not in `allowed`, naming it.
+pub(super) fn only(params: &BTreeMap<String, String>, allowed: &[&str]) -> ApiResult<()> {
     match params.keys().find(|k| !allowed.contains(&k.as_str())) {
         Some(unknown) => Err(ApiError::bad_request(
             "unknown_parameter",

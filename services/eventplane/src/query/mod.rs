@@ -15,6 +15,7 @@ pub mod consistency;
 pub mod dead_letters;
 pub mod replica;
 pub mod slow;
+pub mod subscriptions;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -113,6 +114,8 @@ pub struct QueryService {
     pub slow_query: Duration,
     /// The invalidation subscription, if Redis is configured.
     pub subscription: Option<Arc<tokio::task::JoinHandle<()>>>,
+    /// Catch-up subscriptions to the event log.
+    pub subscriptions: Arc<subscriptions::Subscriptions>,
 }
 
 #[derive(Clone, Debug)]
@@ -128,6 +131,7 @@ pub struct QueryConfig {
     /// What to do when the read database is a replica that is down or
     /// behind.
     pub replica: ReplicaConfig,
+    pub subscriptions: subscriptions::SubscriptionConfig,
 }
 
 impl Default for QueryConfig {
@@ -138,6 +142,7 @@ impl Default for QueryConfig {
             slow_query: Duration::from_millis(100),
             read_timeout: Duration::from_secs(5),
             replica: ReplicaConfig::default(),
+            subscriptions: subscriptions::SubscriptionConfig::default(),
         }
     }
 }
@@ -161,6 +166,8 @@ impl QueryService {
         };
         let bus = CacheBus::new(scope, manager, metrics.clone());
         let subscription = url.map(|url| Arc::new(tokio::spawn(bus.clone().subscribe(url))));
+        let (subscriptions, notifications) =
+            subscriptions::Subscriptions::new(primary.clone(), config.subscriptions);
         let service = QueryService {
             served: Arc::new(ArcSwap::from_pointee(ServedSet::default())),
             follower,
@@ -172,9 +179,17 @@ impl QueryService {
             consistency_timeout: config.consistency_timeout,
             slow_query: config.slow_query,
             subscription,
+            subscriptions,
         };
         service.serve(&service.follower.current());
-        let follow = tokio::spawn(service.clone().follow());
+        // The returned task is the service's: it follows the catalog and
+        // forwards event notifications to the subscriptions.
+        let follow = tokio::spawn({
+            let service = service.clone();
+            async move {
+                tokio::join!(service.follow(), notifications);
+            }
+        });
         (service, follow)
     }
 
@@ -291,6 +306,7 @@ pub fn api() -> OpenApiRouter<QueryService> {
         .routes(routes!(run_query))
         .routes(routes!(dead_letters::list))
         .routes(routes!(dead_letters::replay))
+        .routes(routes!(subscriptions::subscribe))
 }
 
 pub fn router(service: QueryService) -> Router {
