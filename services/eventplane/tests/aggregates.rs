@@ -518,3 +518,86 @@ async fn customer_stats_stays_exact_under_concurrent_appends_and_a_rebuild() {
         .unwrap();
     assert_eq!(customer_stats(&pool).await, live, "the rebuild agrees");
 }
+
+/// A projector process of the real binary, with small batches so a kill
+/// lands between and inside many of them.
+fn spawn_projector(db: &TestDb) -> std::process::Child {
+    std::process::Command::new(env!("CARGO_BIN_EXE_eventplane"))
+        .args([
+            "projector",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--batch-size",
+            "5",
+            "--catalog-resync-ms",
+            "100",
+            "--lease-ttl-ms",
+            "500",
+        ])
+        .env("DATABASE_URL", &db.url)
+        .env_remove("REDIS_URL")
+        .env_remove("EVENTPLANE_PROJECTIONS")
+        .env("RUST_LOG", "error")
+        .spawn()
+        .expect("projector starts")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn customer_stats_stays_exact_through_projector_kills_mid_batch() {
+    let db = TestDb::new().await;
+    let pool = db.pool().await;
+    eventplane_store::db::migrate(&pool).await.unwrap();
+    let manifest = eventplane_api::load_manifests(eventplane::dev::CUSTOMER_STATS_MANIFEST)
+        .unwrap()
+        .remove(0);
+    eventplane_store::catalog::apply(&pool, "customer-stats", &manifest.spec, "cli")
+        .await
+        .unwrap();
+    let mut projector = spawn_projector(&db);
+    let mut rng = Lcg(17);
+    for kill in 0..4 {
+        // Orders keep arriving while the projector works through them.
+        for i in 0..150 {
+            let customer = format!("c{}", rng.next(4));
+            let total = render_cents(rng.next(50_000) as i64);
+            sqlx::query(
+                "INSERT INTO events (stream_id, stream_version, event_type, data) VALUES ($1, 1, 'OrderPlaced', $2)",
+            )
+            .bind(format!("order-{kill}-{i}"))
+            .bind(json!({"orderId": format!("{kill}-{i}"), "customerId": customer, "total": total}))
+            .execute(&pool)
+            .await
+            .unwrap();
+        }
+        // Kill it once it has applied some of this round, not all.
+        let started = eventually(std::time::Duration::from_secs(20), || async {
+            let applied: i64 = sqlx::query_scalar(
+                "SELECT coalesce(sum(orders_placed), 0)::bigint FROM customer_stats",
+            )
+            .fetch_one(&pool)
+            .await
+            .unwrap_or(0);
+            applied > kill * 150
+        })
+        .await;
+        assert!(started, "the projector applies round {kill}");
+        unsafe { libc::kill(projector.id() as i32, libc::SIGKILL) };
+        projector.wait().unwrap();
+        projector = spawn_projector(&db);
+    }
+    assert!(
+        eventually(std::time::Duration::from_secs(30), || caught_up(
+            &pool,
+            "customer-stats"
+        ))
+        .await,
+        "the last projector catches up"
+    );
+    let _ = projector.kill();
+    let _ = projector.wait();
+    let live = customer_stats(&pool).await;
+    assert_eq!(live, stats_from_log(&pool).await, "each order counted once");
+    assert_eq!(live.iter().map(|r| r.1).sum::<i64>(), 4 * 150);
+}
