@@ -154,28 +154,43 @@ fn row_key(
     Ok(crate::key::encode(parts))
 }
 
-/// One key column's SQL text: the first of `pointers` present and not null.
-fn key_part(col: &ColumnSpec, pointers: &[&str], envelope: &Value) -> Result<String, MapError> {
-    let mut held_null = false;
+/// What the first of several pointers found.
+enum Found<'e> {
+    /// The first value other than null, and the pointer that held it.
+    Value(&'e str, &'e Value),
+    /// None held a value, but at least one held null.
+    Null,
+    Missing,
+}
+
+/// The first of `pointers` that holds a value other than null.
+fn first_value<'e>(pointers: &[&'e str], envelope: &'e Value) -> Found<'e> {
+    let mut found = Found::Missing;
     for pointer in pointers {
         match envelope.pointer(pointer) {
-            Some(Value::Null) => held_null = true,
-            Some(v) => {
-                return to_sql_text(col.ty, v)
-                    .map_err(|e| MapError(format!("{pointer}: {e}")))?
-                    .ok_or_else(|| {
-                        MapError(format!("{pointer}: null for key column {}", col.name))
-                    });
-            }
+            Some(Value::Null) => found = Found::Null,
+            Some(v) => return Found::Value(pointer, v),
             None => {}
         }
     }
-    let pointers = pointers.join(", ");
-    Err(MapError(if held_null {
-        format!("{pointers}: null for key column {}", col.name)
-    } else {
-        format!("missing value at {pointers} for key column {}", col.name)
-    }))
+    found
+}
+
+/// One key column's SQL text: the first of `pointers` present and not null.
+fn key_part(col: &ColumnSpec, pointers: &[&str], envelope: &Value) -> Result<String, MapError> {
+    let value = first_value(pointers, envelope);
+    let null = |at: &str| MapError(format!("{at}: null for key column {}", col.name));
+    match value {
+        Found::Value(pointer, v) => to_sql_text(col.ty, v)
+            .map_err(|e| MapError(format!("{pointer}: {e}")))?
+            .ok_or_else(|| null(pointer)),
+        Found::Null => Err(null(&pointers.join(", "))),
+        Found::Missing => Err(MapError(format!(
+            "missing value at {} for key column {}",
+            pointers.join(", "),
+            col.name
+        ))),
+    }
 }
 
 /// The value an assignment reads: the first of its pointers that holds a
@@ -185,7 +200,12 @@ fn source_value(
     col: &ColumnSpec,
     envelope: &Value,
 ) -> Result<Option<String>, MapError> {
-    let pointers: Vec<&String> = a.from.iter().chain(&a.from_first).collect();
+    let pointers: Vec<&str> = a
+        .from
+        .iter()
+        .chain(&a.from_first)
+        .map(String::as_str)
+        .collect();
     let literal = |text: &str| {
         literal_to_sql_text(col.ty, text)
             .map(Some)
@@ -195,26 +215,15 @@ fn source_value(
         // An add without a source counts.
         return literal(a.value.as_deref().unwrap_or("1"));
     }
-    let mut held_null = false;
-    for pointer in &pointers {
-        match envelope.pointer(pointer) {
-            Some(Value::Null) => held_null = true,
-            Some(v) => {
-                return to_sql_text(col.ty, v).map_err(|e| MapError(format!("{pointer}: {e}")));
-            }
-            None => {}
+    match (first_value(&pointers, envelope), &a.default) {
+        (Found::Value(pointer, v), _) => {
+            to_sql_text(col.ty, v).map_err(|e| MapError(format!("{pointer}: {e}")))
         }
-    }
-    match &a.default {
-        Some(d) => literal(d),
-        None if held_null => Ok(None),
-        None => Err(MapError(format!(
+        (_, Some(d)) => literal(d),
+        (Found::Null, None) => Ok(None),
+        (Found::Missing, None) => Err(MapError(format!(
             "missing value at {} for column {}",
-            pointers
-                .iter()
-                .map(|p| p.as_str())
-                .collect::<Vec<_>>()
-                .join(", "),
+            pointers.join(", "),
             col.name
         ))),
     }
