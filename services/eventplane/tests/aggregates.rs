@@ -77,23 +77,6 @@ spec:
       key: /data/id
 "#;
 
-/// A tiny deterministic generator: the history is the same on every run.
-struct Lcg(u64);
-
-impl Lcg {
-    fn next(&mut self, n: u64) -> u64 {
-        self.0 = self
-            .0
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        (self.0 >> 33) % n
-    }
-
-    fn maybe<T>(&mut self, v: T) -> Option<T> {
-        (self.next(4) != 0).then_some(v)
-    }
-}
-
 /// One row of the model; `total` in cents.
 #[derive(Debug, Clone, Default, PartialEq)]
 struct Row {
@@ -519,31 +502,6 @@ async fn customer_stats_stays_exact_under_concurrent_appends_and_a_rebuild() {
     assert_eq!(customer_stats(&pool).await, live, "the rebuild agrees");
 }
 
-/// A projector process of the real binary, with small batches so a kill
-/// lands between and inside many of them.
-fn spawn_projector(db: &TestDb) -> std::process::Child {
-    std::process::Command::new(env!("CARGO_BIN_EXE_eventplane"))
-        .args([
-            "projector",
-            "--listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-            "--batch-size",
-            "5",
-            "--catalog-resync-ms",
-            "100",
-            "--lease-ttl-ms",
-            "500",
-        ])
-        .env("DATABASE_URL", &db.url)
-        .env_remove("REDIS_URL")
-        .env_remove("EVENTPLANE_PROJECTIONS")
-        .env("RUST_LOG", "error")
-        .spawn()
-        .expect("projector starts")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn customer_stats_stays_exact_through_projector_kills_mid_batch() {
     let db = TestDb::new().await;
@@ -555,7 +513,7 @@ async fn customer_stats_stays_exact_through_projector_kills_mid_batch() {
     eventplane_store::catalog::apply(&pool, "customer-stats", &manifest.spec, "cli")
         .await
         .unwrap();
-    let mut projector = spawn_projector(&db);
+    let mut projector = spawn_projector(&db, 5, 500);
     let mut rng = Lcg(17);
     for kill in 0..4 {
         // Orders keep arriving while the projector works through them.
@@ -585,7 +543,7 @@ async fn customer_stats_stays_exact_through_projector_kills_mid_batch() {
         assert!(started, "the projector applies round {kill}");
         unsafe { libc::kill(projector.id() as i32, libc::SIGKILL) };
         projector.wait().unwrap();
-        projector = spawn_projector(&db);
+        projector = spawn_projector(&db, 5, 500);
     }
     assert!(
         eventually(std::time::Duration::from_secs(30), || caught_up(

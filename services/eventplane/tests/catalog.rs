@@ -410,29 +410,6 @@ async fn removing_a_projection_stops_it_everywhere_and_drops_tables_only_when_as
     drop((command, projector, queries));
 }
 
-fn spawn_projector(db: &TestDb, lease_ttl_ms: u64) -> std::process::Child {
-    std::process::Command::new(env!("CARGO_BIN_EXE_eventplane"))
-        .args([
-            "projector",
-            "--listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-            "--batch-size",
-            "7",
-            "--catalog-resync-ms",
-            "100",
-            "--lease-ttl-ms",
-        ])
-        .arg(lease_ttl_ms.to_string())
-        .env("DATABASE_URL", &db.url)
-        .env_remove("REDIS_URL")
-        .env_remove("EVENTPLANE_PROJECTIONS")
-        .env("RUST_LOG", "error")
-        .spawn()
-        .expect("projector starts")
-}
-
 async fn holders(pool: &PgPool) -> Vec<(String, String)> {
     sqlx::query_as(
         "SELECT projection, member FROM projection_leases WHERE expires_at > now() ORDER BY projection",
@@ -453,8 +430,8 @@ async fn a_killed_projector_hands_its_projections_over_and_nothing_is_lost() {
     }
     let command = start(&db, COMMAND).await;
     let http = client();
-    let mut first = spawn_projector(&db, LEASE_TTL_MS);
-    let mut second = spawn_projector(&db, LEASE_TTL_MS);
+    let mut first = spawn_projector(&db, 7, LEASE_TTL_MS);
+    let mut second = spawn_projector(&db, 7, LEASE_TTL_MS);
 
     let writing = Arc::new(AtomicBool::new(true));
     let writer = {

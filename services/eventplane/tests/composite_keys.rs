@@ -53,18 +53,6 @@ spec:
       filters: [status]
 "#;
 
-struct Lcg(u64);
-
-impl Lcg {
-    fn next(&mut self, n: u64) -> u64 {
-        self.0 = self
-            .0
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        (self.0 >> 33) % n
-    }
-}
-
 type Key = (String, i64);
 type Model = BTreeMap<Key, (String, i64)>;
 

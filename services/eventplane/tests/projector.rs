@@ -9,23 +9,8 @@ use std::time::Duration;
 use common::*;
 use eventplane::server::Roles;
 use eventplane_api::ProjectionManifest;
-use rand_like::Lcg;
 use serde_json::{Value, json};
 use sqlx::PgPool;
-
-/// A tiny deterministic generator: the workload is the same on every run.
-mod rand_like {
-    pub struct Lcg(pub u64);
-    impl Lcg {
-        pub fn next(&mut self, n: u64) -> u64 {
-            self.0 = self
-                .0
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            (self.0 >> 33) % n
-        }
-    }
-}
 
 fn variant(name: &str, table: &str, extra: &str) -> ProjectionManifest {
     let yaml = eventplane::dev::ORDERS_MANIFEST

@@ -127,3 +127,48 @@ pub async fn differences(pool: &PgPool, a: &str, b: &str) -> i64 {
     .await
     .expect("difference query")
 }
+
+/// A tiny deterministic generator: a test's workload is the same on every
+/// run.
+pub struct Lcg(pub u64);
+
+impl Lcg {
+    pub fn next(&mut self, n: u64) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (self.0 >> 33) % n
+    }
+
+    /// `v` three times in four.
+    pub fn maybe<T>(&mut self, v: T) -> Option<T> {
+        (self.next(4) != 0).then_some(v)
+    }
+}
+
+/// A projector process of the real binary following the catalog of `db`,
+/// with small batches so that a kill lands inside them, and a short lease
+/// so that another process takes its projections over soon.
+pub fn spawn_projector(db: &TestDb, batch_size: u32, lease_ttl_ms: u64) -> std::process::Child {
+    std::process::Command::new(env!("CARGO_BIN_EXE_eventplane"))
+        .args([
+            "projector",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--catalog-resync-ms",
+            "100",
+        ])
+        .arg("--batch-size")
+        .arg(batch_size.to_string())
+        .arg("--lease-ttl-ms")
+        .arg(lease_ttl_ms.to_string())
+        .env("DATABASE_URL", &db.url)
+        .env_remove("REDIS_URL")
+        .env_remove("EVENTPLANE_PROJECTIONS")
+        .env("RUST_LOG", "error")
+        .spawn()
+        .expect("projector starts")
+}
