@@ -377,3 +377,31 @@ fn leader_election_follows_the_operator_replica_count() {
         "Recreate"
     );
 }
+
+#[test]
+fn kafka_consuming_projectors_take_the_brokers_from_the_relay_secret() {
+    let env = |docs: &[Value]| -> Vec<Value> {
+        containers(deployment(docs, "projector"))[0]["env"]
+            .as_array()
+            .unwrap()
+            .clone()
+    };
+    let named = |env: &[Value], name: &str| env.iter().find(|e| e["name"] == name).cloned();
+    let default = env(&render(&[]));
+    assert!(named(&default, "EVENTPLANE_SOURCE").is_none());
+    assert!(named(&default, "KAFKA_BROKERS").is_none());
+
+    let docs = all_options();
+    let kafka = env(&docs);
+    assert_eq!(
+        named(&kafka, "EVENTPLANE_SOURCE").unwrap()["value"],
+        "kafka"
+    );
+    let brokers = named(&kafka, "KAFKA_BROKERS").unwrap();
+    assert_eq!(
+        brokers["valueFrom"]["secretKeyRef"]["name"],
+        "eventplane-kafka"
+    );
+    assert!(brokers.get("value").is_none(), "brokers never inline");
+    assert_eq!(deployment(&docs, "projector")["spec"]["replicas"], 3);
+}

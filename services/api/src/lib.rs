@@ -11,6 +11,7 @@ mod ident;
 pub mod partition;
 mod predicate;
 pub mod resource;
+pub mod transport;
 mod types;
 mod validate;
 pub mod value;

@@ -134,6 +134,12 @@ pub struct ProjectionSpec {
     /// How the projection's query Deployment is scaled.
     #[serde(default)]
     pub scaling: crate::cluster::ScalingSpec,
+    /// Where the projector reads the events from: the Postgres log
+    /// (default) or the relay's Kafka topic, for scaling out by partition.
+    /// Cannot be changed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self == oldSelf").message("transport is immutable: declare a new projection to change it"))]
+    pub transport: Option<crate::transport::TransportSpec>,
 }
 
 /// A table column.
@@ -634,6 +640,14 @@ impl ProjectionSpec {
 
     /// The names of the primary-key columns, in key order: `key`, or the
     /// entries of `keys`.
+    /// The Kafka topic the projection is fed from, when it is.
+    pub fn kafka_topic(&self) -> Option<&str> {
+        self.transport
+            .as_ref()
+            .filter(|t| t.is_kafka())
+            .map(|t| t.topic.as_str())
+    }
+
     pub fn key_names(&self) -> Vec<&str> {
         if self.keys.is_empty() {
             vec![self.key.as_str()]

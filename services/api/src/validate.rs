@@ -173,6 +173,7 @@ impl ProjectionSpec {
         self.validate_handlers()?;
         self.validate_indexes()?;
         self.validate_queries()?;
+        crate::transport::check(self)?;
         if self.cache.l1_ttl_ms > MAX_L1_TTL_MS {
             return Err(SpecError::invalid(
                 "spec.cache.l1TtlMs",

@@ -207,6 +207,7 @@ impl ProjectorArgs {
             poll_interval: Duration::from_millis(self.poll_interval_ms.max(1)),
             rebuild_in_process: !self.no_rebuild,
             lease_ttl: Duration::from_millis(self.lease_ttl_ms.max(100)),
+            kafka: None,
         }
     }
 }
@@ -336,6 +337,54 @@ pub struct ProjectorRole {
     pub listen: ListenArgs,
     #[command(flatten)]
     pub projector: ProjectorArgs,
+    #[command(flatten)]
+    pub source: SourceArgs,
+}
+
+/// Where the projector reads events from.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Source {
+    /// Tail the Postgres log (every projector does, for the projections
+    /// that declare `transport.kind: postgres`).
+    Postgres,
+    /// Also consume the Kafka-fed projections from the relay's topic.
+    Kafka,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct SourceArgs {
+    /// `kafka`: besides its share of the Postgres-fed projections, this
+    /// process joins the consumer group of every Kafka-fed projection.
+    #[arg(long, env = "EVENTPLANE_SOURCE", value_enum, default_value_t = Source::Postgres)]
+    pub source: Source,
+    /// Kafka bootstrap servers, `host:port[,host:port…]` (with `--source
+    /// kafka`).
+    #[arg(long, env = "KAFKA_BROKERS", required_if_eq("source", "kafka"))]
+    pub brokers: Option<String>,
+    /// Consumer groups are named `<prefix>.<projection>`.
+    #[arg(long, env = "EVENTPLANE_GROUP_PREFIX", default_value = "eventplane")]
+    pub group_prefix: String,
+    /// How long the group waits for a silent replica before moving its
+    /// partitions to the others, in milliseconds.
+    #[arg(
+        long,
+        env = "EVENTPLANE_KAFKA_SESSION_TIMEOUT_MS",
+        default_value_t = 10_000
+    )]
+    pub session_timeout_ms: u64,
+}
+
+impl SourceArgs {
+    pub fn kafka(&self) -> Option<crate::projector::kafka::KafkaSource> {
+        match (self.source, &self.brokers) {
+            (Source::Kafka, Some(brokers)) => Some(crate::projector::kafka::KafkaSource {
+                brokers: brokers.clone(),
+                group_prefix: self.group_prefix.clone(),
+                session_timeout: Duration::from_millis(self.session_timeout_ms.max(1000)),
+            }),
+            _ => None,
+        }
+    }
 }
 
 #[derive(Args, Debug, Clone)]
@@ -367,7 +416,7 @@ pub struct RelayRole {
     #[arg(
         long,
         env = "EVENTPLANE_RELAY_TOPIC",
-        default_value = "eventplane.events"
+        default_value = eventplane_api::transport::DEFAULT_TOPIC
     )]
     pub topic: String,
     /// The relay's checkpoint and lease (replicas of one relay share it);

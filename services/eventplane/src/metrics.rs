@@ -107,6 +107,14 @@ pub struct Metrics {
     /// 1 while this process holds the relay's lease and publishes.
     pub relay_lease_held: Gauge,
     pub relay_publish_failures: Counter,
+    /// Kafka partitions of each Kafka-fed projection this process holds.
+    pub kafka_partitions_assigned: Family<ProjectionLabels, Gauge>,
+    /// Messages skipped because the relay had published them before.
+    pub kafka_duplicates: Family<ProjectionLabels, Counter>,
+    /// Messages skipped because Kafka had delivered them before.
+    pub kafka_redelivered: Family<ProjectionLabels, Counter>,
+    /// Messages that name no event (neither value nor headers decode).
+    pub kafka_undecodable: Family<ProjectionLabels, Counter>,
     /// Catch-up subscriptions streaming from this process now.
     pub subscribers: Gauge,
     /// Events handed to subscribers' connections.
@@ -158,6 +166,10 @@ impl Metrics {
             relay_published: Counter::default(),
             relay_lease_held: Gauge::default(),
             relay_publish_failures: Counter::default(),
+            kafka_partitions_assigned: Family::default(),
+            kafka_duplicates: Family::default(),
+            kafka_redelivered: Family::default(),
+            kafka_undecodable: Family::default(),
             subscribers: Gauge::default(),
             subscription_events_sent: Counter::default(),
             subscribers_cut_off: Counter::default(),
@@ -299,6 +311,26 @@ impl Metrics {
             "relay_publish_failures",
             "Batches the broker did not acknowledge (retried with backoff)",
             m.relay_publish_failures.clone(),
+        );
+        registry.register(
+            "kafka_partitions_assigned",
+            "Partitions of a Kafka-fed projection's topic this process consumes",
+            m.kafka_partitions_assigned.clone(),
+        );
+        registry.register(
+            "kafka_duplicates",
+            "Messages dropped because the relay had published the event before",
+            m.kafka_duplicates.clone(),
+        );
+        registry.register(
+            "kafka_redelivered",
+            "Messages dropped because Kafka had delivered them before",
+            m.kafka_redelivered.clone(),
+        );
+        registry.register(
+            "kafka_undecodable",
+            "Messages skipped because neither their value nor their headers name an event",
+            m.kafka_undecodable.clone(),
         );
         registry.register(
             "subscribers",

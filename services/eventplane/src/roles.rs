@@ -67,6 +67,7 @@ pub async fn projector(role: ProjectorRole) -> anyhow::Result<()> {
     config.redis_url = role.redis.redis_url;
     declare(&mut config, &role.catalog)?;
     config.projector = role.projector.config();
+    config.projector.kafka = role.source.kafka();
     serve(config).await
 }
 

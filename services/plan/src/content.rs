@@ -25,7 +25,9 @@ pub fn bearing(field: &str) -> Bearing {
     match field {
         "table" | "version" | "key" | "columns" | "handlers" | "onError" => Bearing::Rows,
         "indexes" | "database" | "rebuild" => Bearing::Build,
-        "queries" | "cache" | "scaling" | "reclaimPolicy" => Bearing::Serving,
+        // The transport cannot change (the catalog refuses it), and either
+        // one gives the same rows.
+        "queries" | "cache" | "scaling" | "reclaimPolicy" | "transport" => Bearing::Serving,
         _ => Bearing::Rows,
     }
 }
@@ -78,6 +80,7 @@ mod tests {
         ("queries", Bearing::Serving),
         ("cache", Bearing::Serving),
         ("scaling", Bearing::Serving),
+        ("transport", Bearing::Serving),
         ("reclaimPolicy", Bearing::Serving),
     ];
 
@@ -88,6 +91,10 @@ mod tests {
             key: "url".into(),
         });
         spec.reclaim_policy = ReclaimPolicy::Delete;
+        spec.transport = Some(eventplane_api::transport::TransportSpec {
+            kind: eventplane_api::transport::TransportKind::Kafka,
+            topic: "events".into(),
+        });
         spec
     }
 

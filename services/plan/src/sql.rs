@@ -34,9 +34,10 @@ pub struct BulkStatement {
 /// What an upsert does when the key already exists.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum ConflictCols {
-    /// Update these columns from the inserted values (empty: do nothing).
-    /// Each must be one of the insert columns.
-    Set(Vec<String>),
+    /// Change these columns by their operation, with the inserted value as
+    /// the operand (empty: do nothing). Each must be one of the insert
+    /// columns.
+    Set(Vec<(String, ColumnOp)>),
     /// Every non-key column takes the inserted value, or NULL when it is not
     /// an insert column.
     Replace,
@@ -190,8 +191,14 @@ pub fn update_sql(spec: &ProjectionSpec, table: &str, cols: &[&str]) -> BulkStat
 /// The new value of column `c` under `op`, from the old value `old` and
 /// the operand parameter `v."c"`.
 fn effect_sql(spec: &ProjectionSpec, c: &str, op: ColumnOp, old: &str) -> String {
-    let q = quote_ident(c);
-    let v = format!("v.{q}::{}", ty(spec, c).sql());
+    let v = format!("v.{}::{}", quote_ident(c), ty(spec, c).sql());
+    effect(op, old, &v)
+}
+
+/// The new value of a column under `op`, from its old value `old` and the
+/// operand `v` (SQL expressions).
+fn effect(op: ColumnOp, old: &str, v: &str) -> String {
+    let v = v.to_string();
     match op {
         ColumnOp::Set => v,
         ColumnOp::Add => format!("COALESCE({old}, 0) + {v}"),
@@ -349,9 +356,12 @@ pub fn upsert_guarded_sql(
     let assignments: Vec<String> = match &conflict {
         ConflictCols::Set(cols) => cols
             .iter()
-            .map(|c| {
+            .map(|(c, op)| {
                 let q = quote_ident(c);
-                format!("{q} = EXCLUDED.{q}")
+                format!(
+                    "{q} = {}",
+                    effect(*op, &format!("t.{q}"), &format!("EXCLUDED.{q}"))
+                )
             })
             .collect(),
         ConflictCols::Replace => spec
@@ -377,7 +387,7 @@ pub fn upsert_guarded_sql(
         .map(|h| format!(" WHERE {}", guard_sql(spec, &guard_of(spec, h), false)))
         .unwrap_or_default();
     let sql = format!(
-        "INSERT INTO {} ({}) SELECT {select} FROM unnest({}) AS v({}){condition} ON CONFLICT ({}) {on_conflict}",
+        "INSERT INTO {} AS t ({}) SELECT {select} FROM unnest({}) AS v({}){condition} ON CONFLICT ({}) {on_conflict}",
         quote_ident(table),
         quoted_list(&names[..inserted]),
         unnest(names.len()),
@@ -441,18 +451,27 @@ fn group_round(spec: &ProjectionSpec, ops: Vec<(String, RowOp)>) -> BTreeMap<Sha
                 insert,
                 on_conflict: Conflict::Set(patch),
             } => {
-                // One statement when the conflict sets columns to what the
-                // insert carries; otherwise the update of existing rows,
-                // then the insert of absent ones.
+                // One statement when the conflict changes each column by
+                // what the insert carries (a set to it, an add, min or max
+                // of it): besides saving a round trip, it is safe beside
+                // another writer of the row (a Kafka-fed batch of another
+                // partition), whose insert it waits for and then updates.
+                // Otherwise the update of existing rows, then the insert of
+                // absent ones.
                 let covered = handler.is_none()
-                    && patch
-                        .iter()
-                        .all(|(c, e)| e.op == ColumnOp::Set && insert.get(c) == Some(&e.value));
+                    && patch.iter().all(|(c, e)| {
+                        matches!(
+                            e.op,
+                            ColumnOp::Set | ColumnOp::Add | ColumnOp::Min | ColumnOp::Max
+                        ) && insert.get(c) == Some(&e.value)
+                    });
                 if covered {
                     add(
                         Shape::Upsert(
                             names(&insert),
-                            ConflictCols::Set(patch.keys().cloned().collect()),
+                            ConflictCols::Set(
+                                patch.iter().map(|(c, e)| (c.clone(), e.op)).collect(),
+                            ),
                             None,
                         ),
                         insert.into_values().collect(),
@@ -625,7 +644,7 @@ pub fn list_sql(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fold::{fold, tests as fold_tests};
+    use crate::fold::{Effect, fold, tests as fold_tests};
     use eventplane_api::examples::orders as sample;
 
     const COLS: &str = r#""id", "status", "customer_id", "total", "created_at", "updated_at""#;
@@ -740,11 +759,27 @@ mod tests {
             &spec,
             "orders",
             &["status", "total"],
-            ConflictCols::Set(vec!["status".into()]),
+            ConflictCols::Set(vec![("status".into(), ColumnOp::Set)]),
         );
         assert_eq!(
             s.sql,
-            r#"INSERT INTO "orders" ("id", "status", "total") SELECT v."id"::text, v."status"::text, v."total"::numeric FROM unnest($1::text[], $2::text[], $3::text[]) AS v("id", "status", "total") ON CONFLICT ("id") DO UPDATE SET "status" = EXCLUDED."status""#
+            r#"INSERT INTO "orders" AS t ("id", "status", "total") SELECT v."id"::text, v."status"::text, v."total"::numeric FROM unnest($1::text[], $2::text[], $3::text[]) AS v("id", "status", "total") ON CONFLICT ("id") DO UPDATE SET "status" = EXCLUDED."status""#
+        );
+        // Additions, minimums and maximums take the inserted value as
+        // their operand, so one statement inserts or changes the row.
+        let added = upsert_sql(
+            &spec,
+            "orders",
+            &["total", "updated_at"],
+            ConflictCols::Set(vec![
+                ("total".into(), ColumnOp::Add),
+                ("updated_at".into(), ColumnOp::Max),
+            ]),
+        );
+        assert!(
+            added.sql.ends_with(r#"DO UPDATE SET "total" = COALESCE(t."total", 0) + EXCLUDED."total", "updated_at" = GREATEST(t."updated_at", EXCLUDED."updated_at")"#),
+            "{}",
+            added.sql
         );
         assert_eq!(s.columns, ["id", "status", "total"]);
         let s = upsert_sql(&spec, "orders", &["status"], ConflictCols::Set(vec![]));
@@ -908,7 +943,10 @@ mod tests {
                 &spec,
                 "orders",
                 &["status", "total"],
-                ConflictCols::Set(vec!["status".into(), "total".into()])
+                ConflictCols::Set(vec![
+                    ("status".into(), ColumnOp::Set),
+                    ("total".into(), ColumnOp::Set)
+                ])
             )
         );
         assert_eq!(
@@ -922,6 +960,42 @@ mod tests {
         assert_eq!(
             groups[1].0,
             upsert_sql(&spec, "orders", &["status", "total"], ConflictCols::Replace)
+        );
+    }
+
+    #[test]
+    fn an_upsert_adding_what_it_inserts_is_one_statement() {
+        let spec = sample();
+        let mut patch = Patch::new();
+        patch.insert(
+            "total".to_string(),
+            Effect {
+                op: ColumnOp::Add,
+                ty: ColumnType::Numeric,
+                value: Some("5".to_string()),
+            },
+        );
+        let upsert = |insert: &str| RowOp::Upsert {
+            insert: c(&[("total", Some(insert))]),
+            on_conflict: Conflict::Set(patch.clone()),
+        };
+        let groups = group_ops(&spec, "orders", one_round(vec![("a".into(), upsert("5"))]));
+        assert_eq!(groups.len(), 1);
+        assert_eq!(
+            groups[0].0,
+            upsert_sql(
+                &spec,
+                "orders",
+                &["total"],
+                ConflictCols::Set(vec![("total".into(), ColumnOp::Add)])
+            )
+        );
+        // An absent row would not start from the operand: split.
+        let groups = group_ops(&spec, "orders", one_round(vec![("a".into(), upsert("7"))]));
+        assert_eq!(groups.len(), 2);
+        assert_eq!(
+            groups[0].0,
+            update_effects_sql(&spec, "orders", &[("total", ColumnOp::Add)], None)
         );
     }
 

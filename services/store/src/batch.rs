@@ -38,7 +38,7 @@ pub struct BatchOutcome {
 /// Most trace contexts one batch reports: a span links to at most 128.
 pub const MAX_TRACES: usize = 128;
 
-#[derive(sqlx::FromRow)]
+#[derive(Debug, Clone, sqlx::FromRow)]
 pub struct TailEvent {
     pub position: i64,
     pub tx_id: i64,
@@ -189,6 +189,13 @@ impl Prepared {
     pub fn halted(&self) -> bool {
         self.halted.is_some()
     }
+
+    /// Records an event that could not even be read as one (a message that
+    /// does not decode) among the batch's dead letters.
+    pub fn dead_letter(&mut self, letter: DeadLetter) {
+        self.dead.push(letter);
+        self.consumed += 1;
+    }
 }
 
 /// Maps `events` with `projection`'s handlers and folds them per key.
@@ -278,19 +285,7 @@ pub async fn apply_locked(
     let Some(locked) = checkpoints::lock(&mut *tx, &projection.checkpoint).await? else {
         return Err(sqlx::Error::RowNotFound);
     };
-    if projection.is_live() {
-        // Read after the checkpoint lock, in a statement of its own: a swap
-        // holds that lock until it commits, so this snapshot sees the
-        // version it made active. (Joined into the locking statement, the
-        // version would come from the snapshot taken before the wait.)
-        if let Some(spec) =
-            crate::versions::active_other_than(&mut *tx, &projection.name, projection.spec.version)
-                .await?
-        {
-            tracing::info!(projection = %projection.name, version = spec.version, "following the active version");
-            *projection = Arc::new(Projection::live(projection.name.clone(), spec));
-        }
-    }
+    follow_active(&mut *tx, projection).await?;
     if let Some(reason) = locked.halted_reason {
         return Ok(BatchOutcome {
             halted: Some(reason),
@@ -306,6 +301,72 @@ pub async fn apply_locked(
     write(tx, projection, checkpoint, horizon, prepared).await
 }
 
+/// Replaces a live `projection` with the active version when a swap made
+/// another version active. Called after the checkpoint lock, in a
+/// statement of its own: a swap holds that lock until it commits, so this
+/// snapshot sees the version it made active. (Joined into the locking
+/// statement, the version would come from the snapshot taken before the
+/// wait.)
+pub async fn follow_active(
+    tx: &mut PgConnection,
+    projection: &mut Arc<Projection>,
+) -> sqlx::Result<()> {
+    if !projection.is_live() {
+        return Ok(());
+    }
+    if let Some(spec) =
+        crate::versions::active_other_than(&mut *tx, &projection.name, projection.spec.version)
+            .await?
+    {
+        tracing::info!(projection = %projection.name, version = spec.version, "following the active version");
+        *projection = Arc::new(Projection::live(projection.name.clone(), spec));
+    }
+    Ok(())
+}
+
+/// What writing a prepared batch's rows did.
+pub struct Written {
+    pub events: usize,
+    pub keys: Vec<String>,
+    pub dead_letters: usize,
+    pub halted: Option<String>,
+    pub last: Option<Checkpoint>,
+    pub first_recorded: Option<chrono::DateTime<chrono::Utc>>,
+    pub last_recorded: Option<chrono::DateTime<chrono::Utc>>,
+    pub traceparents: Vec<String>,
+}
+
+impl Written {
+    /// Seconds from the oldest event's record time to now.
+    pub fn max_lag_seconds(&self) -> f64 {
+        let now = chrono::Utc::now();
+        self.first_recorded
+            .map(|t| (now - t).num_microseconds().unwrap_or(0) as f64 / 1e6)
+            .unwrap_or(0.0)
+    }
+}
+
+/// Writes a prepared batch's rows and dead letters inside the caller's
+/// transaction; where the batch stands is the caller's to record.
+pub async fn write_rows(
+    tx: &mut PgConnection,
+    projection: &Projection,
+    prepared: Prepared,
+) -> sqlx::Result<Written> {
+    execute(tx, prepared.statements).await?;
+    checkpoints::record_dead_letters(&mut *tx, &projection.checkpoint, &prepared.dead).await?;
+    Ok(Written {
+        events: prepared.consumed,
+        keys: prepared.keys,
+        dead_letters: prepared.dead.len(),
+        halted: prepared.halted,
+        last: prepared.last,
+        first_recorded: prepared.first_recorded,
+        last_recorded: prepared.last_recorded,
+        traceparents: prepared.traceparents,
+    })
+}
+
 /// Writes a prepared batch read after `checkpoint` and below `horizon`, and
 /// advances the checkpoint, inside the caller's transaction (which holds
 /// the checkpoint's lock).
@@ -316,36 +377,31 @@ pub async fn write(
     horizon: i64,
     prepared: Prepared,
 ) -> sqlx::Result<BatchOutcome> {
-    execute(tx, prepared.statements).await?;
-    checkpoints::record_dead_letters(&mut *tx, &projection.checkpoint, &prepared.dead).await?;
+    let full = prepared.full;
+    let written = write_rows(&mut *tx, projection, prepared).await?;
 
     // A short batch read everything below the horizon: the checkpoint can
     // move up to it, so the next read skips what other projections' events
     // left behind.
-    let saw_all = prepared.halted.is_none() && !prepared.full;
-    let next = checkpoint.after_batch(prepared.last, horizon, saw_all);
+    let saw_all = written.halted.is_none() && !full;
+    let next = checkpoint.after_batch(written.last, horizon, saw_all);
     let step = Advance {
         to: next,
-        last_event_at: prepared.last_recorded,
-        applied: prepared.consumed as i64,
-        halted_reason: prepared.halted.as_deref(),
+        last_event_at: written.last_recorded,
+        applied: written.events as i64,
+        halted_reason: written.halted.as_deref(),
     };
     checkpoints::advance(&mut *tx, &projection.checkpoint, &step).await?;
 
-    let now = chrono::Utc::now();
-    let max_lag_seconds = prepared
-        .first_recorded
-        .map(|t| (now - t).num_microseconds().unwrap_or(0) as f64 / 1e6)
-        .unwrap_or(0.0);
     Ok(BatchOutcome {
-        events: prepared.consumed,
-        full: prepared.full,
-        keys: prepared.keys,
-        dead_letters: prepared.dead.len(),
-        halted: prepared.halted,
-        max_lag_seconds,
+        events: written.events,
+        full,
+        max_lag_seconds: written.max_lag_seconds(),
+        keys: written.keys,
+        dead_letters: written.dead_letters,
+        halted: written.halted,
         checkpoint: next,
-        traceparents: prepared.traceparents,
+        traceparents: written.traceparents,
     })
 }
 

@@ -160,6 +160,12 @@ pub async fn apply(
                 &stored.key_names().join(", "),
                 &spec.key_names().join(", "),
             )?;
+            // Neither transport knows where the other stands in the log.
+            immutable(
+                "spec.transport",
+                &transport_text(&stored),
+                &transport_text(spec),
+            )?;
         }
     }
     check_table(&mut tx, name, spec).await?;
@@ -188,6 +194,14 @@ pub async fn apply(
         generation,
         ensured: Some(ensured),
     })
+}
+
+/// The transport as an error message shows it.
+fn transport_text(spec: &ProjectionSpec) -> String {
+    match spec.kafka_topic() {
+        Some(topic) => format!("kafka, topic {topic}"),
+        None => "postgres".to_string(),
+    }
 }
 
 fn immutable(field: &'static str, current: &str, wanted: &str) -> Result<(), CatalogError> {

@@ -109,6 +109,22 @@ pub async fn lock(conn: &mut PgConnection, name: &str) -> sqlx::Result<Option<Ch
     .await
 }
 
+/// Reads the checkpoint and holds it against [`lock`] until the caller's
+/// transaction ends. Kafka-fed batches take it this way: they run side by
+/// side, one per partition set, while a swap, which takes it exclusively,
+/// waits for them and they for it.
+pub async fn lock_shared(
+    conn: &mut PgConnection,
+    name: &str,
+) -> sqlx::Result<Option<CheckpointRow>> {
+    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT {ROW} FROM projection_checkpoints WHERE projection = $1 FOR SHARE"
+    )))
+    .bind(name)
+    .fetch_optional(conn)
+    .await
+}
+
 /// What one batch moves a checkpoint by.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Advance<'a> {

@@ -1,7 +1,7 @@
 //! Eventplane's database layer, on Postgres: connection pools and
 //! migrations, the event store and its command queue, the projection
 //! catalog and version registry, the processes that follow them and their
-//! leases, checkpoints and dead letters, the outbox relay's checkpoint and lease, catch-up subscriptions' reads, the projector's batch
+//! leases, checkpoints and dead letters, the outbox relay's checkpoint and lease, Kafka-fed projections' offsets and batches, catch-up subscriptions' reads, the projector's batch
 //! (read below the horizon, map, fold, bulk write, advance, in one
 //! transaction) and the partition executor. Everything here owns a table
 //! or a statement; nothing here speaks HTTP or Redis.
@@ -13,6 +13,8 @@ pub mod db;
 pub mod error_body;
 pub mod events;
 pub mod jobs;
+pub mod kafka_batch;
+pub mod kafka_offsets;
 pub mod leases;
 pub mod partitions;
 pub mod processes;

@@ -4,9 +4,9 @@ use serde::Serialize;
 use sqlx::PgPool;
 
 use crate::checkpoints::{self, CheckpointRow};
-use crate::leases;
 use crate::projection::Projection;
 use crate::token::Token;
+use crate::{kafka_offsets, leases};
 
 /// Counting unapplied events stops here; beyond it the count says "at least".
 const LAG_COUNT_LIMIT: i64 = 100_000;
@@ -32,9 +32,27 @@ pub struct ProjectionStatus {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub halted_reason: Option<String>,
     /// The projector process applying the projection now, if any holds
-    /// its lease.
+    /// its lease (for a Kafka-fed projection: setting it up and rebuilding
+    /// it; the consumers apply it).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub applied_by: Option<String>,
+    /// A Kafka-fed projection's partitions, where each stands.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub partitions: Vec<PartitionProgress>,
+}
+
+/// Where a Kafka-fed projection stands in one partition of its topic.
+#[derive(Debug, Serialize, PartialEq, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PartitionProgress {
+    pub partition: i32,
+    /// The first offset not applied yet.
+    pub next_offset: i64,
+    /// Events applied from it since the last rebuild swapped in.
+    pub events_applied: i64,
+    /// Messages dropped because the relay had published them before.
+    pub duplicates: i64,
+    pub last_event_at: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 pub async fn status(
@@ -52,7 +70,14 @@ pub async fn status(
         return Ok(None);
     };
     let types = projection.spec.event_types();
-    let (lag_events, oldest): (i64, Option<chrono::DateTime<chrono::Utc>>) = sqlx::query_as(
+    let partitions = match projection.spec.kafka_topic() {
+        Some(_) => kafka_offsets::list(pool, &projection.name).await?,
+        None => Vec::new(),
+    };
+    // Events past the checkpoint were applied by Kafka-fed batches, each
+    // once, through one partition; the tail applies none past it.
+    let applied_past: i64 = partitions.iter().map(|p| p.applied).sum();
+    let (pending, oldest): (i64, Option<chrono::DateTime<chrono::Utc>>) = sqlx::query_as(
         "SELECT count(*), min(recorded_at) FROM ( \
              SELECT recorded_at FROM events \
              WHERE (tx_id, position) > ($1::text::xid8, $2) AND event_type = ANY($3) \
@@ -61,9 +86,13 @@ pub async fn status(
     .bind(tx_id.to_string())
     .bind(position)
     .bind(&types)
-    .bind(LAG_COUNT_LIMIT)
+    .bind(LAG_COUNT_LIMIT + applied_past)
     .fetch_one(pool)
     .await?;
+    let lag_events = (pending - applied_past).max(0);
+    // Which of the events past the checkpoint a Kafka-fed projection
+    // lacks is not known here; the oldest of them bounds the lag.
+    let oldest = oldest.filter(|_| lag_events > 0);
     let dead_letters = checkpoints::dead_letter_count(pool, &projection.name).await?;
     let oldest_dead_letter_at = if dead_letters > 0 {
         checkpoints::oldest_dead_letter(pool, &projection.name).await?
@@ -79,7 +108,7 @@ pub async fn status(
         table: projection.table.clone(),
         version: projection.spec.version,
         checkpoint: Token { tx_id, position }.to_string(),
-        events_applied: applied,
+        events_applied: applied + applied_past,
         last_event_at,
         lag_events,
         lag_seconds,
@@ -87,5 +116,15 @@ pub async fn status(
         oldest_dead_letter_at,
         halted_reason,
         applied_by,
+        partitions: partitions
+            .into_iter()
+            .map(|p| PartitionProgress {
+                partition: p.partition,
+                next_offset: p.next_offset,
+                events_applied: p.applied,
+                duplicates: p.duplicates,
+                last_event_at: p.last_event_at,
+            })
+            .collect(),
     }))
 }

@@ -400,5 +400,6 @@ pub async fn drop_all_in(
         .execute(&mut *tx)
         .await?;
     checkpoints::delete_projection(&mut *tx, name).await?;
+    crate::kafka_offsets::delete_projection(&mut *tx, name).await?;
     Ok(tables)
 }

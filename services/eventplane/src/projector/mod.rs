@@ -1,8 +1,11 @@
 //! The projector role: the projections of the catalog, shared among the
 //! database's live projector processes (`supervisor`, `share`), each
-//! applied by a tailing task (`tail`), and rebuilt beside the active
-//! version when its declared version changes (`rebuild`).
+//! applied by a tailing task (`tail`), or, when fed from Kafka, by a
+//! consumer in every process started with a Kafka source (`kafka`), and
+//! rebuilt beside the active version when its declared version changes
+//! (`rebuild`).
 
+pub mod kafka;
 pub mod rebuild;
 pub mod share;
 pub mod supervisor;
@@ -34,6 +37,9 @@ pub struct ProjectorConfig {
     /// How long a projection lease lasts unrenewed: the longest a
     /// projection waits for another process after its holder died.
     pub lease_ttl: Duration,
+    /// Consume the Kafka-fed projections from these brokers; without it
+    /// they are set up and rebuilt here but applied elsewhere.
+    pub kafka: Option<kafka::KafkaSource>,
 }
 
 impl Default for ProjectorConfig {
@@ -43,6 +49,7 @@ impl Default for ProjectorConfig {
             poll_interval: Duration::from_millis(500),
             rebuild_in_process: true,
             lease_ttl: Duration::from_secs(10),
+            kafka: None,
         }
     }
 }
@@ -63,6 +70,18 @@ pub fn start(
         eventplane_store::events::notify::CHANNEL,
         move || wake_tx.send_modify(|n| *n += 1),
     );
+    let mut tasks = Vec::new();
+    if let Some(source) = config.kafka.clone() {
+        let consumers = kafka::KafkaProjectors {
+            pool: pool.clone(),
+            follower: follower.clone(),
+            redis: redis.clone(),
+            metrics: metrics.clone(),
+            source,
+            batch_size: usize::try_from(config.batch_size).unwrap_or(1),
+        };
+        tasks.push(tokio::spawn(consumers.run()));
+    }
     let supervisor = Supervisor {
         pool: pool.clone(),
         follower,
@@ -71,11 +90,12 @@ pub fn start(
         config,
         wake,
     };
-    vec![
+    tasks.extend([
         tokio::spawn(forward),
         tokio::spawn(watch_horizon(pool, metrics)),
         tokio::spawn(supervisor.run()),
-    ]
+    ]);
+    tasks
 }
 
 /// How long the oldest running write transaction has been holding back the

@@ -18,7 +18,9 @@
 //!    `lock_timeout` and the whole swap retried if readers hold it.
 //!
 //! Setting `spec.version` back to a retained version swaps it back: it is
-//! caught up from where it stopped, then swapped the same way. A session
+//! caught up from where it stopped, then swapped the same way (a Kafka-fed
+//! projection's retained version is built again instead: its partitions
+//! stopped at different places in the log). A session
 //! advisory lock makes sure two rebuilds of one projection never run at
 //! once.
 
@@ -36,6 +38,7 @@ use eventplane_store::batch::{
     BatchOutcome, Prepared, apply_batch, apply_locked, horizon, prepare, read_tail, write,
 };
 use eventplane_store::checkpoints::{self, version_checkpoint};
+use eventplane_store::kafka_offsets;
 use eventplane_store::{Projection, versions};
 
 use crate::invalidation::{Invalidator, Scope};
@@ -178,15 +181,21 @@ async fn run_locked(
             report.already_active = true;
             return Ok(report);
         }
-        Some(row) if row.state == VersionState::Retained => {
+        // A retained version of a Kafka-fed projection cannot be caught up
+        // from one place in the log: its partitions stood at different
+        // places when it was replaced. It is built again instead.
+        Some(row)
+            if row.state == VersionState::Retained && projection.spec.kafka_topic().is_none() =>
+        {
             report.swapped_back = true;
             row.spec()
                 .map_err(|e| RebuildError::StoredSpec(version, e.to_string()))?
         }
         Some(row)
-            if row
-                .spec()
-                .is_ok_and(|stored| content::same_rows(&stored, &projection.spec))
+            if row.state != VersionState::Retained
+                && row
+                    .spec()
+                    .is_ok_and(|stored| content::same_rows(&stored, &projection.spec))
                 && resumable(&mut conn, projection).await? =>
         {
             // A previous attempt stopped part-way: its table and checkpoint
@@ -477,6 +486,8 @@ async fn swap_once(
     // projector resumes from there on the new table.
     checkpoints::copy(&mut tx, &build.checkpoint, &name).await?;
     checkpoints::move_dead_letters(&mut tx, &build.checkpoint, &name).await?;
+    // Kafka-fed batches skip what the new version holds from now on.
+    kafka_offsets::restart_counts(&mut tx, &name).await?;
     tx.commit().await?;
     Ok(lock_taken.elapsed().as_secs_f64() * 1000.0)
 }

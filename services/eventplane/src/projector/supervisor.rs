@@ -1,8 +1,9 @@
 //! Which projections this projector process applies, following the
 //! catalog: every tick (and on every catalog change) it reads the live
 //! projector processes, computes its share, renews or takes the leases on
-//! it, starts a tailing task (and, when a version change asks for one, a
-//! rebuild) for each projection it holds, and stops the tasks of those it
+//! it, starts a tailing task (none for a Kafka-fed projection, which the
+//! consumers apply) and, when a version change asks for one, a rebuild
+//! for each projection it holds, and stops the tasks of those it
 //! no longer holds or that were removed or changed. A task is stopped
 //! before its lease is given up, so two processes never tail one
 //! projection on purpose; the checkpoint lock keeps even an overlap
@@ -46,7 +47,8 @@ struct Running {
     /// The catalog generation of the entry this task was started for.
     generation: i64,
     stop: watch::Sender<bool>,
-    tail: Owned,
+    /// None for a Kafka-fed projection: consumers apply it.
+    tail: Option<Owned>,
     rebuild: Option<Owned>,
 }
 
@@ -56,8 +58,9 @@ impl Running {
         if let Some(rebuild) = self.rebuild.take() {
             rebuild.0.abort();
         }
-        let tail = &mut self.tail.0;
-        if tokio::time::timeout(STOP_GRACE, tail).await.is_err() {
+        if let Some(tail) = &mut self.tail
+            && tokio::time::timeout(STOP_GRACE, &mut tail.0).await.is_err()
+        {
             tracing::warn!("a tailing task did not stop in time; aborted");
         }
     }
@@ -208,10 +211,15 @@ impl Supervisor {
             config: self.config.clone(),
         };
         let (stop, stopped) = watch::channel(false);
+        let tail = entry
+            .desired
+            .kafka_topic()
+            .is_none()
+            .then(|| Owned(tokio::spawn(tail.run(self.wake.clone(), stopped))));
         Ok(Running {
             generation: entry.generation,
             stop,
-            tail: Owned(tokio::spawn(tail.run(self.wake.clone(), stopped))),
+            tail,
             rebuild,
         })
     }

@@ -457,7 +457,7 @@ async fn row(
     };
     if let Some(token) = token {
         let pool = service.reads.pool().clone();
-        consistency::wait_for(service, &pool, &served.projection.name, token).await?;
+        consistency::wait_for(service, &pool, &served.projection, token).await?;
         Ok((load(pool).await?, Layer::L3))
     } else {
         let version = served.projection.spec.version;
@@ -718,7 +718,7 @@ async fn list(
     };
     if let Some(token) = list.token {
         let pool = service.reads.pool().clone();
-        consistency::wait_for(service, &pool, name, token).await?;
+        consistency::wait_for(service, &pool, &served.projection, token).await?;
         Ok((load(pool).await?, Layer::L3))
     } else {
         let canonical: Vec<&str> = list

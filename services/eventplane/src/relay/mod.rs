@@ -6,18 +6,13 @@
 //!
 //! Delivery is at-least-once: the checkpoint advances only after the broker
 //! acknowledged every message of a batch, so a crash or a failed batch
-//! publishes some events again. Consumers drop duplicates by position.
+//! publishes some events again. Consumers drop duplicates by their place
+//! in the log (transaction id and position).
 //!
-//! Wire format, one message per event:
-//! - key: the stream id (UTF-8), so one stream stays in one partition, in
-//!   order;
-//! - value: the event as JSON, `{"eventId", "type", "streamId",
-//!   "streamVersion", "position", "recordedAt", "data", "metadata"}`;
-//! - headers: `eventplane-position` (the global position, decimal),
-//!   `eventplane-event-id` (`<stream id>@<stream version>`, unique and
-//!   stable), `eventplane-event-type`.
+//! The wire format is [`wire`]'s.
 
 pub mod lease;
+pub mod wire;
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -33,11 +28,9 @@ use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::util::Timeout;
 use serde::Serialize;
-use serde_json::json;
 use sqlx::PgPool;
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
@@ -56,9 +49,7 @@ const GATHER: Duration = Duration::from_millis(5);
 /// would cost more than the number is worth.
 const LAG_COUNT_CAP: i64 = 1_000_000;
 
-pub const HEADER_POSITION: &str = "eventplane-position";
-pub const HEADER_EVENT_ID: &str = "eventplane-event-id";
-pub const HEADER_EVENT_TYPE: &str = "eventplane-event-type";
+pub use wire::{HEADER_EVENT_ID, HEADER_EVENT_TYPE, HEADER_POSITION, HEADER_TX_ID};
 
 #[derive(Clone, Debug)]
 pub struct RelayConfig {
@@ -211,25 +202,6 @@ async fn status_handler(State(status): State<SharedStatus>) -> Json<RelayStatus>
     Json(status.lock().expect("not poisoned").clone())
 }
 
-/// The value of an event's message.
-pub fn wire_value(event: &TailEvent) -> String {
-    json!({
-        "eventId": event_id(event),
-        "type": event.event_type,
-        "streamId": event.stream_id,
-        "streamVersion": event.stream_version,
-        "position": event.position,
-        "recordedAt": event.recorded_at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
-        "data": event.data,
-        "metadata": event.metadata,
-    })
-    .to_string()
-}
-
-pub fn event_id(event: &TailEvent) -> String {
-    format!("{}@{}", event.stream_id, event.stream_version)
-}
-
 struct Publisher {
     pool: PgPool,
     config: RelayConfig,
@@ -318,6 +290,7 @@ impl Publisher {
                         s.last_error = Some(text);
                     });
                     self.report_lag(at).await;
+                    self.renew_producer();
                     pause(&mut stop, None, backoff).await;
                     backoff = (backoff * 2).min(MAX_BACKOFF);
                 }
@@ -369,41 +342,37 @@ impl Publisher {
     }
 
     async fn publish(&self, events: &[TailEvent]) -> anyhow::Result<()> {
-        let values: Vec<(String, String, String)> = events
-            .iter()
-            .map(|e| (wire_value(e), e.position.to_string(), event_id(e)))
-            .collect();
-        let sends = events
-            .iter()
-            .zip(&values)
-            .map(|(event, (value, position, id))| {
-                let headers = OwnedHeaders::new_with_capacity(3)
-                    .insert(Header {
-                        key: HEADER_POSITION,
-                        value: Some(position.as_str()),
-                    })
-                    .insert(Header {
-                        key: HEADER_EVENT_ID,
-                        value: Some(id.as_str()),
-                    })
-                    .insert(Header {
-                        key: HEADER_EVENT_TYPE,
-                        value: Some(event.event_type.as_str()),
-                    });
-                let record = FutureRecord::to(&self.config.topic)
-                    .key(event.stream_id.as_str())
-                    .payload(value.as_str())
-                    .headers(headers);
-                // A full local queue waits for room; the broker's answer is
-                // bounded by message.timeout.ms.
-                self.producer.send(record, Timeout::Never)
-            });
+        let values: Vec<String> = events.iter().map(wire::value).collect();
+        let sends = events.iter().zip(&values).map(|(event, value)| {
+            let record = FutureRecord::to(&self.config.topic)
+                .key(event.stream_id.as_str())
+                .payload(value.as_str())
+                .headers(wire::headers(event));
+            // A full local queue waits for room; the broker's answer is
+            // bounded by message.timeout.ms.
+            self.producer.send(record, Timeout::Never)
+        });
         for result in futures::future::join_all(sends).await {
             if let Err((err, _)) = result {
                 return Err(err.into());
             }
         }
         Ok(())
+    }
+
+    /// A producer whose messages timed out bumps its epoch with the
+    /// broker, and some brokers answer that by fencing it for good
+    /// (`ProducerFenced`): after a failed batch the retry goes through a
+    /// new producer. Its new producer id restarts the idempotence
+    /// sequence, which may publish the batch's events again; consumers
+    /// drop them like any republished event.
+    fn renew_producer(&mut self) {
+        match producer_config(&self.config).create() {
+            Ok(producer) => self.producer = producer,
+            Err(err) => {
+                tracing::warn!(relay = %self.config.name, error = %err, "producer not renewed")
+            }
+        }
     }
 
     async fn ensure_topic(&mut self) -> anyhow::Result<()> {

@@ -1,0 +1,460 @@
+//! Consumer-group projectors (`projector --source kafka`): every process
+//! started with a Kafka source runs one consumer per Kafka-fed projection
+//! of the catalog, in the group `<prefix>.<projection>`, so replicas share
+//! the topic's partitions (one replica per partition at most does work).
+//!
+//! Postgres holds where each partition stands (`kafka_offsets`, written
+//! with the rows), not Kafka: a message delivered again after a rebalance
+//! or a crash is recognised there and skipped, and a batch still running
+//! when its partitions move either commits first or rolls back, because
+//! the new owner's batch waits on the partition rows it holds. Offsets are
+//! committed to Kafka after each batch only so that a restarted consumer
+//! does not read far behind.
+//!
+//! Setting a Kafka-fed projection up and rebuilding it stay with the
+//! projection's lease holder, as for every projection (`supervisor`).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use eventplane_store::Projection;
+use eventplane_store::catalog::{Entry, Snapshot};
+use eventplane_store::kafka_batch::{self, Gap, KafkaOutcome, Message, PartitionBatch};
+use rdkafka::Message as _;
+use rdkafka::client::ClientContext;
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
+};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use sqlx::PgPool;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use crate::catalog::Follower;
+use crate::invalidation::{Invalidator, Scope};
+use crate::metrics::{Metrics, ProjectionLabels};
+use crate::relay::wire;
+
+/// Pause after a batch that failed (the database is down, a deadlock with
+/// another replica's batch): the same messages are applied again.
+const RETRY: Duration = Duration::from_millis(500);
+/// How long a batch waits for more messages once it has one.
+const GATHER: Duration = Duration::from_millis(5);
+
+/// Where a projector reads Kafka-fed projections from.
+#[derive(Clone, Debug)]
+pub struct KafkaSource {
+    /// Bootstrap servers, `host:port[,host:port…]`.
+    pub brokers: String,
+    /// Consumer groups are named `<prefix>.<projection>`.
+    pub group_prefix: String,
+    /// How long the group waits for a silent member before moving its
+    /// partitions (`session.timeout.ms`).
+    pub session_timeout: Duration,
+}
+
+/// Follows the catalog and keeps one consumer running per Kafka-fed
+/// projection.
+pub struct KafkaProjectors {
+    pub pool: PgPool,
+    pub follower: Follower,
+    pub redis: Option<(crate::redis_conn::Redis, Scope)>,
+    pub metrics: Arc<Metrics>,
+    pub source: KafkaSource,
+    pub batch_size: usize,
+}
+
+/// A consumer that is stopped when dropped.
+struct Running {
+    stop: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+        self.task.abort();
+    }
+}
+
+impl KafkaProjectors {
+    pub async fn run(self) {
+        let mut running: HashMap<String, Running> = HashMap::new();
+        let mut catalog = self.follower.subscribe();
+        loop {
+            let snapshot = self.follower.current();
+            self.converge(&snapshot, &mut running);
+            if catalog.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
+    fn converge(&self, snapshot: &Snapshot, running: &mut HashMap<String, Running>) {
+        running.retain(|name, _| {
+            let keep = snapshot
+                .get(name)
+                .is_some_and(|e| e.desired.kafka_topic().is_some());
+            if !keep {
+                tracing::info!(projection = %name, "stopping the Kafka consumer");
+            }
+            keep
+        });
+        for entry in &snapshot.entries {
+            let Some(topic) = entry.desired.kafka_topic() else {
+                continue;
+            };
+            if running.contains_key(&entry.name) {
+                continue;
+            }
+            match self.consumer(entry, topic) {
+                Ok(consumer) => {
+                    tracing::info!(projection = %entry.name, topic, group = %consumer.group, "consuming");
+                    let (stop, stopped) = watch::channel(false);
+                    let task = tokio::spawn(consumer.run(stopped));
+                    running.insert(entry.name.clone(), Running { stop, task });
+                }
+                Err(err) => {
+                    tracing::error!(projection = %entry.name, error = %err, "Kafka consumer not created")
+                }
+            }
+        }
+    }
+
+    fn consumer(&self, entry: &Entry, topic: &str) -> anyhow::Result<ProjectionConsumer> {
+        let group = format!("{}.{}", self.source.group_prefix, entry.name);
+        let labels = ProjectionLabels {
+            projection: entry.name.clone(),
+        };
+        let context = Context {
+            metrics: self.metrics.clone(),
+            labels: labels.clone(),
+        };
+        let consumer: StreamConsumer<Context> = ClientConfig::new()
+            .set("bootstrap.servers", &self.source.brokers)
+            .set("group.id", &group)
+            .set("client.id", self.follower.member())
+            // Where a partition stands is in Postgres; Kafka's offsets
+            // only save re-reading.
+            .set("enable.auto.commit", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("enable.partition.eof", "false")
+            // A topic the relay creates after the consumer subscribed is
+            // found within this.
+            .set("topic.metadata.refresh.interval.ms", "5000")
+            .set(
+                "session.timeout.ms",
+                self.source.session_timeout.as_millis().to_string(),
+            )
+            .create_with_context(context)?;
+        consumer.subscribe(&[topic])?;
+        let invalidator = self
+            .redis
+            .clone()
+            .map(|(r, scope)| Invalidator::new(scope, &entry.name, r, self.metrics.clone()));
+        Ok(ProjectionConsumer {
+            pool: self.pool.clone(),
+            name: entry.name.clone(),
+            topic: topic.to_string(),
+            group,
+            consumer,
+            invalidator,
+            metrics: self.metrics.clone(),
+            labels,
+            batch_size: self.batch_size.max(1),
+        })
+    }
+}
+
+/// A partition read again after a gap: from its stored offset, or, when
+/// that did not help, from its start.
+struct Sought {
+    stored: i64,
+    from_start: bool,
+    /// Batches read from the start that still began past `stored`.
+    strikes: u32,
+}
+
+/// Batches that must begin past the stored offset, after reading from the
+/// partition's start, before its offsets count as gone.
+const GONE_AFTER: u32 = 3;
+
+/// Reports partition assignments.
+struct Context {
+    metrics: Arc<Metrics>,
+    labels: ProjectionLabels,
+}
+
+impl ClientContext for Context {}
+
+impl ConsumerContext for Context {
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let assigned = consumer.assignment().map(|a| a.count()).unwrap_or(0);
+        self.metrics
+            .kafka_partitions_assigned
+            .get_or_create(&self.labels)
+            .set(assigned as i64);
+        match rebalance {
+            Rebalance::Assign(_) | Rebalance::Revoke(_) => {
+                tracing::info!(projection = %self.labels.projection, partitions = assigned, "partitions rebalanced")
+            }
+            Rebalance::Error(err) => {
+                tracing::warn!(projection = %self.labels.projection, error = %err, "rebalance failed")
+            }
+        }
+    }
+}
+
+struct ProjectionConsumer {
+    pool: PgPool,
+    name: String,
+    topic: String,
+    group: String,
+    consumer: StreamConsumer<Context>,
+    invalidator: Option<Invalidator>,
+    metrics: Arc<Metrics>,
+    labels: ProjectionLabels,
+    batch_size: usize,
+}
+
+impl ProjectionConsumer {
+    async fn run(self, mut stop: watch::Receiver<bool>) {
+        let Some(mut projection) = self.active(&mut stop).await else {
+            return;
+        };
+        let mut sought: HashMap<i32, Sought> = HashMap::new();
+        while !*stop.borrow() {
+            let Some(mut batches) = self.gather(&mut stop).await else {
+                return;
+            };
+            for batch in &mut batches {
+                self.resume(&mut sought, batch);
+            }
+            // The same messages until they are applied: Postgres decides
+            // what of them is new, so a retry never applies one twice.
+            loop {
+                match kafka_batch::apply(&self.pool, &mut projection, &self.topic, batches.clone())
+                    .await
+                {
+                    Ok(outcome) => {
+                        for gap in &outcome.gaps {
+                            self.seek(&mut sought, gap);
+                        }
+                        self.after(&projection, outcome).await;
+                        break;
+                    }
+                    Err(err) => {
+                        tracing::warn!(projection = %self.name, error = %err, "Kafka batch failed; retrying");
+                        tokio::select! {
+                            _ = tokio::time::sleep(RETRY) => {}
+                            _ = stop.changed() => return,
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The active version, once there is one (the lease holder sets the
+    /// projection up).
+    async fn active(&self, stop: &mut watch::Receiver<bool>) -> Option<Arc<Projection>> {
+        loop {
+            let found = match self.pool.acquire().await {
+                Ok(mut conn) => eventplane_store::versions::active(&mut conn, &self.name).await,
+                Err(err) => Err(err),
+            };
+            match found {
+                Ok(Some(row)) => match row.spec() {
+                    Ok(spec) => return Some(Arc::new(Projection::live(self.name.clone(), spec))),
+                    Err(err) => {
+                        tracing::error!(projection = %self.name, error = %err, "stored spec unreadable")
+                    }
+                },
+                Ok(None) => {}
+                Err(err) => {
+                    tracing::warn!(projection = %self.name, error = %err, "active version not read")
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(RETRY) => {}
+                _ = stop.changed() => return None,
+            }
+        }
+    }
+
+    /// Waits for a message, then takes what else arrives within `GATHER`,
+    /// up to the batch size; grouped by partition, in offset order.
+    async fn gather(&self, stop: &mut watch::Receiver<bool>) -> Option<Vec<PartitionBatch>> {
+        let mut by_partition: BTreeMap<i32, Vec<(i64, Message)>> = BTreeMap::new();
+        let mut taken = 0;
+        let mut deadline: Option<Instant> = None;
+        while taken < self.batch_size {
+            let received = match deadline {
+                None => tokio::select! {
+                    received = self.consumer.recv() => received,
+                    _ = stop.changed() => return None,
+                },
+                Some(at) => match tokio::time::timeout_at(at, self.consumer.recv()).await {
+                    Ok(received) => received,
+                    Err(_) => break,
+                },
+            };
+            let message = match received {
+                Ok(message) => message,
+                Err(err) => {
+                    tracing::warn!(projection = %self.name, error = %err, "Kafka consumer error");
+                    if deadline.is_some() {
+                        break;
+                    }
+                    tokio::time::sleep(RETRY).await;
+                    continue;
+                }
+            };
+            let (partition, offset) = (message.partition(), message.offset());
+            let decoded = wire::decode(&message).unwrap_or_else(|reason| {
+                // Nothing names the event, so nothing can be recorded of
+                // it; the log in Postgres still holds every event.
+                self.metrics.kafka_undecodable.get_or_create(&self.labels).inc();
+                tracing::error!(projection = %self.name, partition, offset, %reason, "skipping a message that names no event");
+                Message::Unreadable
+            });
+            by_partition
+                .entry(partition)
+                .or_default()
+                .push((offset, decoded));
+            taken += 1;
+            deadline.get_or_insert_with(|| Instant::now() + GATHER);
+        }
+        Some(
+            by_partition
+                .into_iter()
+                .map(|(partition, messages)| PartitionBatch {
+                    partition,
+                    messages,
+                    resume_at: None,
+                })
+                .collect(),
+        )
+    }
+
+    /// Reads a partition again from before where it stands. First from
+    /// the stored offset; if the broker then again starts later (some
+    /// brokers answer a fetch from inside a record batch with the next
+    /// batch), from the partition's start, skipping what was applied.
+    fn seek(&self, sought: &mut HashMap<i32, Sought>, gap: &Gap) {
+        let again = sought
+            .get(&gap.partition)
+            .is_some_and(|s| s.stored == gap.stored);
+        let (offset, from_start) = if again {
+            (Offset::Beginning, true)
+        } else {
+            (Offset::Offset(gap.stored), false)
+        };
+        tracing::info!(projection = %self.name, partition = gap.partition, stored = gap.stored, found = gap.found, from_start, "reading the partition again");
+        match sought.get_mut(&gap.partition) {
+            Some(s) if again => s.from_start = true,
+            _ => {
+                sought.insert(
+                    gap.partition,
+                    Sought {
+                        stored: gap.stored,
+                        from_start: false,
+                        strikes: 0,
+                    },
+                );
+            }
+        }
+        if let Err(err) =
+            self.consumer
+                .seek(&self.topic, gap.partition, offset, Duration::from_secs(5))
+        {
+            // Not ours any more: its new owner starts from the stored
+            // offset anyway.
+            tracing::info!(projection = %self.name, partition = gap.partition, error = %err, "seek failed");
+        }
+    }
+
+    /// After a partition was read again from its start: a batch that still
+    /// starts past the stored offset means the offsets between are gone
+    /// (retention, compaction), and it is applied from where it starts.
+    fn resume(&self, sought: &mut HashMap<i32, Sought>, batch: &mut PartitionBatch) {
+        let Some(first) = batch.messages.first().map(|(offset, _)| *offset) else {
+            return;
+        };
+        match sought.get(&batch.partition) {
+            // Messages fetched before the seek may still arrive: only a
+            // start past the stored offset seen several times counts.
+            Some(s) if s.from_start && first > s.stored && s.strikes + 1 < GONE_AFTER => {
+                if let Some(s) = sought.get_mut(&batch.partition) {
+                    s.strikes += 1;
+                }
+            }
+            Some(s) if s.from_start && first > s.stored => {
+                tracing::error!(projection = %self.name, partition = batch.partition, stored = s.stored, first, "the partition no longer holds the messages after the stored offset; resuming at its first message (rebuild the projection to restore what they held)");
+                batch.resume_at = Some(first);
+                sought.remove(&batch.partition);
+            }
+            Some(s) if first <= s.stored => {
+                sought.remove(&batch.partition);
+            }
+            _ => {}
+        }
+    }
+
+    /// Commits the offsets to Kafka, invalidates the rows written and
+    /// reports.
+    async fn after(&self, projection: &Projection, outcome: KafkaOutcome) {
+        if !outcome.next_offsets.is_empty() {
+            let mut offsets = TopicPartitionList::new();
+            for (partition, offset) in &outcome.next_offsets {
+                let _ =
+                    offsets.add_partition_offset(&self.topic, *partition, Offset::Offset(*offset));
+            }
+            if let Err(err) = self.consumer.commit(&offsets, CommitMode::Async) {
+                tracing::debug!(projection = %self.name, error = %err, "offsets not committed to Kafka");
+            }
+        }
+        let metrics = &self.metrics;
+        if outcome.events > 0 {
+            metrics
+                .projection_batch_size
+                .get_or_create(&self.labels)
+                .observe(outcome.events as f64);
+            metrics
+                .projection_applied
+                .get_or_create(&self.labels)
+                .inc_by(outcome.events as u64);
+            metrics
+                .projection_lag_seconds
+                .get_or_create(&self.labels)
+                .set(outcome.max_lag_seconds);
+        }
+        if outcome.dead_letters > 0 {
+            metrics
+                .projection_dead_letters
+                .get_or_create(&self.labels)
+                .inc_by(outcome.dead_letters as u64);
+        }
+        if outcome.duplicates > 0 {
+            metrics
+                .kafka_duplicates
+                .get_or_create(&self.labels)
+                .inc_by(outcome.duplicates as u64);
+        }
+        if outcome.redelivered > 0 {
+            metrics
+                .kafka_redelivered
+                .get_or_create(&self.labels)
+                .inc_by(outcome.redelivered as u64);
+        }
+        if let Some(invalidator) = &self.invalidator
+            && !outcome.keys.is_empty()
+        {
+            invalidator
+                .invalidate(projection.spec.version, outcome.keys)
+                .await;
+        }
+    }
+}
