@@ -16,6 +16,7 @@ use eventplane::projector::kafka::KafkaSource;
 use eventplane::relay::{Relay, RelayConfig};
 use eventplane::server::{Roles, Stack, StackConfig};
 use eventplane_store::events::model::NamedVersion;
+use eventplane_store::events::notify::CommitSignal;
 use eventplane_store::events::{AppendRequest, ExpectedVersion, NewEvent, append};
 use hdrhistogram::Histogram;
 use serde_json::json;
@@ -138,8 +139,8 @@ async fn preload(pool: &PgPool, events: i64, streams: i64) -> anyhow::Result<()>
 /// partitions applied.
 async fn applied(pool: &PgPool) -> anyhow::Result<i64> {
     let applied: i64 = sqlx::query_scalar(
-        "SELECT (SELECT COALESCE(sum(applied), 0) FROM projection_checkpoints WHERE projection = 'measured') \
-              + (SELECT COALESCE(sum(applied), 0) FROM kafka_offsets WHERE projection = 'measured')",
+        "SELECT ((SELECT COALESCE(sum(applied), 0) FROM projection_checkpoints WHERE projection = 'measured') \
+              + (SELECT COALESCE(sum(applied), 0) FROM kafka_offsets WHERE projection = 'measured'))::bigint",
     )
     .fetch_one(pool)
     .await?;
@@ -207,6 +208,16 @@ async fn measure(args: &Args, replicas: usize) -> anyhow::Result<Run> {
     }
     let elapsed = started.elapsed().as_secs_f64();
     let events_per_second = args.events as f64 / elapsed;
+    // Every event counted once in its stream's row: the figure is of
+    // events applied, not of messages read.
+    let counted: i64 = sqlx::query_scalar("SELECT COALESCE(sum(n), 0)::bigint FROM measured")
+        .fetch_one(&scratch.pool)
+        .await?;
+    anyhow::ensure!(
+        counted == args.events,
+        "{label}: the table counts {counted} events of {}",
+        args.events
+    );
     println!(
         "{label}: {} events applied in {elapsed:.2} s: {events_per_second:.0} events/s",
         args.events
@@ -247,6 +258,9 @@ async fn steady_lag(args: &Args, pool: &PgPool) -> anyhow::Result<Histogram<u64>
     let mut lag = Histogram::<u64>::new_with_bounds(1, 600_000, 3)?;
     let mut next = Instant::now();
     let stream_of = |s: i64| format!("s{}", s % args.streams);
+    // Wakes the projectors and the relay after each commit, as the
+    // command service does.
+    let (signal, notifier) = CommitSignal::start(pool.clone());
     for _ in 0..ticks {
         let requests: Vec<AppendRequest> = (0..per_tick)
             .map(|i| AppendRequest {
@@ -263,6 +277,7 @@ async fn steady_lag(args: &Args, pool: &PgPool) -> anyhow::Result<Histogram<u64>
             .collect();
         let refs: Vec<&AppendRequest> = requests.iter().collect();
         append(pool, &refs).await?;
+        signal.committed();
         let committed = Instant::now();
         for i in 0..per_tick {
             pending.insert(stream_of(seq + i), (seq + i, committed));
@@ -277,6 +292,7 @@ async fn steady_lag(args: &Args, pool: &PgPool) -> anyhow::Result<Histogram<u64>
         observe(pool, &mut pending, &mut lag).await?;
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
+    notifier.abort();
     Ok(lag)
 }
 

@@ -40,6 +40,9 @@ use crate::relay::wire;
 /// Pause after a batch that failed (the database is down, a deadlock with
 /// another replica's batch): the same messages are applied again.
 const RETRY: Duration = Duration::from_millis(500);
+/// Longest a fetch waits at the broker for messages (librdkafka's default
+/// is 500 ms).
+const FETCH_WAIT_MS: &str = "20";
 /// How long a batch waits for more messages once it has one.
 const GATHER: Duration = Duration::from_millis(5);
 
@@ -141,6 +144,10 @@ impl KafkaProjectors {
             .set("enable.auto.commit", "false")
             .set("auto.offset.reset", "earliest")
             .set("enable.partition.eof", "false")
+            // How long the broker may hold a fetch while no message comes:
+            // a broker that does not answer as soon as one arrives (tansu)
+            // adds up to this to every event's lag.
+            .set("fetch.wait.max.ms", FETCH_WAIT_MS)
             // A topic the relay creates after the consumer subscribed is
             // found within this.
             .set("topic.metadata.refresh.interval.ms", "5000")
