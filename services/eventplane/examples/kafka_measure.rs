@@ -120,17 +120,21 @@ impl Scratch {
     }
 }
 
-/// The preloaded log: `events` Ticked events round-robin over `streams`.
+/// The preloaded log: `events` Ticked events round-robin over `streams`,
+/// a thousand per transaction, as group commits would write them.
 async fn preload(pool: &PgPool, events: i64, streams: i64) -> anyhow::Result<()> {
-    sqlx::query(
-        "INSERT INTO events (stream_id, stream_version, event_type, data) \
-         SELECT 's' || (g % $2), g / $2 + 1, 'Ticked', jsonb_build_object('seq', g) \
-         FROM generate_series(0::bigint, $1::bigint - 1) g",
-    )
-    .bind(events)
-    .bind(streams)
-    .execute(pool)
-    .await?;
+    for from in (0..events).step_by(1000) {
+        sqlx::query(
+            "INSERT INTO events (stream_id, stream_version, event_type, data) \
+             SELECT 's' || (g % $3), g / $3 + 1, 'Ticked', jsonb_build_object('seq', g) \
+             FROM generate_series($1::bigint, $2::bigint - 1) g",
+        )
+        .bind(from)
+        .bind((from + 1000).min(events))
+        .bind(streams)
+        .execute(pool)
+        .await?;
+    }
     sqlx::query("ANALYZE events").execute(pool).await?;
     Ok(())
 }

@@ -88,7 +88,11 @@ impl From<&checkpoints::DeadLetterRow> for TailEvent {
 }
 
 /// The gap-safe tail statement: `$1`/`$2` the checkpoint, `$3` the
-/// horizon, then the caller's own filter and its `LIMIT` parameter.
+/// horizon, then the caller's own filter and its `LIMIT` parameter. It
+/// orders by the table's columns, not the `tx_id` it returns: ordered by
+/// that bigint, Postgres would read and sort everything after the
+/// checkpoint for each batch instead of walking `events_tail_idx` up to
+/// the limit.
 macro_rules! tail_sql {
     ($filter:literal, $limit:literal) => {
         concat!(
@@ -96,7 +100,7 @@ macro_rules! tail_sql {
              FROM events \
              WHERE (tx_id, position) > ($1::text::xid8, $2) AND tx_id < $3::text::xid8 ",
             $filter,
-            " ORDER BY tx_id, position LIMIT ",
+            " ORDER BY events.tx_id, events.position LIMIT ",
             $limit
         )
     };
