@@ -101,6 +101,7 @@ async fn baseline(
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    let _ = eventplane_telemetry::init(false);
     let admin = PgPool::connect(&args.database_url).await?;
     let name = format!("ep_rebuild_measure_{}", std::process::id());
     sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
@@ -173,7 +174,12 @@ async fn measure(args: &Args, url: &str) -> anyhow::Result<()> {
         baseline_rate
     );
     println!(
-        "rebuild load: {} events in {:.2} s = {:.0} events/s (ratio to baseline {:.2}x); indexes {:.2} s",
+        "rebuild load ({}): {} events in {:.2} s = {:.0} events/s (ratio to baseline {:.2}x); indexes {:.2} s",
+        if report.set_based {
+            "one set-based query"
+        } else {
+            "batch by batch"
+        },
         report.events_loaded,
         report.load_seconds,
         report.events_per_second,

@@ -11,6 +11,7 @@ mod fold;
 pub mod key;
 mod mapping;
 pub mod partition;
+pub mod replay;
 mod sql;
 
 pub use cursor::{decode_cursor, encode_cursor};

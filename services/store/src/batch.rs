@@ -156,7 +156,7 @@ pub async fn horizon_age_seconds(pool: &PgPool) -> sqlx::Result<Option<f64>> {
 type Statement = (eventplane_plan::BulkStatement, Vec<Vec<Option<String>>>);
 
 /// Runs bulk row statements inside the caller's transaction.
-async fn execute(tx: &mut PgConnection, statements: Vec<Statement>) -> sqlx::Result<()> {
+pub(crate) async fn execute(tx: &mut PgConnection, statements: Vec<Statement>) -> sqlx::Result<()> {
     for (statement, columns) in statements {
         let mut query = sqlx::query(AssertSqlSafe(statement.sql));
         for column in columns {

@@ -20,6 +20,7 @@ pub mod partitions;
 pub mod processes;
 pub mod projection;
 pub mod relay;
+pub mod replay;
 pub mod status;
 pub mod subscription;
 pub mod token;

@@ -86,6 +86,10 @@ pub struct Args {
     /// Where the latency plots (SVG) go.
     #[arg(long, default_value = "bench-plots")]
     pub plots: std::path::PathBuf,
+    /// Group-commit transactions in flight at once (the command service's
+    /// `--append-writers`); default the service's own default.
+    #[arg(long, env = "EVENTPLANE_APPEND_WRITERS")]
+    pub append_writers: Option<usize>,
     /// Leave the benchmark database in place for inspection.
     #[arg(long, env = "BENCH_KEEP_DATABASE")]
     pub keep_database: bool,
@@ -249,7 +253,10 @@ async fn measure(args: &Args, db: &BenchDatabase) -> anyhow::Result<Report> {
         .find(|p| p.metadata.name == "orders")
         .map(|m| eventplane_store::Projection::from_manifest(m.clone()))
         .context("the sample projections have no `orders`")?;
-    let config = StackConfig::local(&db.url, Some(&args.redis_url), projections);
+    let mut config = StackConfig::local(&db.url, Some(&args.redis_url), projections);
+    if let Some(writers) = args.append_writers {
+        config.command.group_commit.writers = writers.max(1);
+    }
     let stack = Stack::start(config).await.context("starting the stack")?;
     let fsync: String = sqlx::query_scalar("SHOW fsync")
         .fetch_one(&stack.pool)

@@ -39,6 +39,7 @@ use eventplane_store::batch::{
 };
 use eventplane_store::checkpoints::{self, version_checkpoint};
 use eventplane_store::kafka_offsets;
+use eventplane_store::replay::{self, Replayed};
 use eventplane_store::{Projection, versions};
 
 use crate::invalidation::{Invalidator, Scope};
@@ -99,6 +100,9 @@ pub struct RebuildReport {
     /// A retained version was caught up and swapped back.
     pub swapped_back: bool,
     pub events_loaded: i64,
+    /// The log up to the horizon was replayed by one set-based query (see
+    /// `eventplane_store::replay`), not batch by batch.
+    pub set_based: bool,
     pub load_seconds: f64,
     pub events_per_second: f64,
     pub index_seconds: f64,
@@ -168,6 +172,7 @@ async fn run_locked(
         already_active: false,
         swapped_back: false,
         events_loaded: 0,
+        set_based: false,
         load_seconds: 0.0,
         events_per_second: 0.0,
         index_seconds: 0.0,
@@ -214,7 +219,7 @@ async fn run_locked(
     let mut build = Arc::new(Projection::build(name.clone(), spec));
 
     let started = Instant::now();
-    report.events_loaded = load(pool, &mut build, options).await?;
+    (report.events_loaded, report.set_based) = load(pool, &mut build, options).await?;
     report.load_seconds = started.elapsed().as_secs_f64();
     report.events_per_second = report.events_loaded as f64 / report.load_seconds.max(1e-9);
 
@@ -301,21 +306,43 @@ async fn discard(conn: &mut PgConnection, projection: &Projection) -> Result<(),
 }
 
 /// Replays the log into the new version until it reaches the horizon;
-/// returns the events applied. Everything below the horizon seen at the
-/// start is read and mapped one batch ahead of the writes (two cores at
-/// work instead of one); ordinary batches then take it up to the current
+/// returns the events applied, and whether a set-based replay did the
+/// bulk of it. A version with nothing applied yet is replayed by one
+/// set-based query where its spec and events allow; otherwise, and for
+/// what was appended since, everything below the horizon seen at the start
+/// is read and mapped one batch ahead of the writes (two cores at work
+/// instead of one), and ordinary batches then take it up to the current
 /// horizon.
 async fn load(
     pool: &PgPool,
     build: &mut Arc<Projection>,
     options: &RebuildOptions,
-) -> Result<i64, RebuildError> {
-    let mut loaded = prefetched_load(pool, build, options).await?;
+) -> Result<(i64, bool), RebuildError> {
+    let mut loaded = 0;
+    let mut set_based = false;
+    let fresh = checkpoints::get(pool, &build.checkpoint)
+        .await?
+        .is_some_and(|row| row.applied == 0);
+    if fresh {
+        // Rows a set-based load that stopped part-way left behind.
+        replay::clear(pool, build).await?;
+        match replay::load(pool, build).await? {
+            Replayed::Loaded { events, .. } => {
+                versions::add_progress(pool, &build.name, build.spec.version, events).await?;
+                loaded = events;
+                set_based = true;
+            }
+            Replayed::Unsuitable(why) => {
+                tracing::info!(projection = %build.name, version = build.spec.version, %why, "replaying batch by batch");
+            }
+        }
+    }
+    loaded += prefetched_load(pool, build, options).await?;
     loop {
         let outcome = apply_batch(pool, build, options.batch_size).await?;
         loaded += progress(pool, build, &outcome).await?;
         if !outcome.full {
-            return Ok(loaded);
+            return Ok((loaded, set_based));
         }
     }
 }
