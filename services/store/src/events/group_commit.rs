@@ -2,7 +2,11 @@
 //! tasks each take whatever requests are queued (up to a bound), write them
 //! in one transaction and answer each request with its own outcome. Under
 //! load batches grow by themselves; when idle a request commits alone, so
-//! there is no fixed wait added to its latency.
+//! there is no fixed wait added to its latency. A committer that finds only
+//! a small batch while another batch is being written keeps gathering
+//! until that one commits (or its own batch is deep enough to be worth a
+//! transaction beside it): each transaction has a fixed cost in Postgres,
+//! so one larger batch serves more appends than two small ones at once.
 //!
 //! A request has a deadline: one still queued when it passes is answered
 //! "busy" without being written, and the pool's statement timeout bounds
@@ -15,7 +19,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use sqlx::PgPool;
-use tokio::sync::{Mutex, mpsc, oneshot};
+use tokio::sync::{Mutex, mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
 use super::append::{Outcome, append};
@@ -29,6 +33,9 @@ pub struct GroupCommitConfig {
     pub writers: usize,
     /// Most requests in one transaction.
     pub max_batch: usize,
+    /// Requests a batch needs before it is written beside another batch in
+    /// flight; a smaller one waits for that batch to commit, gathering.
+    pub parallel_batch: usize,
     /// How long a committer that found a small batch waits for more; zero
     /// commits at once.
     pub max_wait: Duration,
@@ -43,6 +50,7 @@ impl Default for GroupCommitConfig {
         Self {
             writers: 4,
             max_batch: 256,
+            parallel_batch: 32,
             max_wait: Duration::ZERO,
             queue: 8192,
             deadline: Duration::from_secs(5),
@@ -106,10 +114,12 @@ impl Appender {
     ) -> (Self, Vec<JoinHandle<()>>) {
         let (tx, rx) = mpsc::channel(config.queue);
         let rx = Arc::new(Mutex::new(rx));
+        let (in_flight, _) = watch::channel(0usize);
         let handles = (0..config.writers.max(1))
             .map(|_| {
                 tokio::spawn(committer(
                     rx.clone(),
+                    in_flight.clone(),
                     pool.clone(),
                     config.clone(),
                     batch_sizes.clone(),
@@ -143,6 +153,7 @@ impl Appender {
 
 async fn next_batch(
     rx: &Mutex<mpsc::Receiver<Pending>>,
+    in_flight: &watch::Sender<usize>,
     config: &GroupCommitConfig,
 ) -> Option<Vec<Pending>> {
     let mut rx = rx.lock().await;
@@ -159,17 +170,53 @@ async fn next_batch(
             },
         }
     }
+    // Holding the queue, so what arrives joins this batch.
+    let mut flight = in_flight.subscribe();
+    while batch.len() < config.parallel_batch.min(config.max_batch) && *flight.borrow() > 0 {
+        tokio::select! {
+            biased;
+            _ = flight.wait_for(|n| *n == 0) => break,
+            next = rx.recv() => match next {
+                Some(p) => batch.push(p),
+                None => break,
+            },
+        }
+    }
+    while batch.len() < config.max_batch {
+        match rx.try_recv() {
+            Ok(p) => batch.push(p),
+            Err(_) => break,
+        }
+    }
     Some(batch)
+}
+
+/// Counts a batch as in flight while it lives.
+struct Flying<'a>(&'a watch::Sender<usize>);
+
+impl<'a> Flying<'a> {
+    fn start(in_flight: &'a watch::Sender<usize>) -> Self {
+        in_flight.send_modify(|n| *n += 1);
+        Flying(in_flight)
+    }
+}
+
+impl Drop for Flying<'_> {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n -= 1);
+    }
 }
 
 async fn committer(
     rx: Arc<Mutex<mpsc::Receiver<Pending>>>,
+    in_flight: watch::Sender<usize>,
     pool: PgPool,
     config: GroupCommitConfig,
     batch_sizes: Histogram,
     signal: CommitSignal,
 ) {
-    while let Some(batch) = next_batch(&rx, &config).await {
+    while let Some(batch) = next_batch(&rx, &in_flight, &config).await {
+        let _flying = Flying::start(&in_flight);
         let now = Instant::now();
         let (batch, late): (Vec<Pending>, Vec<Pending>) =
             batch.into_iter().partition(|p| p.deadline > now);
