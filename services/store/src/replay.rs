@@ -103,18 +103,34 @@ pub async fn load(pool: &PgPool, projection: &Projection) -> sqlx::Result<Replay
     };
 
     let mut rows = 0u64;
+    let started = std::time::Instant::now();
+    let mut first_row = None;
+    let mut copying = std::time::Duration::ZERO;
     let outcome: sqlx::Result<()> = async {
         while let Some(chunk) = written.recv().await {
             let chunk = chunk?;
+            first_row.get_or_insert_with(|| started.elapsed());
+            let copy_started = std::time::Instant::now();
             let mut tx = pool.begin().await?;
             let mut sink = tx.copy_in_raw(&copy).await?;
             sink.send(chunk.text).await?;
             rows += sink.finish().await?;
             tx.commit().await?;
+            copying += copy_started.elapsed();
         }
         Ok(())
     }
     .await;
+    // Where a set-based load spends its time: the query's sort before its
+    // first row, then the copies it streams into.
+    tracing::info!(
+        projection = %projection.name,
+        rows,
+        first_chunk_seconds = first_row.unwrap_or_default().as_secs_f64(),
+        copy_seconds = copying.as_secs_f64(),
+        total_seconds = started.elapsed().as_secs_f64(),
+        "set-based load"
+    );
     drop(written);
     let _ = reader.await;
     if let Err(err) = outcome {
