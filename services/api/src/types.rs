@@ -299,6 +299,19 @@ impl HandlerSpec {
             .filter(|t| !t.is_empty())
             .chain(self.event_types.iter().map(String::as_str))
     }
+
+    /// The pointers tried in order for key column `column`: the handler's
+    /// `key`, or that column's entry in `keys` (none if it has no entry).
+    pub fn key_pointers(&self, column: &str) -> Vec<&str> {
+        if self.keys.is_empty() {
+            return vec![self.key.as_str()];
+        }
+        self.keys
+            .iter()
+            .find(|k| k.column == column)
+            .map(|k| k.pointers().collect())
+            .unwrap_or_default()
+    }
 }
 
 /// The row operation a handler performs.
@@ -386,6 +399,17 @@ pub struct Assignment {
     /// the text is parsed as JSON, for example `[]` or `{"a": 1}`.
     #[serde(default)]
     pub value: Option<String>,
+}
+
+impl Assignment {
+    /// The pointers tried in order: `from`, or the entries of `fromFirst`.
+    pub fn pointers(&self) -> Vec<&str> {
+        self.from
+            .iter()
+            .chain(&self.from_first)
+            .map(String::as_str)
+            .collect()
+    }
 }
 
 fn is_set(op: &ColumnOp) -> bool {

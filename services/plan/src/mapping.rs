@@ -138,16 +138,7 @@ fn row_key(
         .key_columns()
         .into_iter()
         .map(|col| {
-            let pointers: Vec<&str> = if handler.keys.is_empty() {
-                vec![handler.key.as_str()]
-            } else {
-                handler
-                    .keys
-                    .iter()
-                    .find(|k| k.column == col.name)
-                    .map(|k| k.pointers().collect())
-                    .unwrap_or_default()
-            };
+            let pointers = handler.key_pointers(&col.name);
             key_part(col, &pointers, envelope)
         })
         .collect::<Result<Vec<_>, _>>()?;
@@ -200,12 +191,7 @@ fn source_value(
     col: &ColumnSpec,
     envelope: &Value,
 ) -> Result<Option<String>, MapError> {
-    let pointers: Vec<&str> = a
-        .from
-        .iter()
-        .chain(&a.from_first)
-        .map(String::as_str)
-        .collect();
+    let pointers = a.pointers();
     let literal = |text: &str| {
         literal_to_sql_text(col.ty, text)
             .map(Some)

@@ -365,12 +365,7 @@ impl Compiler<'_> {
     /// An assignment's value, as `source_value` and `effect` in the
     /// mapping compute it for `set`.
     fn assignment(&mut self, a: &Assignment, col: &ColumnSpec) -> Result<Mapped, NotSetBased> {
-        let pointers: Vec<&str> = a
-            .from
-            .iter()
-            .chain(&a.from_first)
-            .map(String::as_str)
-            .collect();
+        let pointers = a.pointers();
         let mut literal = |text: &str| -> Result<String, NotSetBased> {
             let sql = literal_to_sql_text(col.ty, text)
                 .map_err(|e| not(format!("value for column {}: {e}", col.name)))?;
@@ -379,7 +374,11 @@ impl Compiler<'_> {
         };
         let pointer = match pointers.as_slice() {
             [] => {
-                let value = literal(a.value.as_deref().unwrap_or("1"))?;
+                let value = a
+                    .value
+                    .as_deref()
+                    .ok_or_else(|| not(format!("column {} has no source", col.name)))?;
+                let value = literal(value)?;
                 return Ok(Mapped {
                     value,
                     bad: "false".into(),
@@ -503,16 +502,7 @@ fn convert(ty: ColumnType, n: usize) -> (String, String) {
 
 /// The key column's single pointer in `handler`.
 fn key_pointer<'h>(handler: &'h HandlerSpec, col: &ColumnSpec) -> Result<&'h str, NotSetBased> {
-    if handler.keys.is_empty() {
-        return Ok(handler.key.as_str());
-    }
-    let pointers: Vec<&str> = handler
-        .keys
-        .iter()
-        .find(|k| k.column == col.name)
-        .map(|k| k.pointers().collect())
-        .unwrap_or_default();
-    match pointers.as_slice() {
+    match handler.key_pointers(&col.name).as_slice() {
         [pointer] => Ok(pointer),
         _ => Err(not(format!(
             "key column {} reads several pointers",
@@ -552,14 +542,21 @@ mod tests {
             compiled.columns,
             ["status", "customer_id", "total", "created_at", "updated_at"]
         );
-        // Four handlers' types, three pointer paths below data (orderId per
-        // handler, customerId, total) and the three status literals.
+        // Four handlers' types, three pointer paths below data (orderId,
+        // read once for every handler, customerId, total) and the three
+        // status literals.
         let types = compiled
             .params
             .iter()
             .filter(|p| matches!(p, ReplayParam::Types(_)))
             .count();
         assert_eq!(types, 4);
+        let paths = compiled
+            .params
+            .iter()
+            .filter(|p| matches!(p, ReplayParam::Path(_)))
+            .count();
+        assert_eq!(paths, 3);
         assert!(compiled.params.contains(&ReplayParam::Text("PAID".into())));
         assert!(!compiled.sql.contains("PAID"), "literals are parameters");
         assert!(!compiled.sql.contains("orderId"), "paths are parameters");

@@ -8,7 +8,7 @@
 //! The checkpoint moves, to the horizon the query read below, once every
 //! row is written. Until then the version has nothing applied, and a load
 //! that stops part-way (a crash, an event the query cannot map) leaves rows
-//! that [`clear`] removes before the load starts again.
+//! that the next [`load`] empties before anything is loaded again.
 
 use eventplane_api::quote_ident;
 use eventplane_plan::replay::{NotSetBased, ReplayParam, UNSURE_SQLSTATE, replay_sql};
@@ -31,13 +31,12 @@ pub enum Replayed {
     Unsuitable(String),
 }
 
-/// Replays every event below the horizon into `projection`'s empty table,
-/// if its spec and events allow (see the module docs).
+/// Replays every event below the horizon into `projection`'s table, if
+/// nothing is applied to it yet and its spec and events allow (see the
+/// module docs). A version with nothing applied is emptied first, whichever
+/// path then loads it: rows there are what a load that stopped part-way
+/// left behind.
 pub async fn load(pool: &PgPool, projection: &Projection) -> sqlx::Result<Replayed> {
-    let compiled = match replay_sql(&projection.spec, &projection.table) {
-        Ok(compiled) => compiled,
-        Err(NotSetBased(why)) => return Ok(Replayed::Unsuitable(why)),
-    };
     let mut conn = pool.acquire().await?;
     let start = checkpoints::get(&mut *conn, &projection.checkpoint)
         .await?
@@ -47,6 +46,11 @@ pub async fn load(pool: &PgPool, projection: &Projection) -> sqlx::Result<Replay
             "the version has events applied".into(),
         ));
     }
+    clear(pool, projection).await?;
+    let compiled = match replay_sql(&projection.spec, &projection.table) {
+        Ok(compiled) => compiled,
+        Err(NotSetBased(why)) => return Ok(Replayed::Unsuitable(why)),
+    };
     let horizon = horizon(&mut conn).await?;
     let types = projection.spec.event_types();
     let covered: (i64, Option<i64>, Option<i64>, Option<chrono::DateTime<chrono::Utc>>) =
@@ -121,16 +125,6 @@ pub async fn load(pool: &PgPool, projection: &Projection) -> sqlx::Result<Replay
         Ok(())
     }
     .await;
-    // Where a set-based load spends its time: the query's sort before its
-    // first row, then the copies it streams into.
-    tracing::info!(
-        projection = %projection.name,
-        rows,
-        first_chunk_seconds = first_row.unwrap_or_default().as_secs_f64(),
-        copy_seconds = copying.as_secs_f64(),
-        total_seconds = started.elapsed().as_secs_f64(),
-        "set-based load"
-    );
     drop(written);
     let _ = reader.await;
     if let Err(err) = outcome {
@@ -148,6 +142,16 @@ pub async fn load(pool: &PgPool, projection: &Projection) -> sqlx::Result<Replay
         clear(pool, projection).await?;
         return Ok(Replayed::Unsuitable(why));
     }
+    // Where a set-based load spends its time: the query's sort before its
+    // first row, then the copies it streams into.
+    tracing::info!(
+        projection = %projection.name,
+        rows,
+        first_chunk_seconds = first_row.unwrap_or_default().as_secs_f64(),
+        copy_seconds = copying.as_secs_f64(),
+        total_seconds = started.elapsed().as_secs_f64(),
+        "set-based load"
+    );
 
     let last = last_tx
         .zip(last_position)
@@ -175,7 +179,7 @@ pub async fn load(pool: &PgPool, projection: &Projection) -> sqlx::Result<Replay
 
 /// Empties a version's table, which holds rows of a load that did not
 /// finish only while its checkpoint says nothing is applied.
-pub async fn clear(pool: &PgPool, projection: &Projection) -> sqlx::Result<()> {
+async fn clear(pool: &PgPool, projection: &Projection) -> sqlx::Result<()> {
     sqlx::query(AssertSqlSafe(format!(
         "TRUNCATE {}",
         eventplane_api::quote_ident(&projection.table)

@@ -320,21 +320,14 @@ async fn load(
 ) -> Result<(i64, bool), RebuildError> {
     let mut loaded = 0;
     let mut set_based = false;
-    let fresh = checkpoints::get(pool, &build.checkpoint)
-        .await?
-        .is_some_and(|row| row.applied == 0);
-    if fresh {
-        // Rows a set-based load that stopped part-way left behind.
-        replay::clear(pool, build).await?;
-        match replay::load(pool, build).await? {
-            Replayed::Loaded { events, .. } => {
-                versions::add_progress(pool, &build.name, build.spec.version, events).await?;
-                loaded = events;
-                set_based = true;
-            }
-            Replayed::Unsuitable(why) => {
-                tracing::info!(projection = %build.name, version = build.spec.version, %why, "replaying batch by batch");
-            }
+    match replay::load(pool, build).await? {
+        Replayed::Loaded { events, .. } => {
+            versions::add_progress(pool, &build.name, build.spec.version, events).await?;
+            loaded = events;
+            set_based = true;
+        }
+        Replayed::Unsuitable(why) => {
+            tracing::info!(projection = %build.name, version = build.spec.version, %why, "replaying batch by batch");
         }
     }
     loaded += prefetched_load(pool, build, options).await?;
