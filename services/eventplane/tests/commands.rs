@@ -428,3 +428,121 @@ async fn metrics_carry_the_seed_names_and_pool_usage() {
         );
     }
 }
+
+/// One batch, composed exactly, through the store's `append`: each
+/// request's outcome is its own, in request order, whatever its
+/// neighbours do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_batch_answers_each_request_on_its_own() {
+    use eventplane_store::events::model::NamedVersion;
+    use eventplane_store::events::{AppendError, AppendRequest, ExpectedVersion, NewEvent, append};
+
+    let db = TestDb::new().await;
+    let pool = db.pool().await;
+    eventplane_store::db::migrate(&pool).await.unwrap();
+    let request =
+        |stream: &str, expected: ExpectedVersion, events: usize, key: Option<&str>| AppendRequest {
+            stream_id: stream.into(),
+            expected_version: expected,
+            events: (0..events)
+                .map(|n| NewEvent {
+                    event_type: "Noted".into(),
+                    data: json!({"n": n, "stream": stream}),
+                    metadata: json!({}),
+                })
+                .collect(),
+            idempotency_key: key.map(str::to_string),
+            traceparent: None,
+        };
+    let any = || ExpectedVersion::Named(NamedVersion::Any);
+    let fresh = || ExpectedVersion::Named(NamedVersion::NoStream);
+    let first = vec![
+        request("b-1", fresh(), 2, None),
+        request("b-2", any(), 1, Some("k-a")),
+        // The same key and request again in the batch: the same answer.
+        request("b-2", any(), 1, Some("k-a")),
+        // The same key for another request: refused.
+        request("b-3", any(), 1, Some("k-a")),
+        // b-1 is at 2 by now within the batch.
+        request("b-1", ExpectedVersion::Exact(2), 1, None),
+        request("b-1", ExpectedVersion::Exact(2), 1, None),
+        request("b-1", fresh(), 1, None),
+    ];
+    let refs: Vec<&AppendRequest> = first.iter().collect();
+    let outcomes = append(&pool, &refs).await.unwrap();
+    assert_eq!(outcomes.len(), first.len());
+    let ok = |i: usize| {
+        outcomes[i]
+            .clone()
+            .unwrap_or_else(|e| panic!("request {i}: {e}"))
+    };
+    assert_eq!((ok(0).stream_id.as_str(), ok(0).version), ("b-1", 2));
+    assert_eq!(ok(0).positions.len(), 2);
+    assert_eq!(ok(1).version, 1);
+    assert_eq!(
+        ok(2),
+        ok(1),
+        "a repeated key in one batch gets the first answer"
+    );
+    assert_eq!(
+        outcomes[3],
+        Err(AppendError::IdempotencyMismatch("k-a".into()))
+    );
+    assert_eq!(ok(4).version, 3);
+    assert_eq!(
+        outcomes[5],
+        Err(AppendError::Conflict {
+            expected: ExpectedVersion::Exact(2),
+            actual: 3
+        })
+    );
+    assert_eq!(
+        outcomes[6],
+        Err(AppendError::Conflict {
+            expected: fresh(),
+            actual: 3
+        })
+    );
+    // Positions rise in request order, and a token names the last one.
+    let positions: Vec<i64> = [0, 1, 4].iter().flat_map(|&i| ok(i).positions).collect();
+    assert!(positions.windows(2).all(|w| w[0] < w[1]), "{positions:?}");
+    for i in [0, 1, 4] {
+        let token: eventplane_store::Token = ok(i).token.parse().unwrap();
+        assert_eq!(Some(&token.position), ok(i).positions.last());
+    }
+
+    // The next batch: the stored key answers with the stored result, and
+    // a batch without keys writes what it says.
+    let second = vec![
+        request("b-2", any(), 1, Some("k-a")),
+        request("b-3", any(), 1, Some("k-a")),
+        request("b-4", fresh(), 1, None),
+    ];
+    let refs: Vec<&AppendRequest> = second.iter().collect();
+    let again = append(&pool, &refs).await.unwrap();
+    assert_eq!(again[0].clone().unwrap(), ok(1));
+    assert_eq!(
+        again[1],
+        Err(AppendError::IdempotencyMismatch("k-a".into()))
+    );
+    assert_eq!(again[2].clone().unwrap().version, 1);
+
+    let versions: Vec<(String, i64)> =
+        sqlx::query_as("SELECT stream_id, version FROM streams ORDER BY stream_id")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    let versions: Vec<(&str, i64)> = versions.iter().map(|(s, v)| (s.as_str(), *v)).collect();
+    // b-3 was locked and refused: its row stays at version 0.
+    assert_eq!(versions, [("b-1", 3), ("b-2", 1), ("b-3", 0), ("b-4", 1)]);
+    let events: Vec<(String, i64)> =
+        sqlx::query_as("SELECT stream_id, stream_version FROM events ORDER BY position")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    let events: Vec<(&str, i64)> = events.iter().map(|(s, v)| (s.as_str(), *v)).collect();
+    assert_eq!(
+        events,
+        [("b-1", 1), ("b-1", 2), ("b-2", 1), ("b-1", 3), ("b-4", 1)]
+    );
+}

@@ -1,5 +1,5 @@
-//! One batch of appends in one statement: `eventplane_append` (migration
-//! 0006) locks, checks, writes and answers every request of the batch in
+//! One batch of appends in one statement: `eventplane_append` (migrations
+//! 0006 and 0010) locks, checks, writes and answers every request of the batch in
 //! one round trip. Each request succeeds or fails on its own: a version
 //! conflict or a reused idempotency key rejects that request only, never
 //! its neighbours in the batch.
@@ -11,6 +11,7 @@ use sqlx::PgExecutor;
 
 use super::model::{AppendRequest, AppendResult, ExpectedVersion, NamedVersion};
 use crate::error_body::ErrorBody;
+use crate::token::Token;
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum AppendError {
@@ -99,9 +100,9 @@ pub async fn append(
             )));
         }
     }
-    let rows: Vec<(i32, String, Option<i64>, Option<Value>)> = sqlx::query_as(
-        "SELECT idx, outcome, actual_version, response \
-         FROM eventplane_append($1, $2, $3, $4, $5, $6, $7, $8)",
+    let rows: Vec<AnswerRow> = sqlx::query_as(
+        "SELECT outcome, actual_version, version, positions, tx, response \
+         FROM eventplane_append($1, $2, $3, $4, $5, $6, $7, $8) ORDER BY idx",
     )
     .bind(&streams)
     .bind(&expected)
@@ -122,23 +123,62 @@ pub async fn append(
     }
     rows.into_iter()
         .zip(requests)
-        .map(|((_, outcome, actual, response), request)| {
-            let key = || request.idempotency_key.clone().unwrap_or_default();
-            match (outcome.as_str(), actual, response) {
-                ("conflict", Some(actual), _) => Ok(Err(AppendError::Conflict {
+        .map(|(row, request)| row.outcome_of(request))
+        .collect()
+}
+
+/// One row of `eventplane_append` (migration 0010).
+#[derive(sqlx::FromRow)]
+struct AnswerRow {
+    outcome: String,
+    actual_version: Option<i64>,
+    version: Option<i64>,
+    positions: Option<Vec<i64>>,
+    tx: Option<i64>,
+    /// The stored answer of the request that first used the key, for a
+    /// replayed request.
+    response: Option<Value>,
+}
+
+impl AnswerRow {
+    fn outcome_of(self, request: &AppendRequest) -> Result<Outcome, sqlx::Error> {
+        let unexpected = |row: &Self| {
+            sqlx::Error::Protocol(format!(
+                "eventplane_append answered {:?} without its details",
+                row.outcome
+            ))
+        };
+        match self.outcome.as_str() {
+            "conflict" => match self.actual_version {
+                Some(actual) => Ok(Err(AppendError::Conflict {
                     expected: request.expected_version.clone(),
                     actual,
                 })),
-                ("key_reused", _, _) => Ok(Err(AppendError::IdempotencyMismatch(key()))),
-                // `replayed` carries the stored answer of the first request
-                // that used the key.
-                ("appended" | "replayed", _, Some(response)) => serde_json::from_value(response)
+                None => Err(unexpected(&self)),
+            },
+            "key_reused" => Ok(Err(AppendError::IdempotencyMismatch(
+                request.idempotency_key.clone().unwrap_or_default(),
+            ))),
+            "replayed" => match self.response {
+                Some(response) => serde_json::from_value(response)
                     .map(Ok)
                     .map_err(|err| sqlx::Error::Decode(Box::new(err))),
-                (other, _, _) => Err(sqlx::Error::Protocol(format!(
-                    "eventplane_append answered {other:?} without its details"
-                ))),
-            }
-        })
-        .collect()
+                None => Err(unexpected(&self)),
+            },
+            "appended" => match (self.version, self.positions.as_deref(), self.tx) {
+                (Some(version), Some(&[.., last]), Some(tx)) => Ok(Ok(AppendResult {
+                    stream_id: request.stream_id.clone(),
+                    version,
+                    token: Token {
+                        tx_id: tx,
+                        position: last,
+                    }
+                    .to_string(),
+                    positions: self.positions.unwrap_or_default(),
+                })),
+                _ => Err(unexpected(&self)),
+            },
+            _ => Err(unexpected(&self)),
+        }
+    }
 }

@@ -1,0 +1,195 @@
+-- eventplane_append, with fewer statements per batch: the fixed cost of a
+-- batch, not its events, bounded how many appends a second Postgres took.
+--
+-- The contract of 0006 holds: one statement per group-commit batch, each
+-- request succeeding or failing on its own, locks in one global order
+-- (idempotency keys, then stream rows, each in byte order). What changed:
+--   * a batch without idempotency keys skips the key machinery;
+--   * the streams are locked and indexed by one statement;
+--   * positions are drawn up front, in request order, so the insert needs
+--     no RETURNING join to hand them back;
+--   * an appended request comes back as columns (version, positions and
+--     the transaction id its token names) instead of a JSON document the
+--     client parses again; only keyed requests build the stored response.
+DROP FUNCTION eventplane_append(text[], bigint[], int[], text[], bytea[], text[], jsonb[], jsonb[]);
+
+CREATE FUNCTION eventplane_append(
+    r_streams   text[],
+    r_expected  bigint[],
+    r_counts    int[],
+    r_keys      text[],
+    r_hashes    bytea[],
+    e_types     text[],
+    e_data      jsonb[],
+    e_metadata  jsonb[]
+) RETURNS TABLE (
+    idx            int,
+    outcome        text,
+    actual_version bigint,
+    version        bigint,
+    positions      bigint[],
+    tx             bigint,
+    response       jsonb
+)
+LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+DECLARE
+    n            int := coalesce(array_length(r_streams, 1), 0);
+    xact         bigint := pg_current_xact_id()::text::bigint;
+    keyed        boolean := cardinality(array_remove(r_keys, NULL)) > 0;
+    stored_hash  bytea;
+    stored_resp  jsonb;
+    -- Locked streams in byte order, their versions as the batch moves
+    -- them, and each request's index into them (NULL: not locked).
+    s_ids        text[];
+    s_ver        bigint[];
+    s_of         int[];
+    -- Each request's idempotency key group, and the request of each group
+    -- that appended in this batch.
+    k_of         int[];
+    k_first      int[];
+    answered     jsonb[] := array_fill(NULL::jsonb, ARRAY[greatest(n, 1)]);
+    outcomes     text[] := array_fill(NULL::text, ARRAY[greatest(n, 1)]);
+    actuals      bigint[] := array_fill(NULL::bigint, ARRAY[greatest(n, 1)]);
+    versions     bigint[] := array_fill(NULL::bigint, ARRAY[greatest(n, 1)]);
+    first_of     int[] := array_fill(NULL::int, ARRAY[greatest(n, 1)]);
+    -- Where each request's events start in e_*, and, for an appended
+    -- request, in the batch's positions.
+    e_off        int[] := array_fill(0, ARRAY[greatest(n, 1)]);
+    p_off        int[] := array_fill(NULL::int, ARRAY[greatest(n, 1)]);
+    p_all        bigint[];
+    drawn        int := 0;
+    appended     int[] := '{}';
+    cur          bigint;
+BEGIN
+    IF n = 0 THEN
+        RETURN;
+    END IF;
+    FOR i IN 2..n LOOP
+        e_off[i] := e_off[i - 1] + r_counts[i - 1];
+    END LOOP;
+
+    IF keyed THEN
+        SELECT array_agg(kg.grp ORDER BY g.i) INTO k_of
+        FROM generate_subscripts(r_streams, 1) AS g(i)
+        LEFT JOIN (SELECT d.key, row_number() OVER () AS grp
+                   FROM (SELECT DISTINCT u.key FROM unnest(r_keys) AS u(key)
+                         WHERE u.key IS NOT NULL) d) kg ON kg.key = r_keys[g.i];
+        k_first := array_fill(NULL::int, ARRAY[n]);
+
+        -- Requests that share a key take turns, across batches too.
+        PERFORM pg_advisory_xact_lock(hashtextextended(d.key, 7340))
+        FROM (SELECT DISTINCT u.key FROM unnest(r_keys) AS u(key)
+              WHERE u.key IS NOT NULL) d
+        ORDER BY d.key COLLATE "C";
+
+        -- Requests answered by a stored key are settled before any stream
+        -- lock.
+        FOR i IN 1..n LOOP
+            IF r_keys[i] IS NOT NULL THEN
+                SELECT ik.request_hash, ik.response INTO stored_hash, stored_resp
+                FROM idempotency_keys ik WHERE ik.key = r_keys[i];
+                IF FOUND THEN
+                    IF stored_hash = r_hashes[i] THEN
+                        outcomes[i] := 'replayed';
+                        answered[i] := stored_resp;
+                    ELSE
+                        outcomes[i] := 'key_reused';
+                    END IF;
+                END IF;
+            END IF;
+        END LOOP;
+    END IF;
+
+    -- Lock (creating at version 0) the streams the rest may write, in byte
+    -- order; the no-op update returns their versions.
+    WITH locked AS (
+        INSERT INTO streams AS st (stream_id, version)
+        SELECT d.s, 0 FROM (
+            SELECT DISTINCT r_streams[g.i] AS s FROM generate_subscripts(r_streams, 1) AS g(i)
+            WHERE outcomes[g.i] IS NULL
+        ) d ORDER BY d.s COLLATE "C"
+        ON CONFLICT (stream_id) DO UPDATE SET version = st.version
+        RETURNING st.stream_id, st.version
+    ), ranked AS (
+        SELECT l.stream_id, l.version,
+               row_number() OVER (ORDER BY l.stream_id COLLATE "C") AS pos
+        FROM locked l
+    )
+    SELECT (SELECT array_agg(r.stream_id ORDER BY r.pos) FROM ranked r),
+           (SELECT array_agg(r.version ORDER BY r.pos) FROM ranked r),
+           (SELECT array_agg(r.pos::int ORDER BY g.i)
+            FROM generate_subscripts(r_streams, 1) AS g(i)
+            LEFT JOIN ranked r ON r.stream_id = r_streams[g.i])
+    INTO s_ids, s_ver, s_of;
+
+    FOR i IN 1..n LOOP
+        CONTINUE WHEN outcomes[i] IS NOT NULL;
+        IF keyed AND k_of[i] IS NOT NULL AND k_first[k_of[i]] IS NOT NULL THEN
+            -- The same key earlier in this batch: its answer, if the same
+            -- request.
+            IF r_hashes[k_first[k_of[i]]] = r_hashes[i] THEN
+                first_of[i] := k_first[k_of[i]];
+                outcomes[i] := 'same';
+            ELSE
+                outcomes[i] := 'key_reused';
+            END IF;
+            CONTINUE;
+        END IF;
+        cur := s_ver[s_of[i]];
+        IF NOT (r_expected[i] = -1 OR (r_expected[i] = -2 AND cur = 0) OR r_expected[i] = cur) THEN
+            outcomes[i] := 'conflict';
+            actuals[i] := cur;
+            CONTINUE;
+        END IF;
+        s_ver[s_of[i]] := cur + r_counts[i];
+        versions[i] := cur + r_counts[i];
+        outcomes[i] := 'appended';
+        IF keyed AND k_of[i] IS NOT NULL THEN
+            k_first[k_of[i]] := i;
+        END IF;
+        p_off[i] := drawn;
+        drawn := drawn + r_counts[i];
+        appended := appended || i;
+    END LOOP;
+
+    IF drawn > 0 THEN
+        -- Positions in request order and, within a stream, in version
+        -- order: the projector's (tx_id, position) order is then the
+        -- stream order.
+        SELECT array_agg(nextval('events_position_seq')) INTO p_all
+        FROM generate_series(1, drawn);
+
+        INSERT INTO events (position, stream_id, stream_version, event_type, data, metadata)
+        SELECT p_all[p_off[a.i] + g.j], r_streams[a.i], versions[a.i] - r_counts[a.i] + g.j,
+               e_types[e_off[a.i] + g.j], e_data[e_off[a.i] + g.j], e_metadata[e_off[a.i] + g.j]
+        FROM unnest(appended) AS a(i), generate_series(1, r_counts[a.i]) AS g(j);
+
+        UPDATE streams AS st SET version = v.version, updated_at = now()
+        FROM unnest(s_ids, s_ver) AS v(stream_id, version)
+        WHERE st.stream_id = v.stream_id AND st.version <> v.version;
+
+        IF keyed THEN
+            INSERT INTO idempotency_keys (key, request_hash, response)
+            SELECT r_keys[a.i], r_hashes[a.i], jsonb_build_object(
+                       'streamId', r_streams[a.i],
+                       'version', versions[a.i],
+                       'positions', to_jsonb(p_all[p_off[a.i] + 1 : p_off[a.i] + r_counts[a.i]]),
+                       'token', xact::text || '.' || p_all[p_off[a.i] + r_counts[a.i]]::text)
+            FROM unnest(appended) AS a(i) WHERE r_keys[a.i] IS NOT NULL;
+        END IF;
+    END IF;
+
+    RETURN QUERY
+    SELECT g.i,
+           CASE WHEN outcomes[g.i] = 'same' THEN 'appended' ELSE outcomes[g.i] END,
+           actuals[g.i],
+           versions[coalesce(first_of[g.i], g.i)],
+           p_all[p_off[coalesce(first_of[g.i], g.i)] + 1
+                 : p_off[coalesce(first_of[g.i], g.i)] + r_counts[coalesce(first_of[g.i], g.i)]],
+           CASE WHEN versions[coalesce(first_of[g.i], g.i)] IS NOT NULL THEN xact END,
+           answered[g.i]
+    FROM generate_subscripts(r_streams, 1) AS g(i)
+    ORDER BY g.i;
+END;
+$$;
