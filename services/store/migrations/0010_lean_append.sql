@@ -8,6 +8,8 @@
 --   * the streams are locked and indexed by one statement;
 --   * positions are drawn up front, in request order, so the insert needs
 --     no RETURNING join to hand them back;
+--   * the new versions are written through the primary key, never by a
+--     join the planner may turn into a scan of `streams`;
 --   * an appended request comes back as columns (version, positions and
 --     the transaction id its token names) instead of a JSON document the
 --     client parses again; only keyed requests build the stored response.
@@ -165,9 +167,15 @@ BEGIN
                e_types[e_off[a.i] + g.j], e_data[e_off[a.i] + g.j], e_metadata[e_off[a.i] + g.j]
         FROM unnest(appended) AS a(i), generate_series(1, r_counts[a.i]) AS g(j);
 
-        UPDATE streams AS st SET version = v.version, updated_at = now()
-        FROM unnest(s_ids, s_ver) AS v(stream_id, version)
-        WHERE st.stream_id = v.stream_id AND st.version <> v.version;
+        -- Every row exists and is locked: this only updates. Written as an
+        -- upsert so each row is found through the primary key whatever the
+        -- table's size was when the plan was cached (an UPDATE ... FROM
+        -- planned while `streams` was small kept hashing a full scan of
+        -- it long after).
+        INSERT INTO streams AS st (stream_id, version)
+        SELECT v.stream_id, v.version FROM unnest(s_ids, s_ver) AS v(stream_id, version)
+        ON CONFLICT (stream_id) DO UPDATE SET version = EXCLUDED.version, updated_at = now()
+        WHERE st.version <> EXCLUDED.version;
 
         IF keyed THEN
             INSERT INTO idempotency_keys (key, request_hash, response)

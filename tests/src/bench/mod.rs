@@ -303,6 +303,11 @@ async fn measure(args: &Args, db: &BenchDatabase) -> anyhow::Result<Report> {
 
     let scratch = std::env::temp_dir().join(format!("eventplane-bench-{}", std::process::id()));
     std::fs::create_dir_all(&scratch)?;
+    // Each append phase and its reference start with the projector idle:
+    // a backlog left by the phase before would take Postgres time from
+    // the one measured.
+    progress("waiting for the projector to catch up");
+    wait_for_projector(&client, &orders.name).await?;
     let yardstick_appends = match yardstick::available() {
         _ if args.no_yardstick => Err("--no-yardstick".to_string()),
         Err(why) => Err(why),
@@ -319,17 +324,27 @@ async fn measure(args: &Args, db: &BenchDatabase) -> anyhow::Result<Report> {
                 &db.url,
                 clients,
                 duration,
-                args.cold_orders,
             )
             .await?)
         }
     };
+    progress("waiting for the projector to catch up");
+    wait_for_projector(&client, &orders.name).await?;
 
     progress(&format!(
         "baseline: single-row INSERT per transaction, {clients} connections, {}s",
         duration.as_secs()
     ));
     let baseline = baseline::run(&db.url, clients, Duration::from_secs(1), duration).await?;
+    if let Ok(appends) = &yardstick_appends {
+        progress(&format!(
+            "{} orders for the cache-miss phases",
+            args.cold_orders
+        ));
+        yardstick::seed_cold_orders(&stack.pool, &appends.run_id, args.cold_orders)
+            .await
+            .context("seeding orders for the miss phases")?;
+    }
 
     progress("waiting for the projector to catch up");
     let catch_up = wait_for_projector(&client, &orders.name).await?;

@@ -88,7 +88,7 @@ pub struct Appends {
 /// Orders appended through the store in large batches (the same append
 /// function, without HTTP), so the miss phases have keys enough that none
 /// is read twice.
-async fn seed_cold_orders(pool: &PgPool, run_id: &str, n: usize) -> anyhow::Result<()> {
+pub async fn seed_cold_orders(pool: &PgPool, run_id: &str, n: usize) -> anyhow::Result<()> {
     use eventplane_store::events::model::NamedVersion;
     use eventplane_store::events::{AppendRequest, ExpectedVersion, NewEvent};
     let requests: Vec<AppendRequest> = (0..n)
@@ -116,8 +116,7 @@ async fn seed_cold_orders(pool: &PgPool, run_id: &str, n: usize) -> anyhow::Resu
 }
 
 /// wrk appends against Eventplane, then pgbench inserts, for `duration`
-/// each at `clients` connections; then `cold` more orders for the miss
-/// phases.
+/// each at `clients` connections.
 pub async fn appends(
     dir: &Path,
     base: &str,
@@ -125,7 +124,6 @@ pub async fn appends(
     database_url: &str,
     clients: usize,
     duration: Duration,
-    cold: usize,
 ) -> anyhow::Result<Appends> {
     let run_id = format!("w{:x}", chrono::Utc::now().timestamp_millis());
     let appends = wrk::run(
@@ -142,9 +140,6 @@ pub async fn appends(
     let pgbench = pgbench::run(dir, database_url, clients, duration)
         .await
         .context("pgbench inserts")?;
-    seed_cold_orders(pool, &run_id, cold)
-        .await
-        .context("seeding orders for the miss phases")?;
     Ok(Appends {
         appends,
         pgbench,
