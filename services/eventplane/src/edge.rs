@@ -28,7 +28,11 @@ pub fn around(router: Router) -> Router {
 }
 
 async fn limits(request: Request, next: Next) -> Response {
-    let uri = request.uri().to_string().len();
+    let uri = request.uri();
+    // The length `uri.to_string()` would have, without building it.
+    let uri = uri.scheme_str().map_or(0, |s| s.len() + "://".len())
+        + uri.authority().map_or(0, |a| a.as_str().len())
+        + uri.path_and_query().map_or(0, |pq| pq.as_str().len());
     if uri > MAX_URI_BYTES {
         return ApiError::UriTooLong {
             message: format!(

@@ -97,9 +97,21 @@ pub struct ServedSet {
     pub projections: HashMap<String, Arc<Served>>,
 }
 
+/// The query service as handlers and tasks hold it: one pointer, so the
+/// copy every request takes costs one reference count.
 #[derive(Clone)]
-pub struct QueryService {
-    pub served: Arc<ArcSwap<ServedSet>>,
+pub struct QueryService(Arc<QueryState>);
+
+impl std::ops::Deref for QueryService {
+    type Target = QueryState;
+
+    fn deref(&self) -> &QueryState {
+        &self.0
+    }
+}
+
+pub struct QueryState {
+    pub served: ArcSwap<ServedSet>,
     pub follower: Follower,
     l1_capacity_bytes: u64,
     /// Where reads go: the read pool, or the primary while it falls back.
@@ -168,8 +180,8 @@ impl QueryService {
         let subscription = url.map(|url| Arc::new(tokio::spawn(bus.clone().subscribe(url))));
         let (subscriptions, notifications) =
             subscriptions::Subscriptions::new(primary.clone(), config.subscriptions);
-        let service = QueryService {
-            served: Arc::new(ArcSwap::from_pointee(ServedSet::default())),
+        let service = QueryService(Arc::new(QueryState {
+            served: ArcSwap::from_pointee(ServedSet::default()),
             follower,
             l1_capacity_bytes: config.l1_capacity_bytes,
             reads,
@@ -180,7 +192,7 @@ impl QueryService {
             slow_query: config.slow_query,
             subscription,
             subscriptions,
-        };
+        }));
         service.serve(&service.follower.current());
         // The returned task is the service's: it follows the catalog and
         // forwards event notifications to the subscriptions.
@@ -456,9 +468,13 @@ async fn row(
         }
     };
     if let Some(token) = token {
-        let pool = service.reads.pool().clone();
-        consistency::wait_for(service, &pool, &served.projection, token).await?;
-        Ok((load(pool).await?, Layer::L3))
+        // On the heap, as the miss path in `cached` is.
+        Box::pin(async move {
+            let pool = service.reads.pool().clone();
+            consistency::wait_for(service, &pool, &served.projection, token).await?;
+            Ok((load(pool).await?, Layer::L3))
+        })
+        .await
     } else {
         let version = served.projection.spec.version;
         let l2_key = |epoch| {
@@ -497,6 +513,29 @@ where
         counts[0].record(true);
         return Ok((hit, Layer::L1));
     }
+    // The miss path's state lives on the heap: inline, its size would make
+    // every request's future (hits included) that much larger to create
+    // and move.
+    Box::pin(fill(service, served, l1_key, l2_key, load, l1_live)).await
+}
+
+/// The rest of [`cached`] after L1 had nothing: L2, then the load, filling
+/// both.
+async fn fill<K, F, Fut>(
+    service: &QueryService,
+    served: &Served,
+    l1_key: String,
+    l2_key: K,
+    load: F,
+    l1_live: bool,
+) -> ApiResult<(Cached, Layer)>
+where
+    K: FnOnce(u64) -> String,
+    F: FnOnce() -> Fut,
+    Fut: Future<Output = Result<Cached, sqlx::Error>>,
+{
+    let cache = &served.cache;
+    let counts = &service.metrics.cache_counts;
     let generation = cache.generation();
     let epoch = cache.epoch();
     let l2_key = l2_key(epoch);
