@@ -456,7 +456,7 @@ async fn one_batch_answers_each_request_on_its_own() {
         };
     let any = || ExpectedVersion::Named(NamedVersion::Any);
     let fresh = || ExpectedVersion::Named(NamedVersion::NoStream);
-    let first = vec![
+    let first = [
         request("b-1", fresh(), 2, None),
         request("b-2", any(), 1, Some("k-a")),
         // The same key and request again in the batch: the same answer.
@@ -513,7 +513,7 @@ async fn one_batch_answers_each_request_on_its_own() {
 
     // The next batch: the stored key answers with the stored result, and
     // a batch without keys writes what it says.
-    let second = vec![
+    let second = [
         request("b-2", any(), 1, Some("k-a")),
         request("b-3", any(), 1, Some("k-a")),
         request("b-4", fresh(), 1, None),
