@@ -306,7 +306,6 @@ async fn measure(args: &Args, db: &BenchDatabase) -> anyhow::Result<Report> {
     // Each append phase and its reference start with the projector idle:
     // a backlog left by the phase before would take Postgres time from
     // the one measured.
-    progress("waiting for the projector to catch up");
     wait_for_projector(&client, &orders.name).await?;
     let yardstick_appends = match yardstick::available() {
         _ if args.no_yardstick => Err("--no-yardstick".to_string()),
@@ -328,7 +327,6 @@ async fn measure(args: &Args, db: &BenchDatabase) -> anyhow::Result<Report> {
             .await?)
         }
     };
-    progress("waiting for the projector to catch up");
     wait_for_projector(&client, &orders.name).await?;
 
     progress(&format!(
@@ -346,7 +344,6 @@ async fn measure(args: &Args, db: &BenchDatabase) -> anyhow::Result<Report> {
             .context("seeding orders for the miss phases")?;
     }
 
-    progress("waiting for the projector to catch up");
     let catch_up = wait_for_projector(&client, &orders.name).await?;
 
     let kept = Arc::new(client.kept());
@@ -599,6 +596,7 @@ impl Noise {
 /// Polls the projection's status until nothing is left to apply; returns
 /// how long that took.
 async fn wait_for_projector(client: &Client, projection: &str) -> anyhow::Result<Duration> {
+    progress("waiting for the projector to catch up");
     let started = Instant::now();
     loop {
         let status: serde_json::Value = client

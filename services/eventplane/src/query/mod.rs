@@ -516,74 +516,58 @@ where
     // The miss path's state lives on the heap: inline, its size would make
     // every request's future (hits included) that much larger to create
     // and move.
-    Box::pin(fill(service, served, l1_key, l2_key, load, l1_live)).await
-}
-
-/// The rest of [`cached`] after L1 had nothing: L2, then the load, filling
-/// both.
-async fn fill<K, F, Fut>(
-    service: &QueryService,
-    served: &Served,
-    l1_key: String,
-    l2_key: K,
-    load: F,
-    l1_live: bool,
-) -> ApiResult<(Cached, Layer)>
-where
-    K: FnOnce(u64) -> String,
-    F: FnOnce() -> Fut,
-    Fut: Future<Output = Result<Cached, sqlx::Error>>,
-{
-    let cache = &served.cache;
-    let counts = &service.metrics.cache_counts;
-    let generation = cache.generation();
-    let epoch = cache.epoch();
-    let l2_key = l2_key(epoch);
-    let through_l2 = async {
-        if let Some(hit) = service.bus.l2_get(&l2_key).await {
-            counts[1].record(true);
-            return Ok::<_, sqlx::Error>((hit, Layer::L2));
+    Box::pin(async move {
+        let generation = cache.generation();
+        let epoch = cache.epoch();
+        let l2_key = l2_key(epoch);
+        let through_l2 = async {
+            if let Some(hit) = service.bus.l2_get(&l2_key).await {
+                counts[1].record(true);
+                return Ok::<_, sqlx::Error>((hit, Layer::L2));
+            }
+            counts[1].record(false);
+            let value = load().await?;
+            counts[2].record(true);
+            // The fill is conditional on the generation in Redis (an
+            // invalidation since `generation` was read makes it a no-op),
+            // so it is as safe later as now: it runs after the answer goes
+            // out.
+            let (bus, cache, filled) = (service.bus.clone(), served.cache.clone(), value.clone());
+            tokio::spawn(async move {
+                bus.l2_fill(&cache, &l2_key, epoch, generation, &filled)
+                    .await;
+            });
+            Ok((value, Layer::L3))
+        };
+        if !l1_live {
+            return Ok(through_l2.await?);
         }
-        counts[1].record(false);
-        let value = load().await?;
-        counts[2].record(true);
-        // The fill is conditional on the generation in Redis (an
-        // invalidation since `generation` was read makes it a no-op), so it
-        // is as safe later as now: it runs after the answer goes out.
-        let (bus, cache, filled) = (service.bus.clone(), served.cache.clone(), value.clone());
-        tokio::spawn(async move {
-            bus.l2_fill(&cache, &l2_key, epoch, generation, &filled)
-                .await;
-        });
-        Ok((value, Layer::L3))
-    };
-    if !l1_live {
-        return Ok(through_l2.await?);
-    }
-    let loaded_here = AtomicBool::new(false);
-    let layer_here = std::sync::Mutex::new(Layer::L1);
-    let value = cache
-        .l1
-        .try_get_with(l1_key.clone(), async {
-            loaded_here.store(true, Ordering::Relaxed);
-            let (value, layer) = through_l2.await?;
-            *layer_here.lock().expect("not poisoned") = layer;
-            Ok::<_, sqlx::Error>(value)
-        })
-        .await
-        .map_err(|e: Arc<sqlx::Error>| ApiError::from_shared(&e))?;
-    // An invalidation arrived while loading: the value may predate it.
-    if cache.generation() != generation {
-        cache.l1.invalidate(&l1_key).await;
-    }
-    let hit = !loaded_here.load(Ordering::Relaxed);
-    counts[0].record(hit);
-    let layer = if hit {
-        Layer::L1
-    } else {
-        *layer_here.lock().expect("not poisoned")
-    };
-    Ok((value, layer))
+        let loaded_here = AtomicBool::new(false);
+        let layer_here = std::sync::Mutex::new(Layer::L1);
+        let value = cache
+            .l1
+            .try_get_with(l1_key.clone(), async {
+                loaded_here.store(true, Ordering::Relaxed);
+                let (value, layer) = through_l2.await?;
+                *layer_here.lock().expect("not poisoned") = layer;
+                Ok::<_, sqlx::Error>(value)
+            })
+            .await
+            .map_err(|e: Arc<sqlx::Error>| ApiError::from_shared(&e))?;
+        // An invalidation arrived while loading: the value may predate it.
+        if cache.generation() != generation {
+            cache.l1.invalidate(&l1_key).await;
+        }
+        let hit = !loaded_here.load(Ordering::Relaxed);
+        counts[0].record(hit);
+        let layer = if hit {
+            Layer::L1
+        } else {
+            *layer_here.lock().expect("not poisoned")
+        };
+        Ok((value, layer))
+    })
+    .await
 }
 
 /// Parameters of one list query, validated against its declaration.

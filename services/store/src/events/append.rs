@@ -1,6 +1,6 @@
 //! One batch of appends in one statement: `eventplane_append` (migrations
-//! 0006 and 0010) locks, checks, writes and answers every request of the batch in
-//! one round trip. Each request succeeds or fails on its own: a version
+//! 0006 and 0010) locks, checks, writes and answers every request of the
+//! batch in one round trip. Each request succeeds or fails on its own: a version
 //! conflict or a reused idempotency key rejects that request only, never
 //! its neighbours in the batch.
 
