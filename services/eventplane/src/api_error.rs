@@ -48,10 +48,11 @@ pub enum ApiError {
     /// loaded the change yet. The query service reloads and retries.
     #[error("the projection changed while it was read")]
     SchemaChanged(String),
-    /// A replica cancelled the read to apply WAL that conflicts with it
-    /// (the replayed lock of a swap, a vacuum): the query service runs the
-    /// read once more.
-    #[error("the read replica cancelled the read to apply changes; try again")]
+    /// The read gave way to a change being applied: a replica cancelled it
+    /// to replay WAL that conflicts with it (the replayed lock of a swap, a
+    /// vacuum), or it waited past `lock_timeout` for a swap's lock. The
+    /// query service reads again until its read timeout.
+    #[error("the read gave way to a change being applied; try again")]
     ReadCancelled(String),
     #[error("internal error")]
     Internal(#[source] anyhow::Error),
@@ -171,6 +172,14 @@ impl ApiError {
 
     fn classify(err: &sqlx::Error) -> Option<Self> {
         match err {
+            // serialization_failure: on a hot standby, "canceling statement
+            // due to conflict with recovery" (reads here never serialize);
+            // lock_not_available: only reads wait with a `lock_timeout`.
+            sqlx::Error::Database(db)
+                if db.code().is_some_and(|c| c == "40001" || c == "55P03") =>
+            {
+                Some(Self::ReadCancelled(db.message().to_string()))
+            }
             busy if eventplane_store::db::is_busy(busy) => Some(Self::Unavailable {
                 code: "database_busy",
                 message: "the database did not answer in time; try again shortly".into(),
@@ -181,11 +190,6 @@ impl ApiError {
                     .is_some_and(|c| SCHEMA_CHANGED.contains(&c.as_ref())) =>
             {
                 Some(Self::SchemaChanged(db.message().to_string()))
-            }
-            // serialization_failure: on a hot standby, "canceling statement
-            // due to conflict with recovery" (reads here never serialize).
-            sqlx::Error::Database(db) if db.code().is_some_and(|c| c == "40001") => {
-                Some(Self::ReadCancelled(db.message().to_string()))
             }
             _ => None,
         }

@@ -239,6 +239,7 @@ impl Stack {
                 "read",
                 &PoolConfig {
                     statement_timeout: Some(config.query.read_timeout),
+                    lock_timeout: Some(query::replica::READ_LOCK_TIMEOUT),
                     acquire_timeout: config.acquire_timeout,
                     lazy: config.read_database_url.is_some(),
                     ..PoolConfig::new(config.read_max_connections)

@@ -539,3 +539,57 @@ async fn a_swap_on_the_primary_fails_no_read_on_the_replica() {
         "no read on the replica failed"
     );
 }
+
+/// A read that waits on the stable name's lock longer than the read
+/// pool's `lock_timeout` (as one queued behind a swap replayed on a
+/// replica does) gives up the wait and is read again, so the client gets
+/// the row once the lock is gone, not an error.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_read_held_behind_a_lock_is_read_again_and_answers() {
+    let db = TestDb::new().await;
+    let stack = stack_with(local(&db.url, None, orders())).await;
+    let http = client();
+    let (status, _) = append(
+        &http,
+        &stack,
+        "order-held",
+        json!("no_stream"),
+        vec![placed("held", "c1", "3")],
+    )
+    .await;
+    assert_eq!(status, 201);
+    let pool = db.pool().await;
+    assert!(eventually(Duration::from_secs(20), || caught_up(&pool, "orders")).await);
+
+    // Hold the view as a swap does, for several lock timeouts.
+    let mut holder = pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE orders IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    let read = tokio::spawn({
+        let (http, url) = (http.clone(), stack.url("/v1/projections/orders/rows/held"));
+        async move {
+            let response = http.get(url).send().await.unwrap();
+            (response.status().as_u16(), response.text().await.unwrap())
+        }
+    });
+    tokio::time::sleep(eventplane::query::replica::READ_LOCK_TIMEOUT * 4).await;
+    assert!(!read.is_finished(), "the read waits while the lock is held");
+    holder.commit().await.unwrap();
+
+    let (status, body) = read.await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    let metrics = reqwest::get(stack.admin_url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let retries = metrics
+        .lines()
+        .find_map(|line| line.strip_prefix("replica_read_retries_total "))
+        .and_then(|n| n.trim().parse::<f64>().ok())
+        .unwrap_or(0.0);
+    assert!(retries >= 1.0, "the read was run again: {retries}");
+}

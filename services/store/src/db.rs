@@ -22,6 +22,9 @@ pub struct PoolConfig {
     /// `statement_timeout` of every connection, if any: the longest one
     /// statement (lock waits included) may run before Postgres cancels it.
     pub statement_timeout: Option<Duration>,
+    /// `lock_timeout` of every connection, if any: the longest one statement
+    /// waits for a lock before Postgres fails it with `lock_not_available`.
+    pub lock_timeout: Option<Duration>,
     /// Connect on first use instead of at start: a process whose read
     /// replica is down still starts (and falls back, or answers 503).
     pub lazy: bool,
@@ -33,6 +36,7 @@ impl PoolConfig {
             max_connections,
             acquire_timeout: DEFAULT_ACQUIRE_TIMEOUT,
             statement_timeout: None,
+            lock_timeout: None,
             lazy: false,
         }
     }
@@ -51,11 +55,13 @@ pub async fn connect_with(url: &str, name: &str, config: &PoolConfig) -> sqlx::R
         "idle_in_transaction_session_timeout",
         IDLE_IN_TRANSACTION_TIMEOUT.to_string(),
     )];
-    if let Some(timeout) = config.statement_timeout {
-        settings.push((
-            "statement_timeout",
-            format!("{}ms", timeout.as_millis().max(1)),
-        ));
+    for (name, timeout) in [
+        ("statement_timeout", config.statement_timeout),
+        ("lock_timeout", config.lock_timeout),
+    ] {
+        if let Some(timeout) = timeout {
+            settings.push((name, format!("{}ms", timeout.as_millis().max(1))));
+        }
     }
     let options: PgConnectOptions = url
         .parse::<PgConnectOptions>()?

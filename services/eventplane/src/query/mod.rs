@@ -122,6 +122,9 @@ pub struct QueryState {
     pub bus: Arc<CacheBus>,
     pub metrics: Arc<Metrics>,
     pub consistency_timeout: Duration,
+    /// A read that gave way to a change is not tried again once this much
+    /// time has passed since it started.
+    read_timeout: Duration,
     /// Reads at least this slow are counted and logged with their plan.
     pub slow_query: Duration,
     /// The invalidation subscription, if Redis is configured.
@@ -189,6 +192,7 @@ impl QueryService {
             bus,
             metrics,
             consistency_timeout: config.consistency_timeout,
+            read_timeout: config.read_timeout,
             slow_query: config.slow_query,
             subscription,
             subscriptions,
@@ -264,22 +268,31 @@ impl QueryService {
             })
     }
 
-    /// Runs `read` on projection `name` as served now, once more when it
-    /// failed in a way a second try can fix: the database says the
-    /// projection changed under it (reload the catalog first), a replica
-    /// cancelled it to replay WAL, or the read database is out of reach and
-    /// reads may fall back to the primary.
+    /// Runs `read` on projection `name` as served now, again when it
+    /// failed in a way another try can fix: it gave way to a change being
+    /// applied (a replica replaying WAL, a swap's lock; retried with backoff
+    /// until the read timeout), the database says the projection changed
+    /// under it (reload the catalog first, one more try), or the read
+    /// database is out of reach and reads may fall back to the primary.
     async fn read<T, F, Fut>(&self, name: &str, read: F) -> ApiResult<T>
     where
         F: Fn(Arc<Served>) -> Fut,
         Fut: Future<Output = ApiResult<T>>,
     {
-        match read(self.served(name)?).await {
-            Err(ApiError::ReadCancelled(err)) => {
-                tracing::debug!(projection = %name, error = %err, "read cancelled by recovery; reading again");
-                self.metrics.replica_read_retries.inc();
-                read(self.served(name)?).await
+        let deadline = Instant::now() + self.read_timeout;
+        let mut backoff = READ_RETRY_FIRST_BACKOFF;
+        let mut answer = read(self.served(name)?).await;
+        while let Err(ApiError::ReadCancelled(err)) = &answer {
+            if Instant::now() + backoff >= deadline {
+                break;
             }
+            tracing::debug!(projection = %name, error = %err, "read gave way to a change being applied; reading again");
+            self.metrics.replica_read_retries.inc();
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(READ_RETRY_MAX_BACKOFF);
+            answer = read(self.served(name)?).await;
+        }
+        match answer {
             Err(ApiError::Unavailable {
                 code: "database_busy",
                 ..
@@ -302,6 +315,12 @@ impl QueryService {
         }
     }
 }
+
+/// The first pause before a read that gave way to a change is run again;
+/// it doubles up to the cap. A replayed swap clears within milliseconds
+/// once its commit is applied, so the first tries come soon.
+const READ_RETRY_FIRST_BACKOFF: Duration = Duration::from_millis(5);
+const READ_RETRY_MAX_BACKOFF: Duration = Duration::from_millis(200);
 
 /// The query API's routes with their OpenAPI description.
 pub fn api() -> OpenApiRouter<QueryService> {

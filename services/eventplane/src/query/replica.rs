@@ -20,6 +20,16 @@ use crate::metrics::Metrics;
 /// How often the replica's state is read.
 const PROBE_EVERY: Duration = Duration::from_millis(500);
 
+/// Longest a read waits for a lock. Only a swap or DDL holds one that
+/// readers wait for: on the primary for at most the swap's own lock
+/// timeout (50 ms); on a replica until the startup process replays the
+/// commit. A reader waiting there holds a snapshot, and when the replay
+/// must first resolve a conflict with that snapshot (a vacuum record), the
+/// two wait on each other until `max_standby_streaming_delay` (30 s by
+/// default). Giving up the wait after this long lets the replay go on; the
+/// query service reads again (see `QueryService::read`).
+pub const READ_LOCK_TIMEOUT: Duration = Duration::from_millis(250);
+
 #[derive(Clone, Debug)]
 pub struct ReplicaConfig {
     /// Read from the primary while the replica is down or behind. Off by
