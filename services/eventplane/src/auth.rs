@@ -20,15 +20,15 @@ use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
-use axum::extract::{Request, State};
+use axum::extract::Request;
 use axum::http::header;
-use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use jsonwebtoken::jwk::JwkSet;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
 
 use crate::api_error::ApiError;
+use crate::gate::Gate;
 
 #[derive(Clone, Debug)]
 pub struct AuthConfig {
@@ -297,35 +297,40 @@ fn read_jwks(path: &std::path::Path) -> anyhow::Result<(JwkSet, Option<SystemTim
     Ok((set, modified))
 }
 
-/// Attaches the request's [`Grants`], or answers 401.
-pub async fn authenticate(
-    State(auth): State<Option<Arc<Authenticator>>>,
-    mut request: Request,
-    next: Next,
-) -> Response {
-    let grants = match &auth {
-        None => Grants::All,
-        Some(auth) => {
-            let bearer = request
-                .headers()
-                .get(header::AUTHORIZATION)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| {
-                    v.strip_prefix("Bearer ")
-                        .or_else(|| v.strip_prefix("bearer "))
-                });
-            let refused = match bearer {
-                None => Err("a bearer token is required (Authorization: Bearer <JWT>)".to_string()),
-                Some(token) => auth.grants(token.trim()),
-            };
-            match refused {
-                Ok(grants) => grants,
-                Err(message) => return ApiError::Unauthorized { message }.into_response(),
+/// The gate every API request crosses: attaches the request's [`Grants`],
+/// or answers 401.
+pub fn gate(
+    auth: Option<Arc<Authenticator>>,
+) -> Gate<impl Fn(&mut Request) -> Option<Response> + Clone> {
+    Gate::new(move |request: &mut Request| {
+        let grants = match &auth {
+            None => Grants::All,
+            Some(auth) => {
+                let bearer = request
+                    .headers()
+                    .get(header::AUTHORIZATION)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| {
+                        v.strip_prefix("Bearer ")
+                            .or_else(|| v.strip_prefix("bearer "))
+                    });
+                let granted = match bearer {
+                    None => {
+                        Err("a bearer token is required (Authorization: Bearer <JWT>)".to_string())
+                    }
+                    Some(token) => auth.grants(token.trim()),
+                };
+                match granted {
+                    Ok(grants) => grants,
+                    Err(message) => {
+                        return Some(ApiError::Unauthorized { message }.into_response());
+                    }
+                }
             }
-        }
-    };
-    request.extensions_mut().insert(grants);
-    next.run(request).await
+        };
+        request.extensions_mut().insert(grants);
+        None
+    })
 }
 
 #[cfg(test)]

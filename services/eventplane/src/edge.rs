@@ -9,10 +9,10 @@
 use axum::Router;
 use axum::extract::Request;
 use axum::http::{Method, Uri};
-use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 
 use crate::api_error::ApiError;
+use crate::gate::Gate;
 
 /// Longest request target (path and query) accepted.
 pub const MAX_URI_BYTES: usize = 8 * 1024;
@@ -24,22 +24,25 @@ pub fn around(router: Router) -> Router {
     router
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(middleware::from_fn(limits))
+        .layer(Gate::new(limits))
 }
 
-async fn limits(request: Request, next: Next) -> Response {
+/// The answer for a request over the limits, if it is.
+fn limits(request: &mut Request) -> Option<Response> {
     let uri = request.uri();
     // The length `uri.to_string()` would have, without building it.
     let uri = uri.scheme_str().map_or(0, |s| s.len() + "://".len())
         + uri.authority().map_or(0, |a| a.as_str().len())
         + uri.path_and_query().map_or(0, |pq| pq.as_str().len());
     if uri > MAX_URI_BYTES {
-        return ApiError::UriTooLong {
-            message: format!(
-                "the request target is {uri} bytes; at most {MAX_URI_BYTES} are accepted"
-            ),
-        }
-        .into_response();
+        return Some(
+            ApiError::UriTooLong {
+                message: format!(
+                    "the request target is {uri} bytes; at most {MAX_URI_BYTES} are accepted"
+                ),
+            }
+            .into_response(),
+        );
     }
     let headers: usize = request
         .headers()
@@ -47,14 +50,16 @@ async fn limits(request: Request, next: Next) -> Response {
         .map(|(name, value)| name.as_str().len() + value.len())
         .sum();
     if headers > MAX_HEADER_BYTES {
-        return ApiError::HeadersTooLarge {
-            message: format!(
-                "the request headers are {headers} bytes; at most {MAX_HEADER_BYTES} are accepted"
-            ),
-        }
-        .into_response();
+        return Some(
+            ApiError::HeadersTooLarge {
+                message: format!(
+                    "the request headers are {headers} bytes; at most {MAX_HEADER_BYTES} are accepted"
+                ),
+            }
+            .into_response(),
+        );
     }
-    next.run(request).await
+    None
 }
 
 async fn not_found(uri: Uri) -> ApiError {

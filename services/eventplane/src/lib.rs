@@ -12,6 +12,7 @@ pub mod command;
 pub mod conn;
 pub mod dev;
 pub mod edge;
+pub mod gate;
 pub mod invalidation;
 pub mod metrics;
 pub mod openapi;

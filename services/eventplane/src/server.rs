@@ -275,20 +275,15 @@ impl Stack {
         };
         // The API's description needs no token.
         let document = crate::openapi::text();
-        let app = app
-            .layer(axum::middleware::from_fn_with_state(
-                authenticator,
-                crate::auth::authenticate,
-            ))
-            .route(
-                "/openapi.json",
-                axum::routing::get(move || async move {
-                    (
-                        [(axum::http::header::CONTENT_TYPE, "application/json")],
-                        document,
-                    )
-                }),
-            );
+        let app = app.layer(crate::auth::gate(authenticator)).route(
+            "/openapi.json",
+            axum::routing::get(move || async move {
+                (
+                    [(axum::http::header::CONTENT_TYPE, "application/json")],
+                    document,
+                )
+            }),
+        );
         let app = crate::edge::around(app)
             .into_make_service_with_connect_info::<crate::conn::Connection>();
         let listener = tokio::net::TcpListener::bind(config.listen).await?;

@@ -17,6 +17,7 @@ pub mod replica;
 pub mod slow;
 pub mod subscriptions;
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -26,7 +27,7 @@ use axum::Json;
 use axum::Router;
 use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{Extension, OriginalUri, Path, Query, State};
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::{HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use eventplane_api::{QuerySpec, parse_param};
@@ -345,22 +346,24 @@ pub fn router(service: QueryService) -> Router {
     routes.with_state(service)
 }
 
+/// The header that says which cache layer answered.
+const CACHE_LAYER_HEADER: header::HeaderName = header::HeaderName::from_static("eventplane-cache");
+
 fn json_response(body: &Cached, layer: Layer) -> Response {
     let mut response = match body.as_ref() {
-        Some(json) => (
-            StatusCode::OK,
-            [(
+        Some(json) => {
+            let mut response = Response::new(axum::body::Body::from(json.clone()));
+            response.headers_mut().insert(
                 header::CONTENT_TYPE,
                 HeaderValue::from_static("application/json"),
-            )],
-            json.clone(),
-        )
-            .into_response(),
+            );
+            response
+        }
         None => ApiError::not_found("row_not_found", "no row with that key").into_response(),
     };
     response
         .headers_mut()
-        .insert("eventplane-cache", HeaderValue::from_static(layer.as_str()));
+        .insert(CACHE_LAYER_HEADER, HeaderValue::from_static(layer.as_str()));
     response
 }
 
@@ -412,23 +415,26 @@ async fn get_row(
     State(service): State<QueryService>,
     Extension(grants): Extension<Grants>,
     incoming: Incoming,
-    path: Result<Path<BTreeMap<String, String>>, PathRejection>,
     OriginalUri(uri): OriginalUri,
-    params: Result<Query<BTreeMap<String, String>>, QueryRejection>,
 ) -> ApiResult<Response> {
     let started = Instant::now();
-    let Path(path) = path?;
-    let name = path.get("name").cloned().unwrap_or_default();
+    let (name, key) = row_target(uri.path())?;
     grants.require(Access::Read(&name))?;
-    let key = key_segments(uri.path(), &name)?;
-    let Query(params) = params?;
-    if let Some(unknown) = params.keys().find(|k| k.as_str() != "token") {
-        return Err(ApiError::bad_request(
-            "unknown_parameter",
-            format!("unknown parameter {unknown:?}; rows take only `token`"),
-        ));
-    }
-    let token = parse_token(&params)?;
+    // Most reads carry no query string: nothing to parse then.
+    let token = match uri.query() {
+        None => None,
+        Some(_) => {
+            let Query(params) = Query::<BTreeMap<String, String>>::try_from_uri(&uri)?;
+            if let Some(unknown) = params.keys().find(|k| k.as_str() != "token") {
+                return Err(ApiError::bad_request(
+                    "unknown_parameter",
+                    format!("unknown parameter {unknown:?}; rows take only `token`"),
+                ));
+            }
+            parse_token(&params)?
+        }
+    };
+    let key: Vec<&str> = key.iter().map(|segment| segment.as_ref()).collect();
     let (span, _) = incoming.span(|| query_span("row", &name));
     let (body, layer) = service
         .read(&name, |served| row(&service, served, &key, token))
@@ -441,41 +447,47 @@ async fn get_row(
     Ok(json_response(&body, layer))
 }
 
-/// The row route's key segments, each percent-decoded on its own: the
-/// decoded path could not tell a `/` inside a value from the one between
-/// two key columns.
-fn key_segments(raw_path: &str, name: &str) -> ApiResult<Vec<String>> {
-    let bad = |message: String| ApiError::bad_request("invalid_key", message);
-    let (_, keys) = raw_path
-        .split_once(&format!("/projections/{name}/rows/"))
-        .ok_or_else(|| bad("the path names no key".into()))?;
-    keys.split('/')
-        .map(|segment| {
-            percent_decode_str(segment)
-                .decode_utf8()
-                .map(|s| s.into_owned())
-                .map_err(|_| bad(format!("key segment {segment:?} is not UTF-8")))
-        })
-        .collect()
+/// The projection name and key segments of a row route's path
+/// (`/v1/projections/{name}/rows/{key}[/{key}...]`), each percent-decoded
+/// on its own: the decoded path could not tell a `/` inside a value from
+/// the one between two key columns. Nothing is copied unless it was
+/// encoded.
+fn row_target(raw_path: &str) -> ApiResult<(Cow<'_, str>, Vec<Cow<'_, str>>)> {
+    fn decoded<'a>(segment: &'a str, code: &'static str, what: &str) -> ApiResult<Cow<'a, str>> {
+        percent_decode_str(segment)
+            .decode_utf8()
+            .map_err(|_| ApiError::bad_request(code, format!("{what} {segment:?} is not UTF-8")))
+    }
+    let (name, keys) = raw_path
+        .strip_prefix("/v1/projections/")
+        .and_then(|rest| rest.split_once('/'))
+        .and_then(|(name, rest)| Some((name, rest.strip_prefix("rows/")?)))
+        .ok_or_else(|| ApiError::bad_request("invalid_path", "the path names no key"))?;
+    let name = decoded(name, "invalid_path", "projection name")?;
+    let keys = keys
+        .split('/')
+        .map(|segment| decoded(segment, "invalid_key", "key segment"))
+        .collect::<ApiResult<_>>()?;
+    Ok((name, keys))
 }
 
 async fn row(
     service: &QueryService,
     served: Arc<Served>,
-    segments: &[String],
+    segments: &[&str],
     token: Option<Token>,
 ) -> ApiResult<(Cached, Layer)> {
     let spec = &served.projection.spec;
-    let segments: Vec<&str> = segments.iter().map(String::as_str).collect();
-    let key = eventplane_plan::key::from_params(spec, &segments)
+    let key = eventplane_plan::key::from_params(spec, segments)
         .map_err(|e| ApiError::bad_request("invalid_key", format!("key: {e}")))?;
-    let parts = eventplane_plan::key::parts(spec, &key);
     // The pool is chosen when a read really goes to Postgres (a cache hit
-    // reads nothing, and counts no fallback), once per request.
-    let load = {
+    // reads nothing, and counts no fallback), once per request; the
+    // statement's parameters are made only then too.
+    let load = |pool: PgPool| {
         let service = service.clone();
         let sql = served.row_sql.clone();
-        move |pool: PgPool| async move {
+        let parts = eventplane_plan::key::parts(spec, &key);
+        async move {
             let started = Instant::now();
             let mut query = sqlx::query_scalar(AssertSqlSafe(sql.clone()));
             for part in &parts {
@@ -488,7 +500,7 @@ async fn row(
     };
     if let Some(token) = token {
         // On the heap, as the miss path in `cached` is.
-        Box::pin(async move {
+        Box::pin(async {
             let pool = service.reads.pool().clone();
             consistency::wait_for(service, &pool, &served.projection, token).await?;
             Ok((load(pool).await?, Layer::L3))
@@ -891,4 +903,30 @@ async fn projection_status(
         read_replica: service.reads.state(),
     })
     .into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::StatusCode;
+
+    #[test]
+    fn a_row_path_gives_the_name_and_each_key_segment_decoded_on_its_own() {
+        let (name, keys) = row_target("/v1/projections/orders/rows/acme/o%2F1").unwrap();
+        assert_eq!(name, "orders");
+        assert_eq!(keys, ["acme", "o/1"]);
+        // Nothing encoded: nothing copied.
+        let (name, keys) = row_target("/v1/projections/ord%65rs/rows/o-1").unwrap();
+        assert_eq!(name, "orders");
+        assert!(matches!(&keys[0], Cow::Borrowed("o-1")));
+    }
+
+    #[test]
+    fn a_row_path_that_does_not_decode_to_text_is_a_bad_request() {
+        let err = row_target("/v1/projections/orders/rows/%FF").unwrap_err();
+        assert_eq!(err.status(), StatusCode::BAD_REQUEST);
+        assert_eq!(err.body()["error"]["code"], "invalid_key");
+        let err = row_target("/v1/projections/%FF/rows/1").unwrap_err();
+        assert_eq!(err.body()["error"]["code"], "invalid_path");
+    }
 }
