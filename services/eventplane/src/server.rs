@@ -240,6 +240,7 @@ impl Stack {
                 &PoolConfig {
                     statement_timeout: Some(config.query.read_timeout),
                     lock_timeout: Some(query::replica::READ_LOCK_TIMEOUT),
+                    check_idle_after: Some(query::replica::READ_CHECK_IDLE_AFTER),
                     acquire_timeout: config.acquire_timeout,
                     lazy: config.read_database_url.is_some(),
                     ..PoolConfig::new(config.read_max_connections)

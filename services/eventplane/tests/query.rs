@@ -250,6 +250,56 @@ async fn a_write_invalidates_the_row_and_its_lists_in_l1_and_l2() {
     );
 }
 
+/// L2 fills are queued and written in pipelines by EVALSHA; a Redis that
+/// lost its scripts (a restart, `SCRIPT FLUSH`) gets the script again and
+/// the fills still land, for another process to read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn l2_fills_land_after_redis_forgets_the_fill_script() {
+    let db = TestDb::new().await;
+    let redis = OwnRedis::start();
+    let stack = stack_with(local(&db.url, Some(&redis.url()), orders())).await;
+    live(&stack).await;
+    let http = client();
+    for order in ["f1", "f2"] {
+        let token = place(&http, &stack, order, "cust-f", "4").await;
+        get(
+            &http,
+            &stack,
+            &format!("/v1/projections/orders/rows/{order}?token={token}"),
+        )
+        .await;
+    }
+    let mut conn = redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let mut second = local(&db.url, Some(&redis.url()), orders());
+    second.roles = eventplane::server::Roles {
+        command: false,
+        projector: false,
+        query: true,
+    };
+    let reader = stack_with(second).await;
+    live(&reader).await;
+    for order in ["f1", "f2"] {
+        let path = format!("/v1/projections/orders/rows/{order}");
+        let (status, _, layer) = get(&http, &stack, &path).await;
+        assert_eq!((status, layer.as_deref()), (200, Some("l3")));
+        let filled = eventually(Duration::from_secs(5), || {
+            let (http, reader, path) = (&http, &reader, &path);
+            async move { get(http, reader, path).await.2.as_deref() == Some("l2") }
+        })
+        .await;
+        assert!(filled, "{order} reached L2 for the other process");
+        let () = redis::cmd("SCRIPT")
+            .arg("FLUSH")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn reads_go_on_from_postgres_while_redis_is_down_and_caching_returns_after() {
     let db = TestDb::new().await;

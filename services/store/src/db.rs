@@ -2,10 +2,11 @@
 //! timeout guard for idle transactions: the tail horizon waits for every
 //! running write transaction, so none of ours may stay open for long.
 
+use std::future::Future;
 use std::time::Duration;
 
-use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{Connection, PgPool};
 
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
@@ -28,6 +29,10 @@ pub struct PoolConfig {
     /// Connect on first use instead of at start: a process whose read
     /// replica is down still starts (and falls back, or answers 503).
     pub lazy: bool,
+    /// Check a connection before handing it out only when it has been idle
+    /// at least this long; `None` checks every one (sqlx's default). Each
+    /// check is a round trip: for short reads, as costly as the read.
+    pub check_idle_after: Option<Duration>,
 }
 
 impl PoolConfig {
@@ -38,6 +43,7 @@ impl PoolConfig {
             statement_timeout: None,
             lock_timeout: None,
             lazy: false,
+            check_idle_after: None,
         }
     }
 }
@@ -67,9 +73,21 @@ pub async fn connect_with(url: &str, name: &str, config: &PoolConfig) -> sqlx::R
         .parse::<PgConnectOptions>()?
         .application_name(&format!("eventplane-{name}"))
         .options(settings);
-    let pool = PgPoolOptions::new()
+    let mut pool = PgPoolOptions::new()
         .max_connections(config.max_connections)
         .acquire_timeout(config.acquire_timeout);
+    if let Some(idle) = config.check_idle_after {
+        pool = pool
+            .test_before_acquire(false)
+            .before_acquire(move |conn, meta| {
+                Box::pin(async move {
+                    if meta.idle_for >= idle {
+                        conn.ping().await?;
+                    }
+                    Ok(true)
+                })
+            });
+    }
     if config.lazy {
         Ok(pool.connect_lazy_with(options))
     } else {
@@ -88,6 +106,23 @@ pub fn is_busy(err: &sqlx::Error) -> bool {
             .code()
             .is_some_and(|code| matches!(code.as_ref(), "57014" | "55P03" | "53300" | "57P01")),
         _ => false,
+    }
+}
+
+/// Runs an idempotent read once more when its connection turned out to be
+/// dead (the server restarted since the pool last used it): sqlx drops
+/// such a connection, so the second try gets another.
+pub async fn read_retrying<T, F, Fut>(read: F) -> sqlx::Result<T>
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = sqlx::Result<T>>,
+{
+    match read().await {
+        Err(sqlx::Error::Io(err)) => {
+            tracing::debug!(error = %err, "a read's connection was dead; reading again");
+            read().await
+        }
+        other => other,
     }
 }
 

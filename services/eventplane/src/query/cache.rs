@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use futures::StreamExt;
 use redis::AsyncCommands;
-use tokio::sync::Mutex;
+use tokio::sync::mpsc;
 
 use crate::invalidation::{Message, Scope};
 use crate::metrics::Metrics;
@@ -147,11 +147,16 @@ pub struct CacheBus {
     /// Whose cache this is, in a Redis several databases may share.
     pub scope: Scope,
     projections: RwLock<HashMap<String, Arc<ProjectionCache>>>,
+    /// Queued L2 fills (with Redis).
+    fills: Option<mpsc::Sender<Fill>>,
     redis: Option<Redis>,
     live: AtomicBool,
     /// A subscription was live once and was lost since.
     lost: AtomicBool,
-    redis_down_until: Mutex<Option<Instant>>,
+    /// Until when L2 is skipped after a Redis error, in milliseconds since
+    /// `started` (checked by every L2 access, so no lock).
+    redis_down_until_ms: AtomicU64,
+    started: Instant,
     pub metrics: Arc<Metrics>,
 }
 
@@ -170,17 +175,50 @@ end
 return 0
 "#;
 
+/// The fill script, hashed once: the hash is what EVALSHA sends.
+static FILL_SCRIPT: std::sync::LazyLock<redis::Script> =
+    std::sync::LazyLock::new(|| redis::Script::new(FILL_IF_CURRENT));
+
+/// Fills queued for Redis at most; beyond, a fill is dropped.
+const FILL_QUEUE: usize = 4096;
+/// Most fills one pipeline carries.
+const FILL_BATCH: usize = 256;
+
+/// An L2 fill waiting for its pipeline.
+struct Fill {
+    cache: Arc<ProjectionCache>,
+    key: String,
+    epoch: u64,
+    generation: u64,
+    value: Vec<u8>,
+}
+
 impl CacheBus {
+    /// Makes the bus; with Redis it also starts the task that writes L2
+    /// fills.
     pub fn new(scope: Scope, redis: Option<Redis>, metrics: Arc<Metrics>) -> Arc<Self> {
-        Arc::new(Self {
+        let (fills, queue) = match redis {
+            Some(_) => {
+                let (fills, queue) = mpsc::channel(FILL_QUEUE);
+                (Some(fills), Some(queue))
+            }
+            None => (None, None),
+        };
+        let bus = Arc::new(Self {
             scope,
             projections: RwLock::new(HashMap::new()),
+            fills,
             redis,
             live: AtomicBool::new(false),
             lost: AtomicBool::new(false),
-            redis_down_until: Mutex::new(None),
+            redis_down_until_ms: AtomicU64::new(0),
+            started: Instant::now(),
             metrics,
-        })
+        });
+        if let Some(queue) = queue {
+            tokio::spawn(write_fills(Arc::downgrade(&bus), queue));
+        }
+        bus
     }
 
     /// L1 may be used only while invalidations are being received.
@@ -260,7 +298,7 @@ impl CacheBus {
     }
 
     async fn sync_one(self: Arc<Self>, cache: Arc<ProjectionCache>) {
-        let Some(mut redis) = self.redis().await else {
+        let Some(mut redis) = self.redis() else {
             return;
         };
         let read: redis::RedisResult<(Option<u64>, Option<u64>)> = redis::pipe()
@@ -270,69 +308,112 @@ impl CacheBus {
             .await;
         match read {
             Ok((epoch, generation)) => cache.sync(epoch.unwrap_or(0), generation.unwrap_or(0)),
-            Err(err) => self.redis_failed(&err).await,
+            Err(err) => self.redis_failed(&err),
         }
     }
 
-    async fn redis(&self) -> Option<Redis> {
+    fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    fn redis(&self) -> Option<Redis> {
         let redis = self.redis.clone()?;
-        let down = self.redis_down_until.lock().await;
-        match *down {
-            Some(until) if Instant::now() < until => None,
-            _ => Some(redis),
-        }
+        (self.now_ms() >= self.redis_down_until_ms.load(Ordering::Acquire)).then_some(redis)
     }
 
-    async fn redis_failed(&self, err: &redis::RedisError) {
+    fn redis_failed(&self, err: &redis::RedisError) {
         self.metrics.redis_errors.inc();
-        let mut down = self.redis_down_until.lock().await;
-        if down.is_none_or(|until| Instant::now() >= until) {
+        let now = self.now_ms();
+        let was = self
+            .redis_down_until_ms
+            .swap(now + REDIS_BACKOFF.as_millis() as u64, Ordering::AcqRel);
+        if was <= now {
             tracing::warn!(error = %err, "redis unavailable; answering from Postgres");
         }
-        *down = Some(Instant::now() + REDIS_BACKOFF);
     }
 
     pub async fn l2_get(&self, key: &str) -> Option<Cached> {
-        let mut redis = self.redis().await?;
+        let mut redis = self.redis()?;
         match redis.get::<_, Option<Vec<u8>>>(key).await {
             Ok(Some(raw)) => Some(Arc::new(decode_l2(raw))),
             Ok(None) => None,
             Err(err) => {
-                self.redis_failed(&err).await;
+                self.redis_failed(&err);
                 None
             }
         }
     }
 
     /// Stores `value` under `key` unless the projection's generation moved
-    /// past `generation` (an invalidation raced the read).
-    pub async fn l2_fill(
+    /// past `generation` (an invalidation raced the read). The fill is
+    /// queued and written with others in one pipeline, off the response
+    /// path; when the queue is full it is dropped (the next miss fills).
+    pub fn l2_fill(
         &self,
-        cache: &ProjectionCache,
-        key: &str,
+        cache: &Arc<ProjectionCache>,
+        key: String,
         epoch: u64,
         generation: u64,
         value: &Cached,
     ) {
-        let Some(mut redis) = self.redis().await else {
-            return;
-        };
-        // Hashed once: the script's SHA is what EVALSHA sends.
-        static SCRIPT: std::sync::LazyLock<redis::Script> =
-            std::sync::LazyLock::new(|| redis::Script::new(FILL_IF_CURRENT));
-        let result: redis::RedisResult<i64> = SCRIPT
-            .key(self.scope.generation_key(&cache.name))
-            .key(key)
-            .key(self.scope.epoch_key(&cache.name))
-            .arg(generation.to_string())
-            .arg(encode_l2(value))
-            .arg(cache.l2_ttl.as_millis() as u64)
-            .arg(epoch.to_string())
-            .invoke_async(&mut redis)
-            .await;
-        if let Err(err) = result {
-            self.redis_failed(&err).await;
+        if let Some(fills) = &self.fills {
+            let _ = fills.try_send(Fill {
+                cache: cache.clone(),
+                key,
+                epoch,
+                generation,
+                value: encode_l2(value),
+            });
         }
+    }
+
+    /// Writes one batch of queued fills: a pipeline per projection (its
+    /// keys share one hash slot, so a cluster takes it on one node).
+    async fn write_fills(&self, batch: &mut [Fill]) {
+        batch.sort_by(|a, b| a.cache.name.cmp(&b.cache.name));
+        for fills in batch.chunk_by(|a, b| a.cache.name == b.cache.name) {
+            let Some(mut redis) = self.redis() else {
+                return;
+            };
+            let pipe = self.fill_pipeline(fills);
+            let mut written = pipe.query_async::<()>(&mut redis).await;
+            if matches!(&written, Err(err) if err.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript))
+            {
+                // Redis restarted (or flushed its scripts) since the script
+                // was last loaded.
+                written = match FILL_SCRIPT.prepare_invoke().load_async(&mut redis).await {
+                    Ok(_) => pipe.query_async::<()>(&mut redis).await,
+                    Err(err) => Err(err),
+                };
+            }
+            if let Err(err) = written {
+                self.redis_failed(&err);
+            }
+        }
+    }
+
+    fn fill_pipeline(&self, fills: &[Fill]) -> redis::Pipeline {
+        let cache = &fills[0].cache;
+        let (generation_key, epoch_key) = (
+            self.scope.generation_key(&cache.name),
+            self.scope.epoch_key(&cache.name),
+        );
+        let ttl_ms = cache.l2_ttl.as_millis() as u64;
+        let mut pipe = redis::pipe();
+        for fill in fills {
+            pipe.cmd("EVALSHA")
+                .arg(FILL_SCRIPT.get_hash())
+                .arg(3)
+                .arg(&generation_key)
+                .arg(&fill.key)
+                .arg(&epoch_key)
+                .arg(fill.generation)
+                .arg(&fill.value[..])
+                .arg(ttl_ms)
+                .arg(fill.epoch)
+                .ignore();
+        }
+        pipe
     }
 
     /// Keeps the invalidation subscription up; runs until the process ends.
@@ -430,6 +511,19 @@ impl CacheBus {
             redis::ErrorKind::Io,
             "subscription stream ended",
         )))
+    }
+}
+
+/// Writes queued L2 fills in batches until the bus is gone (its queue's
+/// sender goes with it). Holds the bus only while writing a batch.
+async fn write_fills(bus: std::sync::Weak<CacheBus>, mut queue: mpsc::Receiver<Fill>) {
+    let mut batch = Vec::with_capacity(FILL_BATCH);
+    while queue.recv_many(&mut batch, FILL_BATCH).await > 0 {
+        let Some(bus) = bus.upgrade() else {
+            return;
+        };
+        bus.write_fills(&mut batch).await;
+        batch.clear();
     }
 }
 

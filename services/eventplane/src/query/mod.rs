@@ -41,7 +41,7 @@ use tracing::{Instrument as _, Span, field};
 
 use arc_swap::ArcSwap;
 use eventplane_store::catalog::Snapshot;
-use eventplane_store::{Projection, Token};
+use eventplane_store::{Projection, Token, db};
 
 use eventplane_store::error_body::ErrorResponse;
 use utoipa_axum::router::OpenApiRouter;
@@ -489,11 +489,14 @@ async fn row(
         let parts = eventplane_plan::key::parts(spec, &key);
         async move {
             let started = Instant::now();
-            let mut query = sqlx::query_scalar(AssertSqlSafe(sql.clone()));
-            for part in &parts {
-                query = query.bind(part);
-            }
-            let row: Option<String> = query.fetch_optional(&pool).await?;
+            let row: Option<String> = db::read_retrying(|| {
+                let mut query = sqlx::query_scalar(AssertSqlSafe(sql.clone()));
+                for part in &parts {
+                    query = query.bind(part);
+                }
+                query.fetch_optional(&pool)
+            })
+            .await?;
             slow::check(&service, &pool, "row", &sql, parts, started.elapsed());
             Ok::<Cached, sqlx::Error>(Arc::new(row.map(Bytes::from)))
         }
@@ -561,13 +564,11 @@ where
             counts[2].record(true);
             // The fill is conditional on the generation in Redis (an
             // invalidation since `generation` was read makes it a no-op),
-            // so it is as safe later as now: it runs after the answer goes
-            // out.
-            let (bus, cache, filled) = (service.bus.clone(), served.cache.clone(), value.clone());
-            tokio::spawn(async move {
-                bus.l2_fill(&cache, &l2_key, epoch, generation, &filled)
-                    .await;
-            });
+            // so it is as safe later as now: it is written after the
+            // answer goes out, with other fills.
+            service
+                .bus
+                .l2_fill(&served.cache, l2_key, epoch, generation, &value);
             Ok((value, Layer::L3))
         };
         if !l1_live {
@@ -749,11 +750,14 @@ async fn list(
         move |pool: PgPool| async move {
             let sql = if cursor.is_some() { paged } else { plain };
             let started = Instant::now();
-            let mut q = sqlx::query_as::<_, (String, String)>(AssertSqlSafe(sql.clone()));
-            for value in filters.iter().chain(cursor.iter().flatten()) {
-                q = q.bind(value);
-            }
-            let mut rows = q.bind(i64::from(limit) + 1).fetch_all(&pool).await?;
+            let mut rows = db::read_retrying(|| {
+                let mut q = sqlx::query_as::<_, (String, String)>(AssertSqlSafe(sql.clone()));
+                for value in filters.iter().chain(cursor.iter().flatten()) {
+                    q = q.bind(value);
+                }
+                q.bind(i64::from(limit) + 1).fetch_all(&pool)
+            })
+            .await?;
             let mut params: Vec<String> = filters
                 .iter()
                 .chain(cursor.iter().flatten())

@@ -30,6 +30,12 @@ const PROBE_EVERY: Duration = Duration::from_millis(500);
 /// query service reads again (see `QueryService::read`).
 pub const READ_LOCK_TIMEOUT: Duration = Duration::from_millis(250);
 
+/// A read connection idle this long is checked before a read gets it;
+/// busier ones are not (a check is a round trip, as costly as a short
+/// read). A dead one that slips through fails its read, which runs once
+/// more on another (`db::read_retrying`).
+pub const READ_CHECK_IDLE_AFTER: Duration = Duration::from_secs(1);
+
 #[derive(Clone, Debug)]
 pub struct ReplicaConfig {
     /// Read from the primary while the replica is down or behind. Off by

@@ -23,7 +23,6 @@ use std::time::Duration;
 use anyhow::Context;
 use serde_json::{Value, json};
 use sqlx::PgPool;
-use sqlx::postgres::PgPoolOptions;
 
 use cpu::CpuUse;
 use pgbench::PgbenchRun;
@@ -190,11 +189,21 @@ pub async fn reads(
     drop(bare);
 
     // Orders wrk appended and nobody has read yet: each is read once, so
-    // every answer comes from Postgres (the layer counts show it).
-    let pool = PgPoolOptions::new()
-        .max_connections(READ_POOL)
-        .connect(reads.database_url)
-        .await?;
+    // every answer comes from Postgres (the layer counts show it). The
+    // reference reads through a pool set up as the query service's read
+    // pool is.
+    let pool = eventplane_store::db::connect_with(
+        reads.database_url,
+        "bench-reference",
+        &eventplane_store::db::PoolConfig {
+            check_idle_after: Some(eventplane::query::replica::READ_CHECK_IDLE_AFTER),
+            ..eventplane_store::db::PoolConfig::new(READ_POOL)
+        },
+    )
+    .await?;
+    // Settle the fresh rows first: whichever side read them first would
+    // otherwise pay for setting their hint bits, or meet autovacuum.
+    sqlx::query("VACUUM (ANALYZE)").execute(&pool).await?;
     let cold: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
         "SELECT {key}::text FROM {table} WHERE {key}::text LIKE $1 ORDER BY {key}",
         key = eventplane_api::quote_ident(reads.key_column),
