@@ -27,6 +27,11 @@ pub struct Phase {
     pub tags: BTreeMap<Tag, u64>,
     /// Rate the open-loop schedule asked for; `None` for a closed loop.
     pub target_rate: Option<f64>,
+    /// Cores the load generator used, when it ran as a process of its own.
+    pub client_cpu: Option<f64>,
+    /// How late that generator sent its requests, P99 in ms (part of the
+    /// latency it measured).
+    pub pacing_p99_ms: Option<f64>,
 }
 
 pub fn histogram() -> Histogram<u64> {
@@ -48,7 +53,7 @@ pub fn ms(h: &Histogram<u64>, quantile: f64) -> f64 {
 }
 
 impl Phase {
-    fn empty(target_rate: Option<f64>) -> Phase {
+    pub(crate) fn empty(target_rate: Option<f64>) -> Phase {
         Phase {
             ok: 0,
             errors: 0,
@@ -57,6 +62,8 @@ impl Phase {
             latency: histogram(),
             tags: BTreeMap::new(),
             target_rate,
+            client_cpu: None,
+            pacing_p99_ms: None,
         }
     }
 
@@ -126,6 +133,8 @@ impl Phase {
             "p999_ms": finite(self.p999()),
             "max_ms": if self.latency.is_empty() { None } else { Some(self.latency.max() as f64 / 1000.0) },
             "tags": self.tags,
+            "client_cpu_cores": self.client_cpu,
+            "pacing_p99_ms": self.pacing_p99_ms,
         })
     }
 }

@@ -7,6 +7,7 @@ mod baseline;
 mod database;
 mod lag;
 pub mod load;
+pub mod openloop;
 mod report;
 pub mod yardstick;
 
@@ -299,7 +300,23 @@ async fn measure(args: &Args, db: &BenchDatabase) -> anyhow::Result<Report> {
         "commands: {}s open loop at {command_rate:.0}/s",
         duration.as_secs()
     ));
-    let commands_open = load::open_loop(clients, duration, command_rate, place.clone()).await;
+    let open = OpenLoop {
+        addr: stack.addr.to_string(),
+        connections: clients,
+        duration,
+    };
+    let commands_open = open
+        .run(
+            "POST",
+            vec![format!("/v1/streams/order-{}-o{{n}}/events", client.run)],
+            Some(format!(
+                r#"{{"expectedVersion":"no_stream","events":[{{"type":"OrderPlaced","data":{{"orderId":"{}-o{{n}}","customerId":"c-1","total":"12.50"}}}}]}}"#,
+                client.run
+            )),
+            command_rate,
+            201,
+        )
+        .await?;
 
     let scratch = std::env::temp_dir().join(format!("eventplane-bench-{}", std::process::id()));
     std::fs::create_dir_all(&scratch)?;
@@ -384,7 +401,15 @@ async fn measure(args: &Args, db: &BenchDatabase) -> anyhow::Result<Report> {
         "cache-hit reads: {}s open loop at {read_rate:.0}/s",
         duration.as_secs()
     ));
-    let hits_open = load::open_loop(clients, duration, read_rate, hit).await;
+    let hits_open = open
+        .run(
+            "GET",
+            hot.iter().map(|id| format!("{rows}{id}")).collect(),
+            None,
+            read_rate,
+            200,
+        )
+        .await?;
 
     let miss = {
         let (client, kept, rows, i) = (
@@ -412,7 +437,18 @@ async fn measure(args: &Args, db: &BenchDatabase) -> anyhow::Result<Report> {
         half.as_secs_f64()
     ));
     let misses_closed = load::closed_loop(clients, half, miss.clone()).await;
-    let misses_open = load::open_loop(clients, half, 0.8 * misses_closed.rate(), miss).await;
+    let misses_open = open
+        .halved()
+        .run(
+            "GET",
+            kept.iter()
+                .map(|placed| format!("{rows}{}?token={}", placed.id, placed.token))
+                .collect(),
+            None,
+            0.8 * misses_closed.rate(),
+            200,
+        )
+        .await?;
 
     let list = {
         let (client, path, i) = (
@@ -439,7 +475,23 @@ async fn measure(args: &Args, db: &BenchDatabase) -> anyhow::Result<Report> {
         half.as_secs_f64()
     ));
     let list_closed = load::closed_loop(clients, half, list.clone()).await;
-    let list_open = load::open_loop(clients, half, 0.8 * list_closed.rate(), list).await;
+    let list_open = open
+        .halved()
+        .run(
+            "GET",
+            (0..CUSTOMERS)
+                .map(|c| {
+                    format!(
+                        "/v1/projections/{}/queries/by_customer?customer_id=c-{c}&limit=20",
+                        orders.name
+                    )
+                })
+                .collect(),
+            None,
+            0.8 * list_closed.rate(),
+            200,
+        )
+        .await?;
 
     let yardstick = match yardstick_appends {
         Ok(appends) => {
@@ -562,6 +614,47 @@ async fn measure(args: &Args, db: &BenchDatabase) -> anyhow::Result<Report> {
         projection_status: status,
         yardstick,
     })
+}
+
+/// Where and how the open-loop phases run: in a load-generator process of
+/// their own (see [`openloop`]), against the stack's API.
+struct OpenLoop {
+    addr: String,
+    connections: usize,
+    duration: Duration,
+}
+
+impl OpenLoop {
+    fn halved(&self) -> OpenLoop {
+        OpenLoop {
+            addr: self.addr.clone(),
+            connections: self.connections,
+            duration: (self.duration / 2).max(Duration::from_secs(1)),
+        }
+    }
+
+    async fn run(
+        &self,
+        method: &str,
+        paths: Vec<String>,
+        body: Option<String>,
+        rate: f64,
+        expect: u16,
+    ) -> anyhow::Result<load::Phase> {
+        let spec = openloop::Spec {
+            addr: self.addr.clone(),
+            method: method.to_string(),
+            paths,
+            body,
+            rate,
+            duration_ms: self.duration.as_millis() as u64,
+            connections: self.connections,
+            expect,
+        };
+        let (mut phase, cpu) = openloop::run(&spec).await?;
+        phase.client_cpu = Some(cpu.client);
+        Ok(phase)
+    }
 }
 
 /// Other work on the machine or the database server that skews the figures:

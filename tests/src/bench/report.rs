@@ -278,6 +278,22 @@ impl Report {
                 phase.p999()
             );
         }
+        let generator: Vec<String> = rows
+            .iter()
+            .filter_map(|(name, phase)| {
+                Some(format!(
+                    "  {name}: {:.2} cores, requests sent late by {:.2} ms at P99",
+                    phase.client_cpu?, phase.pacing_p99_ms?
+                ))
+            })
+            .collect();
+        if !generator.is_empty() {
+            let _ = writeln!(
+                out,
+                "open loops ran in a load-generator process of their own (one thread; latency runs from each request's due time):\n{}",
+                generator.join("\n")
+            );
+        }
         let _ = writeln!(
             out,
             "\nprojection lag (201 -> row visible): {} samples at {:.0} events/s asked, p50 {:.2} ms, p99 {:.2} ms, {} never seen",

@@ -1,8 +1,11 @@
 use clap::Parser;
-use eventplane_tests::bench::{self, Args};
+use eventplane_tests::bench::{self, Args, openloop};
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
+    // The bench starts itself again as its open-loop load generator.
+    if std::env::var_os(openloop::SPEC_ENV).is_some() {
+        return openloop::worker();
+    }
     let args = Args::parse();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
@@ -11,5 +14,5 @@ async fn main() -> anyhow::Result<()> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .init();
-    bench::run(args).await
+    tokio::runtime::Runtime::new()?.block_on(bench::run(args))
 }

@@ -60,13 +60,14 @@ pub struct Sampler {
 impl Sampler {
     /// Starts sampling; `client` is the load generator's name as `/proc`
     /// shows it (`comm`).
-    pub fn start(client: &'static str) -> Sampler {
+    pub fn start(client: &str) -> Sampler {
+        let client = client.to_string();
         let stop = Arc::new(AtomicBool::new(false));
         let seen: Seen = Arc::default();
         let me = std::process::id();
         // Processes alive now count from their current ticks; ones born
         // later count from zero.
-        let baseline = snapshot(me, client);
+        let baseline = snapshot(me, &client);
         {
             let mut seen = seen.lock().expect("cpu samples");
             for (pid, party, ticks) in baseline {
@@ -78,7 +79,7 @@ impl Sampler {
             std::thread::spawn(move || {
                 while !stop.load(Ordering::Relaxed) {
                     std::thread::sleep(SAMPLE_EVERY);
-                    let now = snapshot(me, client);
+                    let now = snapshot(me, &client);
                     let mut seen = seen.lock().expect("cpu samples");
                     for (pid, party, ticks) in now {
                         seen.entry(pid)
