@@ -10,6 +10,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
+
+use super::yardstick::cpu::CpuUse;
 use serde_json::{Value, json};
 
 /// What one request reports on success: a label counted per phase (for
@@ -27,8 +29,9 @@ pub struct Phase {
     pub tags: BTreeMap<Tag, u64>,
     /// Rate the open-loop schedule asked for; `None` for a closed loop.
     pub target_rate: Option<f64>,
-    /// Cores the load generator used, when it ran as a process of its own.
-    pub client_cpu: Option<f64>,
+    /// Cores each party used, when the load generator ran as a process of
+    /// its own.
+    pub cpu: Option<CpuUse>,
     /// How late that generator sent its requests, P99 in ms (part of the
     /// latency it measured).
     pub pacing_p99_ms: Option<f64>,
@@ -62,7 +65,7 @@ impl Phase {
             latency: histogram(),
             tags: BTreeMap::new(),
             target_rate,
-            client_cpu: None,
+            cpu: None,
             pacing_p99_ms: None,
         }
     }
@@ -133,7 +136,7 @@ impl Phase {
             "p999_ms": finite(self.p999()),
             "max_ms": if self.latency.is_empty() { None } else { Some(self.latency.max() as f64 / 1000.0) },
             "tags": self.tags,
-            "client_cpu_cores": self.client_cpu,
+            "cpu_cores": self.cpu,
             "pacing_p99_ms": self.pacing_p99_ms,
         })
     }

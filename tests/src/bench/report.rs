@@ -43,7 +43,9 @@ pub struct Report {
     pub list_closed: Phase,
     pub list_open: Phase,
     pub lag_appends: Phase,
+    /// Events per second the lag run asked for.
     pub lag_rate: f64,
+    pub lag_events_per_append: usize,
     pub lag: Histogram<u64>,
     pub lag_missing: u64,
     pub projection_status: Value,
@@ -117,6 +119,11 @@ impl Report {
         }
     }
 
+    /// Events per second the lag run appended.
+    fn lag_event_rate(&self) -> f64 {
+        self.lag_appends.rate() * self.lag_events_per_append as f64
+    }
+
     fn lag_p50(&self) -> f64 {
         load::ms(&self.lag, 0.5)
     }
@@ -160,7 +167,10 @@ impl Report {
             || lag_p99 > LAG_P99_TARGET_MS
         {
             Verdict::NotMet
-        } else if ran_at(&self.lag_appends, LAG_RATE_TARGET) {
+        } else if ran_at(
+            &self.lag_appends,
+            LAG_RATE_TARGET / self.lag_events_per_append as f64,
+        ) {
             Verdict::Met
         } else {
             Verdict::NotShown
@@ -212,7 +222,7 @@ impl Report {
             Target {
                 what: "projection lag P99",
                 target: format!("<= {LAG_P99_TARGET_MS} ms at {LAG_RATE_TARGET:.0} events/s"),
-                measured: format!("{lag_p99:.2} ms at {:.0} events/s", self.lag_appends.rate()),
+                measured: format!("{lag_p99:.2} ms at {:.0} events/s", self.lag_event_rate()),
                 verdict: lag,
             },
         ]
@@ -282,8 +292,9 @@ impl Report {
             .iter()
             .filter_map(|(name, phase)| {
                 Some(format!(
-                    "  {name}: {:.2} cores, requests sent late by {:.2} ms at P99",
-                    phase.client_cpu?, phase.pacing_p99_ms?
+                    "  {name}: requests sent late by {:.2} ms at P99; cpu: {}",
+                    phase.pacing_p99_ms?,
+                    phase.cpu.as_ref()?.render()
                 ))
             })
             .collect();
@@ -296,9 +307,11 @@ impl Report {
         }
         let _ = writeln!(
             out,
-            "\nprojection lag (201 -> row visible): {} samples at {:.0} events/s asked, p50 {:.2} ms, p99 {:.2} ms, {} never seen",
+            "\nprojection lag (201 -> row visible): {} samples at {:.0} events/s asked ({} per append), {:.0} achieved, p50 {:.2} ms, p99 {:.2} ms, {} never seen",
             self.lag.len(),
             self.lag_rate,
+            self.lag_events_per_append,
+            self.lag_event_rate(),
             self.lag_p50(),
             self.lag_p99(),
             self.lag_missing
@@ -392,8 +405,9 @@ impl Report {
             "command_to_baseline_ratio": finite(self.ratio()),
             "projector_catch_up_seconds": self.catch_up.as_secs_f64(),
             "projection_lag": {
-                "rate_asked": self.lag_rate,
-                "rate_achieved": self.lag_appends.rate(),
+                "events_per_second_asked": self.lag_rate,
+                "events_per_second_achieved": self.lag_event_rate(),
+                "events_per_append": self.lag_events_per_append,
                 "samples": self.lag.len(),
                 "missing": self.lag_missing,
                 "p50_ms": finite(self.lag_p50()),
