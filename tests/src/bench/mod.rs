@@ -347,8 +347,7 @@ async fn measure(args: &Args, db: &BenchDatabase) -> anyhow::Result<Report> {
         Err(why) => Err(why),
         Ok(()) => {
             progress(&format!(
-                "yardstick: {}s of wrk appends, then {}s of pgbench inserts, {clients} connections",
-                duration.as_secs(),
+                "yardstick: {0}s of wrk appends, {0}s of pgbench inserts, then both on a schedule of {command_rate:.0}/s, {clients} connections",
                 duration.as_secs()
             ));
             Ok(yardstick::appends(
@@ -358,6 +357,7 @@ async fn measure(args: &Args, db: &BenchDatabase) -> anyhow::Result<Report> {
                 &db.url,
                 clients,
                 duration,
+                command_rate,
             )
             .await?)
         }
@@ -514,7 +514,7 @@ async fn measure(args: &Args, db: &BenchDatabase) -> anyhow::Result<Report> {
     let yardstick = match yardstick_appends {
         Ok(appends) => {
             progress(&format!(
-                "yardstick: wrk cache hits and misses beside bare axum references, {}s each",
+                "yardstick: cache hits (wrk, then on a schedule) and misses beside bare axum references, {}s each",
                 duration.as_secs()
             ));
             let hot_row = client

@@ -24,11 +24,15 @@ use anyhow::Context;
 use serde_json::{Value, json};
 use sqlx::PgPool;
 
+use crate::bench::load::Phase;
+use crate::bench::openloop;
 use cpu::CpuUse;
 use pgbench::PgbenchRun;
 use wrk::WrkRun;
 
 pub const APPEND_RATIO_TARGET: f64 = 1.5;
+/// The rate the cache-hit latency target is stated at.
+const HIT_OPEN_RATE: f64 = crate::bench::report::HIT_RATE_TARGET;
 pub const HIT_RATIO_TARGET: f64 = 0.85;
 pub const MISS_RATIO_TARGET: f64 = 0.8;
 
@@ -39,6 +43,8 @@ const READ_POOL: u32 = 16;
 pub struct Yardstick {
     pub appends: WrkRun,
     pub pgbench: PgbenchRun,
+    /// Latency on a fixed schedule: appends, then cache hits.
+    pub open: Vec<OpenComparison>,
     pub hits: WrkRun,
     pub bare_hits: WrkRun,
     pub misses: WrkRun,
@@ -80,6 +86,7 @@ pub fn available() -> Result<(), String> {
 pub struct Appends {
     pub appends: WrkRun,
     pub pgbench: PgbenchRun,
+    pub open: OpenComparison,
     /// The run id in the stream and order ids wrk wrote.
     pub run_id: String,
 }
@@ -115,7 +122,8 @@ pub async fn seed_cold_orders(pool: &PgPool, run_id: &str, n: usize) -> anyhow::
 }
 
 /// wrk appends against Eventplane, then pgbench inserts, for `duration`
-/// each at `clients` connections.
+/// each at `clients` connections; then both again on a schedule of
+/// `open_rate` a second.
 pub async fn appends(
     dir: &Path,
     base: &str,
@@ -123,6 +131,7 @@ pub async fn appends(
     database_url: &str,
     clients: usize,
     duration: Duration,
+    open_rate: f64,
 ) -> anyhow::Result<Appends> {
     let run_id = format!("w{:x}", chrono::Utc::now().timestamp_millis());
     let appends = wrk::run(
@@ -136,14 +145,90 @@ pub async fn appends(
     .await
     .context("wrk appends")?;
     pgbench::prepare(pool).await?;
-    let pgbench = pgbench::run(dir, database_url, clients, duration)
+    let pgbench = pgbench::run(dir, database_url, clients, duration, None)
         .await
         .context("pgbench inserts")?;
+    let (eventplane_open, _) = openloop::run(&openloop::Spec {
+        addr: addr_of(base),
+        method: "POST".into(),
+        paths: vec![format!("/v1/streams/order-{run_id}-o{{n}}/events")],
+        body: Some(format!(
+            r#"{{"expectedVersion":"no_stream","events":[{{"type":"OrderPlaced","data":{{"orderId":"{run_id}-o{{n}}","customerId":"c-1","total":"12.50"}}}}]}}"#
+        )),
+        rate: open_rate,
+        duration_ms: duration.as_millis() as u64,
+        connections: clients,
+        expect: 201,
+    })
+    .await
+    .context("open-loop appends")?;
+    let pgbench_open = pgbench::run(dir, database_url, clients, duration, Some(open_rate))
+        .await
+        .context("pgbench inserts on a schedule")?;
     Ok(Appends {
         appends,
         pgbench,
+        open: OpenComparison {
+            what: "appends, 1 event on a new stream",
+            rate: open_rate,
+            eventplane: LatencyAt::of_phase(&eventplane_open),
+            reference_name: "pgbench --rate, INSERT per transaction",
+            reference: LatencyAt::of_pgbench(&pgbench_open, duration),
+        },
         run_id,
     })
+}
+
+/// `host:port` of a `http://host:port` base URL.
+fn addr_of(base: &str) -> String {
+    base.trim_start_matches("http://")
+        .trim_end_matches('/')
+        .to_string()
+}
+
+/// Latency at a fixed rate, on an open-loop schedule.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct LatencyAt {
+    pub achieved: f64,
+    pub errors: u64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub p999_ms: f64,
+    /// How late the load generator sent its requests at P99, when known.
+    pub sent_late_p99_ms: Option<f64>,
+}
+
+impl LatencyAt {
+    fn of_phase(phase: &Phase) -> Self {
+        LatencyAt {
+            achieved: phase.rate(),
+            errors: phase.errors,
+            p50_ms: phase.p50(),
+            p99_ms: phase.p99(),
+            p999_ms: phase.p999(),
+            sent_late_p99_ms: phase.pacing_p99_ms,
+        }
+    }
+
+    fn of_pgbench(run: &PgbenchRun, duration: Duration) -> Self {
+        LatencyAt {
+            achieved: run.transactions as f64 / duration.as_secs_f64().max(1e-9),
+            errors: 0,
+            p50_ms: run.percentile_ms(50.0),
+            p99_ms: run.percentile_ms(99.0),
+            p999_ms: run.percentile_ms(99.9),
+            sent_late_p99_ms: None,
+        }
+    }
+}
+
+/// Eventplane and its reference on the same schedule, one after the other.
+pub struct OpenComparison {
+    pub what: &'static str,
+    pub rate: f64,
+    pub eventplane: LatencyAt,
+    pub reference_name: &'static str,
+    pub reference: LatencyAt,
 }
 
 /// Cache hits and misses against Eventplane and the bare references.
@@ -186,7 +271,28 @@ pub async fn reads(
     )
     .await
     .context("wrk bare hits")?;
+    let hot_list: Vec<String> = reads
+        .hot
+        .iter()
+        .map(|k| format!("/v1/projections/{}/rows/{k}", reads.projection))
+        .collect();
+    let hits_on = |addr: String| openloop::Spec {
+        addr,
+        method: "GET".into(),
+        paths: hot_list.clone(),
+        body: None,
+        rate: HIT_OPEN_RATE,
+        duration_ms: duration.as_millis() as u64,
+        connections: clients,
+        expect: 200,
+    };
+    let (bare_open, _) = openloop::run(&hits_on(addr_of(&bare.base)))
+        .await
+        .context("open-loop bare hits")?;
     drop(bare);
+    let (hits_open, _) = openloop::run(&hits_on(addr_of(reads.base)))
+        .await
+        .context("open-loop cache hits")?;
 
     // Orders wrk appended and nobody has read yet: each is read once, so
     // every answer comes from Postgres (the layer counts show it). The
@@ -266,6 +372,16 @@ pub async fn reads(
     let mut yardstick = Yardstick {
         appends: appends.appends,
         pgbench: appends.pgbench,
+        open: vec![
+            appends.open,
+            OpenComparison {
+                what: "cache-hit row reads",
+                rate: HIT_OPEN_RATE,
+                eventplane: LatencyAt::of_phase(&hits_open),
+                reference_name: "bare axum, same bytes",
+                reference: LatencyAt::of_phase(&bare_open),
+            },
+        ],
         hits,
         bare_hits,
         misses,
@@ -419,6 +535,41 @@ impl Yardstick {
             }
             let _ = writeln!(out, "  statuses: {:?}", c.eventplane.statuses);
         }
+        let _ = writeln!(
+            out,
+            "\nlatency on a schedule (open loop; the reference runs right after, same clients)"
+        );
+        let _ = writeln!(
+            out,
+            "{:<34} {:>8} {:>26} {:>26}  reference",
+            "what", "rate", "eventplane p50/p99/p99.9", "reference p50/p99/p99.9"
+        );
+        for o in &self.open {
+            let ms = |l: &LatencyAt| format!("{:.2}/{:.2}/{:.2} ms", l.p50_ms, l.p99_ms, l.p999_ms);
+            let _ = writeln!(
+                out,
+                "{:<34} {:>7.0}/s {:>26} {:>26}  {}",
+                o.what,
+                o.rate,
+                ms(&o.eventplane),
+                ms(&o.reference),
+                o.reference_name
+            );
+            let late = |l: &LatencyAt| {
+                l.sent_late_p99_ms
+                    .map_or_else(|| "not known".to_string(), |ms| format!("{ms:.2} ms"))
+            };
+            let _ = writeln!(
+                out,
+                "  achieved {:.0}/s ({} errors) and {:.0}/s ({} errors); requests sent late at P99: {}, {}",
+                o.eventplane.achieved,
+                o.eventplane.errors,
+                o.reference.achieved,
+                o.reference.errors,
+                late(&o.eventplane),
+                late(&o.reference)
+            );
+        }
         if !self.read_paths.is_empty() {
             out.push_str(&read_paths::render(&self.read_paths));
         }
@@ -447,6 +598,19 @@ impl Yardstick {
                 })
             })
             .collect();
-        json!({ "comparisons": rows, "pgbench": self.pgbench, "bare_hits": self.bare_hits, "bare_misses": self.bare_misses, "read_paths": read_paths::to_json(&self.read_paths), "plots": self.plots })
+        let open: Vec<Value> = self
+            .open
+            .iter()
+            .map(|o| {
+                json!({
+                    "what": o.what,
+                    "rate": o.rate,
+                    "eventplane": o.eventplane,
+                    "reference": o.reference_name,
+                    "reference_latency": o.reference,
+                })
+            })
+            .collect();
+        json!({ "comparisons": rows, "open_loop": open, "pgbench": self.pgbench, "bare_hits": self.bare_hits, "bare_misses": self.bare_misses, "read_paths": read_paths::to_json(&self.read_paths), "plots": self.plots })
     }
 }

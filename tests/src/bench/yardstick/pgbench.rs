@@ -59,11 +59,16 @@ pub async fn prepare(pool: &PgPool) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Runs the inserts for `duration` at `clients` connections: as fast as
+/// they go, or, with `rate`, on pgbench's schedule of that many a second
+/// (its open loop), each latency then counted from the transaction's
+/// scheduled start.
 pub async fn run(
     dir: &Path,
     database_url: &str,
     clients: usize,
     duration: Duration,
+    rate: Option<f64>,
 ) -> anyhow::Result<PgbenchRun> {
     let script = dir.join("pgbench-insert.sql");
     std::fs::write(&script, SCRIPT)?;
@@ -75,6 +80,7 @@ pub async fn run(
         .arg(&logs)
         .arg(format!("-c{clients}"))
         .arg(format!("-T{}", duration.as_secs().max(1)))
+        .args(rate.map(|r| format!("-R{r:.0}")))
         .arg("-f")
         .arg(&script)
         .arg(database_url)
@@ -109,8 +115,7 @@ pub async fn run(
             continue;
         }
         for line in std::fs::read_to_string(&path)?.lines() {
-            // client_id transaction_no time script_no time_epoch time_us
-            if let Some(us) = line.split_whitespace().nth(2).and_then(|v| v.parse().ok()) {
+            if let Some(us) = logged_latency_us(line) {
                 latency.saturating_record(u64::max(us, 1));
                 transactions += 1;
             }
@@ -125,6 +130,17 @@ pub async fn run(
     })
 }
 
+/// A transaction's latency from one line of pgbench's log: `client_id
+/// transaction_no time script_no time_epoch time_us [schedule_lag]`, where
+/// `time` runs from the transaction's start and, with `--rate`,
+/// `schedule_lag` is how long after its scheduled start it started.
+fn logged_latency_us(line: &str) -> Option<u64> {
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    let time: u64 = fields.get(2)?.parse().ok()?;
+    let lag: u64 = fields.get(6).and_then(|v| v.parse().ok()).unwrap_or(0);
+    Some(time + lag)
+}
+
 /// The percentiles the wrk scripts report, from an HDR histogram, so both
 /// sides plot on the same points.
 pub fn percentiles(h: &Histogram<u64>) -> Vec<(f64, u64)> {
@@ -137,4 +153,19 @@ pub fn percentiles(h: &Histogram<u64>) -> Vec<(f64, u64)> {
     .into_iter()
     .map(|p| (p, h.value_at_quantile(p / 100.0)))
     .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::logged_latency_us;
+
+    #[test]
+    fn a_scheduled_transaction_counts_from_its_scheduled_start() {
+        assert_eq!(logged_latency_us("3 17 850 0 1796613765 915221"), Some(850));
+        assert_eq!(
+            logged_latency_us("3 17 850 0 1796613765 915221 1200"),
+            Some(2050)
+        );
+        assert_eq!(logged_latency_us("garbage"), None);
+    }
 }
