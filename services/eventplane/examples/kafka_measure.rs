@@ -270,11 +270,7 @@ async fn steady_lag(args: &Args, pool: &PgPool) -> anyhow::Result<Histogram<u64>
             .map(|i| AppendRequest {
                 stream_id: stream_of(seq + i),
                 expected_version: ExpectedVersion::Named(NamedVersion::Any),
-                events: vec![NewEvent {
-                    event_type: "Ticked".into(),
-                    data: json!({"seq": seq + i}),
-                    metadata: json!({}),
-                }],
+                events: vec![NewEvent::new("Ticked", &json!({"seq": seq + i}))],
                 idempotency_key: None,
                 traceparent: None,
             })

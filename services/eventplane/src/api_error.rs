@@ -9,7 +9,7 @@ use axum::response::{IntoResponse, Response};
 use eventplane_store::ErrorBody;
 use eventplane_store::events::AppendError;
 use eventplane_store::events::group_commit::SubmitError;
-use eventplane_store::events::model::InvalidInput;
+use eventplane_store::events::model::{InvalidInput, MALFORMED_JSON};
 use serde_json::Value;
 
 #[derive(Debug, thiserror::Error)]
@@ -259,9 +259,18 @@ impl From<SubmitError> for ApiError {
 
 impl From<InvalidInput> for ApiError {
     fn from(err: InvalidInput) -> Self {
-        Self::Unprocessable {
-            code: err.code,
-            message: err.message,
+        if err.code == MALFORMED_JSON {
+            // JSON the parser let through as raw text, but that is not
+            // text: a 400, as the parser's own refusals are.
+            Self::BadRequest {
+                code: err.code,
+                message: err.message,
+            }
+        } else {
+            Self::Unprocessable {
+                code: err.code,
+                message: err.message,
+            }
         }
     }
 }

@@ -445,11 +445,7 @@ async fn one_batch_answers_each_request_on_its_own() {
             stream_id: stream.into(),
             expected_version: expected,
             events: (0..events)
-                .map(|n| NewEvent {
-                    event_type: "Noted".into(),
-                    data: json!({"n": n, "stream": stream}),
-                    metadata: json!({}),
-                })
+                .map(|n| NewEvent::new("Noted", &json!({"n": n, "stream": stream})))
                 .collect(),
             idempotency_key: key.map(str::to_string),
             traceparent: None,
@@ -539,13 +535,63 @@ async fn one_batch_answers_each_request_on_its_own() {
     let owned = |pairs: &[(&str, i64)]| -> Vec<(String, i64)> {
         pairs.iter().map(|(s, v)| (s.to_string(), *v)).collect()
     };
-    // b-3 was locked and refused: its row stays at version 0.
+    // A stream row is written once per batch, at its final version; b-3,
+    // only ever refused, has none.
     assert_eq!(
         pairs("SELECT stream_id, version FROM streams ORDER BY stream_id").await,
-        owned(&[("b-1", 3), ("b-2", 1), ("b-3", 0), ("b-4", 1)])
+        owned(&[("b-1", 3), ("b-2", 1), ("b-4", 1)])
     );
     assert_eq!(
         pairs("SELECT stream_id, stream_version FROM events ORDER BY position").await,
         owned(&[("b-1", 1), ("b-1", 2), ("b-2", 1), ("b-1", 3), ("b-4", 1)])
     );
+}
+
+/// Two transactions create one stream at once: the first to commit wins,
+/// and the other, which found no stream when it looked, is tried again and
+/// answered with a conflict at the winner's version, never a second
+/// version 1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_created_by_another_transaction_meanwhile_is_a_conflict_not_a_duplicate() {
+    use eventplane_store::events::group_commit::commit_with_retry;
+    use eventplane_store::events::model::NamedVersion;
+    use eventplane_store::events::{AppendError, AppendRequest, ExpectedVersion, NewEvent, append};
+
+    let db = TestDb::new().await;
+    let pool = db.pool().await;
+    eventplane_store::db::migrate(&pool).await.unwrap();
+    let create = |n: i64| AppendRequest {
+        stream_id: "born-twice".into(),
+        expected_version: ExpectedVersion::Named(NamedVersion::NoStream),
+        events: vec![NewEvent::new("Born", &json!({"n": n}))],
+        idempotency_key: None,
+        traceparent: None,
+    };
+    let (first, second) = (create(1), create(2));
+    let mut tx = pool.begin().await.unwrap();
+    let won = append(&mut *tx, &[&first]).await.unwrap();
+    assert_eq!(won[0].clone().unwrap().version, 1);
+    // The second looks while the first is still open: no stream yet.
+    let racer = tokio::spawn({
+        let pool = pool.clone();
+        async move { commit_with_retry(&pool, &[&second]).await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!racer.is_finished(), "the second waits for the first's row");
+    tx.commit().await.unwrap();
+    let lost = racer.await.unwrap().unwrap();
+    assert_eq!(
+        lost[0],
+        Err(AppendError::Conflict {
+            expected: ExpectedVersion::Named(NamedVersion::NoStream),
+            actual: 1
+        })
+    );
+    let stored: Vec<(i64, Value)> = sqlx::query_as(
+        "SELECT stream_version, data FROM events WHERE stream_id = 'born-twice' ORDER BY position",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(stored, vec![(1, json!({"n": 1}))]);
 }

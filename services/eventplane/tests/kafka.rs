@@ -257,11 +257,7 @@ impl Setup {
                 requests.push(AppendRequest {
                     stream_id: format!("acct-{stream}"),
                     expected_version: ExpectedVersion::Named(NamedVersion::Any),
-                    events: vec![NewEvent {
-                        event_type: event_type.into(),
-                        data,
-                        metadata: json!({}),
-                    }],
+                    events: vec![NewEvent::new(event_type, &data)],
                     idempotency_key: None,
                     traceparent: None,
                 });
@@ -521,11 +517,10 @@ async fn a_poison_message_is_dead_lettered_and_replayed_from_the_log() {
     let tip = AppendRequest {
         stream_id: "tips-1".into(),
         expected_version: ExpectedVersion::Named(NamedVersion::Any),
-        events: vec![NewEvent {
-            event_type: "Tipped".into(),
-            data: json!({"owner": "owner-1", "amount": 7}),
-            metadata: json!({}),
-        }],
+        events: vec![NewEvent::new(
+            "Tipped",
+            &json!({"owner": "owner-1", "amount": 7}),
+        )],
         idempotency_key: None,
         traceparent: None,
     };

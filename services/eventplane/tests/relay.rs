@@ -65,11 +65,7 @@ async fn append_events(pool: &PgPool, prefix: &str, streams: usize, rounds: usiz
             .map(|s| AppendRequest {
                 stream_id: format!("{prefix}-{s}"),
                 expected_version: ExpectedVersion::Named(NamedVersion::Any),
-                events: vec![NewEvent {
-                    event_type: "OrderNoted".into(),
-                    data: json!({"round": round}),
-                    metadata: json!({}),
-                }],
+                events: vec![NewEvent::new("OrderNoted", &json!({"round": round}))],
                 idempotency_key: None,
                 traceparent: None,
             })

@@ -2,6 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use serde_json::value::RawValue;
 use sha2::{Digest, Sha256};
 
 /// Most events one append may carry; larger imports should be split.
@@ -78,14 +79,47 @@ impl ExpectedVersion {
 }
 
 /// One event to append.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct NewEvent {
     #[serde(rename = "type")]
     pub event_type: String,
-    pub data: Value,
+    // Kept as the client sent it: checked, then stored as it is, never
+    // built into a tree and written out again (Postgres parses it into
+    // `jsonb` anyway).
+    /// The event's data: any JSON value.
+    #[schema(value_type = Value)]
+    pub data: Box<RawValue>,
     #[serde(default = "empty_object")]
     pub metadata: Value,
+}
+
+impl NewEvent {
+    /// An event with `data` and no metadata.
+    pub fn new(event_type: impl Into<String>, data: &Value) -> Self {
+        NewEvent {
+            event_type: event_type.into(),
+            data: serde_json::value::to_raw_value(data).expect("a JSON value serializes"),
+            metadata: empty_object(),
+        }
+    }
+}
+
+/// Events are equal when they say the same: `data` is compared as JSON,
+/// not as text.
+impl PartialEq for NewEvent {
+    fn eq(&self, other: &Self) -> bool {
+        self.event_type == other.event_type
+            && self.metadata == other.metadata
+            && (self.data.get() == other.data.get()
+                || data_value(&self.data) == data_value(&other.data))
+    }
+}
+
+/// `data` as a tree, for the rare paths that need one (an error's path, an
+/// idempotency digest).
+fn data_value(data: &RawValue) -> Value {
+    serde_json::from_str(data.get()).expect("raw JSON holds valid JSON")
 }
 
 fn empty_object() -> Value {
@@ -128,6 +162,10 @@ pub struct AppendResult {
     /// Pass as `?token=` to a query to read your own write.
     pub token: String,
 }
+
+/// The code of JSON that does not parse; a 400, where other invalid input
+/// is a 422.
+pub const MALFORMED_JSON: &str = "malformed_json";
 
 /// Which input was wrong, for a 4xx answer naming it.
 #[derive(Debug, PartialEq, Eq)]
@@ -228,8 +266,31 @@ impl AppendRequest {
                     format!("events[{i}].metadata must be a JSON object"),
                 ));
             }
-            for (field, value) in [("data", &event.data), ("metadata", &event.metadata)] {
-                if let Some(at) = nul_at(value, &format!("events[{i}].{field}")) {
+            // `data` came as raw text: what the parser did not check there
+            // is checked here. Only an escaped NUL can be in JSON text; the
+            // tree is built to name where only when the text holds one.
+            let data = match check_raw(event.data.get(), DATA_DEPTH) {
+                RawCheck::Storable => None,
+                RawCheck::Nul => Some(data_value(&event.data)),
+                RawCheck::LoneSurrogate(escape) => {
+                    return Err(invalid(
+                        MALFORMED_JSON,
+                        format!(
+                            "events[{i}].data holds {escape}, half of a UTF-16 surrogate pair without the other"
+                        ),
+                    ));
+                }
+                RawCheck::TooDeep => {
+                    return Err(invalid(
+                        MALFORMED_JSON,
+                        format!(
+                            "events[{i}].data nests arrays and objects deeper than a body's {MAX_DEPTH} levels"
+                        ),
+                    ));
+                }
+            };
+            for (field, value) in [("data", data.as_ref()), ("metadata", Some(&event.metadata))] {
+                if let Some(at) = value.and_then(|v| nul_at(v, &format!("events[{i}].{field}"))) {
                     return Err(invalid(
                         "unstorable_value",
                         format!("{at} holds a NUL character (\\u0000), which cannot be stored"),
@@ -243,10 +304,93 @@ impl AppendRequest {
     /// A digest of everything that makes two requests "the same" for
     /// idempotency: a reused key with a different request is refused.
     pub fn digest(&self) -> Vec<u8> {
-        let canonical = serde_json::json!([self.stream_id, self.expected_version, self.events]);
+        // `data` as a tree, so a retry that spaces its JSON differently is
+        // the same request.
+        let events: Vec<Value> = self
+            .events
+            .iter()
+            .map(|e| serde_json::json!([e.event_type, data_value(&e.data), e.metadata]))
+            .collect();
+        let canonical = serde_json::json!([self.stream_id, self.expected_version, events]);
         Sha256::digest(canonical.to_string().as_bytes()).to_vec()
     }
 }
+
+/// What raw JSON text holds that the parser lets through in raw text but
+/// a parsed value (and `jsonb`) refuses.
+#[derive(Debug, PartialEq, Eq)]
+enum RawCheck {
+    Storable,
+    /// `\u0000`.
+    Nul,
+    /// A UTF-16 surrogate without its other half, as an escape (`\ud800`).
+    LoneSurrogate(String),
+    /// Arrays and objects nested deeper than allowed.
+    TooDeep,
+}
+
+/// Checks valid JSON text nested `depth` levels down in its document, which
+/// may nest [`MAX_DEPTH`] levels at most, as a parsed body may.
+fn check_raw(json: &str, mut depth: usize) -> RawCheck {
+    let bytes = json.as_bytes();
+    let hex = |at: usize| {
+        bytes
+            .get(at..at + 4)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u16::from_str_radix(h, 16).ok())
+    };
+    let (mut nul, mut in_string, mut i) = (false, false, 0);
+    while i < bytes.len() {
+        match bytes[i] {
+            b'"' => in_string = !in_string,
+            b'[' | b'{' if !in_string => {
+                depth += 1;
+                if depth > MAX_DEPTH {
+                    return RawCheck::TooDeep;
+                }
+            }
+            b']' | b'}' if !in_string => depth -= 1,
+            // In valid JSON a backslash starts an escape inside a string.
+            b'\\' if bytes.get(i + 1) == Some(&b'u') => {
+                let unit = hex(i + 2).unwrap_or(0xFFFF);
+                let start = i;
+                i += 6;
+                match unit {
+                    0 => nul = true,
+                    0xD800..=0xDBFF => {
+                        let low = (bytes.get(i..i + 2) == Some(b"\\u".as_slice()))
+                            .then(|| hex(i + 2))
+                            .flatten();
+                        if !matches!(low, Some(0xDC00..=0xDFFF)) {
+                            return RawCheck::LoneSurrogate(json[start..i].to_string());
+                        }
+                        i += 6;
+                    }
+                    0xDC00..=0xDFFF => {
+                        return RawCheck::LoneSurrogate(json[start..i].to_string());
+                    }
+                    _ => {}
+                }
+                continue;
+            }
+            b'\\' => i += 1,
+            _ => {}
+        }
+        i += 1;
+    }
+    if nul {
+        RawCheck::Nul
+    } else {
+        RawCheck::Storable
+    }
+}
+
+/// Most arrays and objects nested in one request body: serde_json's own
+/// limit (it refuses a 128th level), which raw text escapes.
+const MAX_DEPTH: usize = 127;
+/// The levels an append body nests an event's `data` in: the body, its
+/// `events` array, the event.
+const DATA_DEPTH: usize = 3;
 
 /// Where in `value` a string or an object key holds a NUL character
 /// (`jsonb` refuses them), as a path below `at`.
@@ -347,6 +491,84 @@ mod tests {
                 .message
                 .contains("events[0].metadata (a key)")
         );
+    }
+
+    #[test]
+    fn raw_text_is_checked_as_a_parsed_value_would_be() {
+        let check = |json: &str| check_raw(json, 0);
+        assert_eq!(check(r#"{"a":"x\u0000"}"#), RawCheck::Nul);
+        assert_eq!(check(r#"{"a\u0000":1}"#), RawCheck::Nul);
+        assert_eq!(check(r#"{"a":"\u00001"}"#), RawCheck::Nul);
+        assert_eq!(check(r#""\\\u0000""#), RawCheck::Nul);
+        assert_eq!(check(r#""\\u0000""#), RawCheck::Storable);
+        assert_eq!(check(r#""u0000 \n \" [ { \u00e9""#), RawCheck::Storable);
+        assert_eq!(check(r#""\ud83d\ude00""#), RawCheck::Storable);
+        assert_eq!(
+            check(r#"{"s":"\ud800"}"#),
+            RawCheck::LoneSurrogate(r"\ud800".into())
+        );
+        assert_eq!(
+            check(r#""\ud800\u0041""#),
+            RawCheck::LoneSurrogate(r"\ud800".into())
+        );
+        assert_eq!(
+            check(r#""\udc00""#),
+            RawCheck::LoneSurrogate(r"\udc00".into())
+        );
+        let mut lone = request(json!([{"type": "A", "data": {}}]));
+        lone.events[0].data = RawValue::from_string(r#"{"s":"\ud800"}"#.into()).unwrap();
+        assert_eq!(lone.validate().unwrap_err().code, MALFORMED_JSON);
+    }
+
+    #[test]
+    fn data_is_kept_as_sent() {
+        let body: AppendBody = serde_json::from_str(
+            r#"{"expectedVersion":"any","events":[{"type":"A","data":{ "b" : [1, 2.50] }}]}"#,
+        )
+        .unwrap();
+        assert_eq!(body.events[0].data.get(), r#"{ "b" : [1, 2.50] }"#);
+    }
+
+    /// A body whose `data` nests `levels` arrays, checked as a raw event,
+    /// and whether it parses as a plain value.
+    fn nested(levels: usize) -> (Result<(), InvalidInput>, bool) {
+        let body = format!(
+            r#"{{"expectedVersion":"any","events":[{{"type":"A","data":{}{}}}]}}"#,
+            "[".repeat(levels),
+            "]".repeat(levels)
+        );
+        let parsed = serde_json::from_str::<Value>(&body).is_ok();
+        let raw =
+            serde_json::from_str::<AppendBody>(&body).map_err(|e| invalid("x", e.to_string()));
+        let checked = raw.and_then(|body| {
+            AppendRequest {
+                stream_id: "s".into(),
+                expected_version: body.expected_version,
+                events: body.events,
+                idempotency_key: None,
+                traceparent: None,
+            }
+            .validate()
+        });
+        (checked, parsed)
+    }
+
+    #[test]
+    fn raw_data_nests_exactly_as_deep_as_a_parsed_body_may() {
+        for levels in 120..135 {
+            let (checked, parsed) = nested(levels);
+            assert_eq!(checked.is_ok(), parsed, "{levels} levels: {checked:?}");
+        }
+        assert_eq!(nested(400).0.unwrap_err().code, MALFORMED_JSON);
+    }
+
+    #[test]
+    fn a_retry_spaced_differently_is_the_same_request() {
+        let a = request(json!([{"type": "A", "data": {"n": 1}}]));
+        let mut b = a.clone();
+        b.events[0].data = RawValue::from_string("{ \"n\" : 1 }".into()).unwrap();
+        assert_eq!(a, b);
+        assert_eq!(a.digest(), b.digest());
     }
 
     #[test]

@@ -101,15 +101,14 @@ pub async fn seed_cold_orders(pool: &PgPool, run_id: &str, n: usize) -> anyhow::
         .map(|i| AppendRequest {
             stream_id: format!("order-{run_id}-s-{i}"),
             expected_version: ExpectedVersion::Named(NamedVersion::NoStream),
-            events: vec![NewEvent {
-                event_type: "OrderPlaced".into(),
-                data: json!({
+            events: vec![NewEvent::new(
+                "OrderPlaced",
+                &json!({
                     "orderId": format!("{run_id}-s-{i}"),
                     "customerId": format!("c-{}", i % 1000),
                     "total": format!("{}.{:02}", 10 + i % 90, i % 100),
                 }),
-                metadata: json!({}),
-            }],
+            )],
             idempotency_key: None,
             traceparent: None,
         })
