@@ -195,7 +195,9 @@ impl Projector {
             .env("DATABASE_URL", &setup.db.url)
             .env_remove("REDIS_URL")
             .env_remove("EVENTPLANE_PROJECTIONS")
-            .env("RUST_LOG", "error")
+            // A failing test's output then shows why batches were retried
+            // or seeks not made.
+            .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .spawn()
             .expect("projector starts");
@@ -299,17 +301,27 @@ impl Setup {
                 break;
             }
             if Instant::now() > deadline {
-                let offsets = eventplane_store::kafka_offsets::list(&self.pool, KAFKA_FED[0]).await;
-                let missing = self
-                    .rows("(SELECT * FROM accounts_pg EXCEPT SELECT * FROM accounts_k)")
-                    .await;
-                let extra = self
-                    .rows("(SELECT * FROM accounts_k EXCEPT SELECT * FROM accounts_pg)")
-                    .await;
+                let mut state = String::new();
+                for (projection, table) in KAFKA_FED.iter().zip(["accounts", "owners"]) {
+                    let offsets =
+                        eventplane_store::kafka_offsets::list(&self.pool, projection).await;
+                    let missing = self
+                        .rows(&format!(
+                            "(SELECT * FROM {table}_pg EXCEPT SELECT * FROM {table}_k)"
+                        ))
+                        .await;
+                    let extra = self
+                        .rows(&format!(
+                            "(SELECT * FROM {table}_k EXCEPT SELECT * FROM {table}_pg)"
+                        ))
+                        .await;
+                    state += &format!(
+                        "\n{projection}: applied all {}, offsets {offsets:?}; tail only {missing}; kafka only {extra}",
+                        self.applied_all(projection).await
+                    );
+                }
                 panic!(
-                    "{what}: not converged in 90 s (relayed {relayed}, tail {tail}, consumed {consumed}); \
-                     {} offsets {offsets:?}; tail only {missing}; kafka only {extra}",
-                    KAFKA_FED[0]
+                    "{what}: not converged in 90 s (relayed {relayed}, tail {tail}, consumed {consumed}){state}"
                 );
             }
             tokio::time::sleep(Duration::from_millis(200)).await;

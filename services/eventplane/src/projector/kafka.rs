@@ -45,6 +45,11 @@ const RETRY: Duration = Duration::from_millis(500);
 const FETCH_WAIT_MS: &str = "20";
 /// How long a batch waits for more messages once it has one.
 const GATHER: Duration = Duration::from_millis(5);
+/// How long a seek or a watermark query may wait (both block the thread).
+const BROKER_TIMEOUT: Duration = Duration::from_secs(1);
+/// After this long without a message, the consumer checks that none of
+/// its partitions holds messages past the stored offset (`unstall`).
+const STALL: Duration = Duration::from_secs(2);
 
 /// Where a projector reads Kafka-fed projections from.
 #[derive(Clone, Debug)]
@@ -232,10 +237,21 @@ impl ProjectionConsumer {
             return;
         };
         let mut sought: HashMap<i32, Sought> = HashMap::new();
+        let mut unsought: HashMap<i32, Offset> = HashMap::new();
         while !*stop.borrow() {
-            let Some(mut batches) = self.gather(&mut stop).await else {
+            self.seek_again(&mut unsought);
+            // A seek still owed is tried again after `RETRY` even when no
+            // message comes: at the end of a partition none would.
+            let idle = if unsought.is_empty() { STALL } else { RETRY };
+            let Some(mut batches) = self.gather(&mut stop, idle).await else {
                 return;
             };
+            if batches.is_empty() {
+                if unsought.is_empty() {
+                    self.unstall(&mut sought, &mut unsought).await;
+                }
+                continue;
+            }
             for batch in &mut batches {
                 self.resume(&mut sought, batch);
             }
@@ -247,7 +263,7 @@ impl ProjectionConsumer {
                 {
                     Ok(outcome) => {
                         for gap in &outcome.gaps {
-                            self.seek(&mut sought, gap);
+                            self.seek(&mut sought, &mut unsought, gap);
                         }
                         self.after(&projection, outcome).await;
                         break;
@@ -291,17 +307,24 @@ impl ProjectionConsumer {
         }
     }
 
-    /// Waits for a message, then takes what else arrives within `GATHER`,
-    /// up to the batch size; grouped by partition, in offset order.
-    async fn gather(&self, stop: &mut watch::Receiver<bool>) -> Option<Vec<PartitionBatch>> {
+    /// Waits for a message (at most `idle`: then there is no batch), then
+    /// takes what else arrives within `GATHER`, up to the batch size;
+    /// grouped by partition, in offset order.
+    async fn gather(
+        &self,
+        stop: &mut watch::Receiver<bool>,
+        idle: Duration,
+    ) -> Option<Vec<PartitionBatch>> {
         let mut by_partition: BTreeMap<i32, Vec<(i64, Message)>> = BTreeMap::new();
         let mut taken = 0;
         let mut deadline: Option<Instant> = None;
+        let idle_until = Instant::now() + idle;
         while taken < self.batch_size {
             let received = match deadline {
                 None => tokio::select! {
                     received = self.consumer.recv() => received,
                     _ = stop.changed() => return None,
+                    _ = tokio::time::sleep_until(idle_until) => break,
                 },
                 Some(at) => match tokio::time::timeout_at(at, self.consumer.recv()).await {
                     Ok(received) => received,
@@ -350,7 +373,12 @@ impl ProjectionConsumer {
     /// the stored offset; if the broker then again starts later (some
     /// brokers answer a fetch from inside a record batch with the next
     /// batch), from the partition's start, skipping what was applied.
-    fn seek(&self, sought: &mut HashMap<i32, Sought>, gap: &Gap) {
+    fn seek(
+        &self,
+        sought: &mut HashMap<i32, Sought>,
+        unsought: &mut HashMap<i32, Offset>,
+        gap: &Gap,
+    ) {
         let again = sought
             .get(&gap.partition)
             .is_some_and(|s| s.stored == gap.stored);
@@ -373,13 +401,86 @@ impl ProjectionConsumer {
                 );
             }
         }
-        if let Err(err) =
-            self.consumer
-                .seek(&self.topic, gap.partition, offset, Duration::from_secs(5))
-        {
-            // Not ours any more: its new owner starts from the stored
-            // offset anyway.
-            tracing::info!(projection = %self.name, partition = gap.partition, error = %err, "seek failed");
+        unsought.insert(gap.partition, offset);
+        self.seek_again(unsought);
+    }
+
+    /// Seeks owed on partitions still assigned here. A seek can fail while
+    /// the group rebalances; one not made leaves the partition reading past
+    /// its gap, and at the end of the partition no later message would
+    /// show the gap again, so it is tried until it is made. A partition
+    /// assigned elsewhere meanwhile is dropped: its new owner starts from
+    /// the stored offset anyway.
+    fn seek_again(&self, unsought: &mut HashMap<i32, Offset>) {
+        if unsought.is_empty() {
+            return;
+        }
+        let assigned = self.consumer.assignment().ok();
+        unsought.retain(|&partition, offset| {
+            let ours = assigned
+                .as_ref()
+                .is_some_and(|a| a.find_partition(&self.topic, partition).is_some());
+            if !ours {
+                return false;
+            }
+            match self
+                .consumer
+                .seek(&self.topic, partition, *offset, BROKER_TIMEOUT)
+            {
+                Ok(()) => false,
+                Err(err) => {
+                    tracing::warn!(projection = %self.name, partition, error = %err, "seek failed; trying again");
+                    true
+                }
+            }
+        });
+    }
+
+    /// Partitions held here whose broker holds messages past the stored
+    /// offset although none came for `STALL`: read again like a gap. Some
+    /// brokers (tansu) answer a fetch from inside a record batch with the
+    /// next batch, and when that batch is the partition's last there is
+    /// none: the partition's new owner after a rebalance, fetching from the
+    /// committed offset, would wait for a message that never comes and
+    /// never see the gap.
+    async fn unstall(
+        &self,
+        sought: &mut HashMap<i32, Sought>,
+        unsought: &mut HashMap<i32, Offset>,
+    ) {
+        let assigned: Vec<i32> = match self.consumer.assignment() {
+            Ok(list) => list
+                .elements_for_topic(&self.topic)
+                .iter()
+                .map(|e| e.partition())
+                .collect(),
+            Err(_) => return,
+        };
+        if assigned.is_empty() {
+            return;
+        }
+        let Ok(stored) = eventplane_store::kafka_offsets::list(&self.pool, &self.name).await else {
+            return;
+        };
+        for partition in assigned {
+            let next = stored
+                .iter()
+                .find(|p| p.partition == partition)
+                .map_or(0, |p| p.next_offset);
+            let Ok((_, high)) =
+                self.consumer
+                    .fetch_watermarks(&self.topic, partition, BROKER_TIMEOUT)
+            else {
+                continue;
+            };
+            if high > next {
+                let gap = Gap {
+                    partition,
+                    stored: next,
+                    found: high,
+                };
+                self.seek(sought, unsought, &gap);
+            }
         }
     }
 
