@@ -535,11 +535,10 @@ async fn one_batch_answers_each_request_on_its_own() {
     let owned = |pairs: &[(&str, i64)]| -> Vec<(String, i64)> {
         pairs.iter().map(|(s, v)| (s.to_string(), *v)).collect()
     };
-    // A stream row is written once per batch, at its final version; b-3,
-    // only ever refused, has none.
+    // b-3 was locked and refused: its row stays at version 0.
     assert_eq!(
         pairs("SELECT stream_id, version FROM streams ORDER BY stream_id").await,
-        owned(&[("b-1", 3), ("b-2", 1), ("b-4", 1)])
+        owned(&[("b-1", 3), ("b-2", 1), ("b-3", 0), ("b-4", 1)])
     );
     assert_eq!(
         pairs("SELECT stream_id, stream_version FROM events ORDER BY position").await,
@@ -548,9 +547,8 @@ async fn one_batch_answers_each_request_on_its_own() {
 }
 
 /// Two transactions create one stream at once: the first to commit wins,
-/// and the other, which found no stream when it looked, is tried again and
-/// answered with a conflict at the winner's version, never a second
-/// version 1.
+/// and the other waits for its row and is answered with a conflict at the
+/// winner's version, never a second version 1.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_created_by_another_transaction_meanwhile_is_a_conflict_not_a_duplicate() {
     use eventplane_store::events::group_commit::commit_with_retry;
