@@ -43,9 +43,11 @@ const RETRY: Duration = Duration::from_millis(500);
 /// Longest a fetch waits at the broker for messages (librdkafka's default
 /// is 500 ms).
 const FETCH_WAIT_MS: &str = "20";
+/// The longest time between a member's heartbeats to the group.
+const HEARTBEAT_MAX: Duration = Duration::from_secs(1);
 /// How long a batch waits for more messages once it has one.
 const GATHER: Duration = Duration::from_millis(5);
-/// How long a seek or a watermark query may wait (both block the thread).
+/// How long a seek or a watermark query may wait for an answer.
 const BROKER_TIMEOUT: Duration = Duration::from_secs(1);
 /// After this long without a message, the consumer checks that none of
 /// its partitions holds messages past the stored offset (`unstall`).
@@ -160,6 +162,15 @@ impl KafkaProjectors {
                 "session.timeout.ms",
                 self.source.session_timeout.as_millis().to_string(),
             )
+            // librdkafka sends no heartbeat while it waits to rejoin, and a
+            // broker may hold a rejoin for seconds (tansu holds one 3 s):
+            // with its default of 3 s between heartbeats, a live member's
+            // session lapses during a rebalance and the group rebalances
+            // again, without end.
+            .set(
+                "heartbeat.interval.ms",
+                heartbeat_ms(self.source.session_timeout),
+            )
             .create_with_context(context)?;
         consumer.subscribe(&[topic])?;
         let invalidator = self
@@ -171,13 +182,19 @@ impl KafkaProjectors {
             name: entry.name.clone(),
             topic: topic.to_string(),
             group,
-            consumer,
+            consumer: Arc::new(consumer),
             invalidator,
             metrics: self.metrics.clone(),
             labels,
             batch_size: self.batch_size.max(1),
         })
     }
+}
+
+/// Time between heartbeats: a third of the session (Kafka's advice), and
+/// at most a second, so a rejoin the broker holds fits in the session.
+fn heartbeat_ms(session: Duration) -> String {
+    (session / 3).min(HEARTBEAT_MAX).as_millis().to_string()
 }
 
 /// A partition read again after a gap: from its stored offset, or, when
@@ -224,7 +241,8 @@ struct ProjectionConsumer {
     name: String,
     topic: String,
     group: String,
-    consumer: StreamConsumer<Context>,
+    /// Shared with the blocking thread that asks the broker for watermarks.
+    consumer: Arc<StreamConsumer<Context>>,
     invalidator: Option<Invalidator>,
     metrics: Arc<Metrics>,
     labels: ProjectionLabels,
@@ -238,6 +256,7 @@ impl ProjectionConsumer {
         };
         let mut sought: HashMap<i32, Sought> = HashMap::new();
         let mut unsought: HashMap<i32, Offset> = HashMap::new();
+        let mut probed: HashMap<i32, i64> = HashMap::new();
         while !*stop.borrow() {
             self.seek_again(&mut unsought);
             // A seek still owed is tried again after `RETRY` even when no
@@ -248,7 +267,7 @@ impl ProjectionConsumer {
             };
             if batches.is_empty() {
                 if unsought.is_empty() {
-                    self.unstall(&mut sought, &mut unsought).await;
+                    self.unstall(&mut sought, &mut unsought, &mut probed).await;
                 }
                 continue;
             }
@@ -443,10 +462,19 @@ impl ProjectionConsumer {
     /// none: the partition's new owner after a rebalance, fetching from the
     /// committed offset, would wait for a message that never comes and
     /// never see the gap.
+    ///
+    /// A partition the broker calls read to its end is read once more from
+    /// its last message (`probed` remembers the stored offset that was
+    /// probed, so once per place it stands): tansu reports as the end one
+    /// past the start of the last record batch, so a stored offset inside
+    /// that batch looks like the end while the rest of the batch is unread.
+    /// On a broker that reports the end, this reads one message, which is
+    /// below the stored offset and skipped.
     async fn unstall(
         &self,
         sought: &mut HashMap<i32, Sought>,
         unsought: &mut HashMap<i32, Offset>,
+        probed: &mut HashMap<i32, i64>,
     ) {
         let assigned: Vec<i32> = match self.consumer.assignment() {
             Ok(list) => list
@@ -462,17 +490,30 @@ impl ProjectionConsumer {
         let Ok(stored) = eventplane_store::kafka_offsets::list(&self.pool, &self.name).await else {
             return;
         };
-        for partition in assigned {
+        // A watermark query waits for the broker: off the runtime's
+        // threads, so a broker that does not answer stalls no other task.
+        let (consumer, topic) = (self.consumer.clone(), self.topic.clone());
+        let highs = tokio::task::spawn_blocking(move || {
+            assigned
+                .into_iter()
+                .filter_map(|partition| {
+                    match consumer.fetch_watermarks(&topic, partition, BROKER_TIMEOUT) {
+                        Ok((_, high)) => Some((partition, high)),
+                        Err(err) => {
+                            tracing::debug!(partition, error = %err, "watermarks not read");
+                            None
+                        }
+                    }
+                })
+                .collect::<Vec<_>>()
+        })
+        .await
+        .unwrap_or_default();
+        for (partition, high) in highs {
             let next = stored
                 .iter()
                 .find(|p| p.partition == partition)
                 .map_or(0, |p| p.next_offset);
-            let Ok((_, high)) =
-                self.consumer
-                    .fetch_watermarks(&self.topic, partition, BROKER_TIMEOUT)
-            else {
-                continue;
-            };
             if high > next {
                 let gap = Gap {
                     partition,
@@ -480,8 +521,12 @@ impl ProjectionConsumer {
                     found: high,
                 };
                 self.seek(sought, unsought, &gap);
+            } else if high > 0 && probed.insert(partition, next) != Some(next) {
+                tracing::debug!(projection = %self.name, partition, next, high, "reading an idle partition's last record batch again");
+                unsought.insert(partition, Offset::Offset(high - 1));
             }
         }
+        self.seek_again(unsought);
     }
 
     /// After a partition was read again from its start: a batch that still
@@ -564,5 +609,17 @@ impl ProjectionConsumer {
                 .invalidate(projection.spec.version, outcome.keys)
                 .await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn heartbeats_come_a_third_of_the_session_apart_and_at_least_every_second() {
+        assert_eq!(heartbeat_ms(Duration::from_millis(1500)), "500");
+        assert_eq!(heartbeat_ms(Duration::from_secs(3)), "1000");
+        assert_eq!(heartbeat_ms(Duration::from_secs(10)), "1000");
     }
 }

@@ -43,13 +43,16 @@ pub async fn stack_with(config: StackConfig) -> Stack {
 }
 
 /// A loopback port free at the time of asking, for a child process to
-/// listen on.
+/// listen on. It is drawn below the kernel's ephemeral range (32768 and
+/// up on Linux): a port from there could be taken meanwhile by any
+/// connection a test opens, and the child would fail to listen.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    loop {
+        let port = 20_000 + (uuid::Uuid::new_v4().as_u128() % 12_768) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 pub fn client() -> reqwest::Client {
