@@ -16,6 +16,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use eventplane_store::Projection;
@@ -141,6 +142,7 @@ impl KafkaProjectors {
         let context = Context {
             metrics: self.metrics.clone(),
             labels: labels.clone(),
+            rebalances: AtomicU64::new(0),
         };
         let consumer: StreamConsumer<Context> = ClientConfig::new()
             .set("bootstrap.servers", &self.source.brokers)
@@ -206,6 +208,15 @@ struct Sought {
     strikes: u32,
 }
 
+/// Where an idle partition stood when it was last read again from its
+/// last message, and after how many rebalances (once it moved away and
+/// back, it is read again even from the same place).
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct Probe {
+    rebalances: u64,
+    next: i64,
+}
+
 /// Batches that must begin past the stored offset, after reading from the
 /// partition's start, before its offsets count as gone.
 const GONE_AFTER: u32 = 3;
@@ -214,6 +225,9 @@ const GONE_AFTER: u32 = 3;
 struct Context {
     metrics: Arc<Metrics>,
     labels: ProjectionLabels,
+    /// Counts assignments and revocations, so the consumer's task can tell
+    /// that its partitions moved since it last looked.
+    rebalances: AtomicU64,
 }
 
 impl ClientContext for Context {}
@@ -227,6 +241,7 @@ impl ConsumerContext for Context {
             .set(assigned as i64);
         match rebalance {
             Rebalance::Assign(_) | Rebalance::Revoke(_) => {
+                self.rebalances.fetch_add(1, Ordering::Relaxed);
                 tracing::info!(projection = %self.labels.projection, partitions = assigned, "partitions rebalanced")
             }
             Rebalance::Error(err) => {
@@ -256,7 +271,7 @@ impl ProjectionConsumer {
         };
         let mut sought: HashMap<i32, Sought> = HashMap::new();
         let mut unsought: HashMap<i32, Offset> = HashMap::new();
-        let mut probed: HashMap<i32, i64> = HashMap::new();
+        let mut probed: HashMap<i32, Probe> = HashMap::new();
         while !*stop.borrow() {
             self.seek_again(&mut unsought);
             // A seek still owed is tried again after `RETRY` even when no
@@ -464,8 +479,8 @@ impl ProjectionConsumer {
     /// never see the gap.
     ///
     /// A partition the broker calls read to its end is read once more from
-    /// its last message (`probed` remembers the stored offset that was
-    /// probed, so once per place it stands): tansu reports as the end one
+    /// its last message, once per place it stands while assigned here
+    /// (`probed`): tansu reports as the end one
     /// past the start of the last record batch, so a stored offset inside
     /// that batch looks like the end while the rest of the batch is unread.
     /// On a broker that reports the end, this reads one message, which is
@@ -474,8 +489,9 @@ impl ProjectionConsumer {
         &self,
         sought: &mut HashMap<i32, Sought>,
         unsought: &mut HashMap<i32, Offset>,
-        probed: &mut HashMap<i32, i64>,
+        probed: &mut HashMap<i32, Probe>,
     ) {
+        let rebalances = self.consumer.context().rebalances.load(Ordering::Relaxed);
         let assigned: Vec<i32> = match self.consumer.assignment() {
             Ok(list) => list
                 .elements_for_topic(&self.topic)
@@ -521,7 +537,10 @@ impl ProjectionConsumer {
                     found: high,
                 };
                 self.seek(sought, unsought, &gap);
-            } else if high > 0 && probed.insert(partition, next) != Some(next) {
+            } else if high > 0
+                && probed.insert(partition, Probe { rebalances, next })
+                    != Some(Probe { rebalances, next })
+            {
                 tracing::debug!(projection = %self.name, partition, next, high, "reading an idle partition's last record batch again");
                 unsought.insert(partition, Offset::Offset(high - 1));
             }
