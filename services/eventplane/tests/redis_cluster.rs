@@ -193,14 +193,8 @@ impl OwnCluster {
         let ports: Vec<u16> = (0..3)
             .map(|_| {
                 loop {
-                    let port = std::net::TcpListener::bind("127.0.0.1:0")
-                        .unwrap()
-                        .local_addr()
-                        .unwrap()
-                        .port();
-                    if port < 55000
-                        && std::net::TcpListener::bind(("127.0.0.1", port + 10000)).is_ok()
-                    {
+                    let port = free_port();
+                    if std::net::TcpListener::bind(("127.0.0.1", port + 10000)).is_ok() {
                         break port;
                     }
                 }

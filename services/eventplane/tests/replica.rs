@@ -72,11 +72,7 @@ async fn reads_with_a_token_through_a_delayed_replica_always_see_the_write() {
 
 /// A read database that refuses connections, as a replica that is down.
 fn unreachable_url(db: &TestDb) -> String {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     format!("postgres://postgres@127.0.0.1:{port}/{}", db.name)
 }
 

@@ -480,11 +480,11 @@ impl ProjectionConsumer {
     ///
     /// A partition the broker calls read to its end is read once more from
     /// its last message, once per place it stands while assigned here
-    /// (`probed`): tansu reports as the end one
-    /// past the start of the last record batch, so a stored offset inside
-    /// that batch looks like the end while the rest of the batch is unread.
-    /// On a broker that reports the end, this reads one message, which is
-    /// below the stored offset and skipped.
+    /// (`probed`): tansu reports as the end one past the start of the last
+    /// record batch, so a stored offset inside that batch looks like the
+    /// end while the rest of the batch is unread. On a broker that reports
+    /// the end, this reads one message, which is below the stored offset
+    /// and skipped. The seeks owed are made at the top of the next round.
     async fn unstall(
         &self,
         sought: &mut HashMap<i32, Sought>,
@@ -508,7 +508,8 @@ impl ProjectionConsumer {
         };
         // A watermark query waits for the broker: off the runtime's
         // threads, so a broker that does not answer stalls no other task.
-        let (consumer, topic) = (self.consumer.clone(), self.topic.clone());
+        let (consumer, topic, name) =
+            (self.consumer.clone(), self.topic.clone(), self.name.clone());
         let highs = tokio::task::spawn_blocking(move || {
             assigned
                 .into_iter()
@@ -516,7 +517,7 @@ impl ProjectionConsumer {
                     match consumer.fetch_watermarks(&topic, partition, BROKER_TIMEOUT) {
                         Ok((_, high)) => Some((partition, high)),
                         Err(err) => {
-                            tracing::debug!(partition, error = %err, "watermarks not read");
+                            tracing::debug!(projection = %name, partition, error = %err, "watermarks not read");
                             None
                         }
                     }
@@ -537,15 +538,14 @@ impl ProjectionConsumer {
                     found: high,
                 };
                 self.seek(sought, unsought, &gap);
-            } else if high > 0
-                && probed.insert(partition, Probe { rebalances, next })
-                    != Some(Probe { rebalances, next })
-            {
-                tracing::debug!(projection = %self.name, partition, next, high, "reading an idle partition's last record batch again");
-                unsought.insert(partition, Offset::Offset(high - 1));
+            } else if high > 0 {
+                let probe = Probe { rebalances, next };
+                if probed.insert(partition, probe) != Some(probe) {
+                    tracing::debug!(projection = %self.name, partition, next, high, "reading an idle partition's last record batch again");
+                    unsought.insert(partition, Offset::Offset(high - 1));
+                }
             }
         }
-        self.seek_again(unsought);
     }
 
     /// After a partition was read again from its start: a batch that still
