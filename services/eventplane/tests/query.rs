@@ -246,7 +246,7 @@ async fn a_write_invalidates_the_row_and_its_lists_in_l1_and_l2() {
     );
 }
 
-/// L2 fills are queued and written in pipelines by EVALSHA; a Redis that
+/// L2 fills are queued and written in batches by EVALSHA; a Redis that
 /// lost its scripts (a restart, `SCRIPT FLUSH`) gets the script again and
 /// the fills still land, for another process to read.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -690,4 +690,98 @@ async fn two_databases_sharing_one_redis_never_see_each_others_rows() {
         Some("l1"),
         "the reads were cached, not only loaded"
     );
+}
+
+/// One batch of L2 fills goes to Redis as one script call, which must still
+/// judge each fill on its own: a fill whose read an invalidation overtook
+/// (an older generation) or whose epoch Redis has left is dropped, and the
+/// others of the same batch land.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_of_l2_fills_stores_only_the_fills_no_invalidation_overtook() {
+    use bytes::Bytes;
+    use eventplane::query::cache::{CacheBus, Cached, ProjectionCache};
+    use std::sync::Arc;
+
+    let redis = OwnRedis::start();
+    let target = eventplane::redis_conn::RedisTarget::parse(&redis.url()).unwrap();
+    let conn = eventplane::redis_conn::connect(&target).await.unwrap();
+    let scope = eventplane::invalidation::Scope::new("fill-batch-test");
+    let bus = CacheBus::new(
+        scope.clone(),
+        Some(conn.clone()),
+        eventplane::metrics::Metrics::new(),
+    );
+    let cache = Arc::new(ProjectionCache::new(
+        "orders",
+        &eventplane_api::CacheSpec::default(),
+        1 << 20,
+    ));
+    let mut admin = redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let () = redis::pipe()
+        .set(scope.generation_key("orders"), 5)
+        .ignore()
+        .set(scope.epoch_key("orders"), 2)
+        .ignore()
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let row =
+        |body: &'static str| -> Cached { Arc::new(Some(Bytes::from_static(body.as_bytes()))) };
+    let key = |name: &str| scope.row_key("orders", 1, 2, name);
+    // The last fill queued is a current one: once it is in Redis, every
+    // fill before it has been judged.
+    let fills = [
+        ("overtaken", 4, 2, row("{\"v\":\"overtaken\"}")),
+        ("current-a", 5, 2, row("{\"v\":\"a\"}")),
+        ("old-epoch", 5, 1, row("{\"v\":\"old-epoch\"}")),
+        ("absent", 5, 2, Arc::new(None)),
+        ("current-b", 5, 2, row("{\"v\":\"b\"}")),
+    ];
+    for (name, generation, epoch, value) in &fills {
+        bus.l2_fill(&cache, key(name), *epoch, *generation, value);
+    }
+    let last = key("current-b");
+    let landed = eventually(Duration::from_secs(5), || {
+        let (mut admin, last) = (admin.clone(), last.clone());
+        async move {
+            let value: Option<Vec<u8>> = redis::cmd("GET")
+                .arg(last)
+                .query_async(&mut admin)
+                .await
+                .unwrap();
+            value.is_some()
+        }
+    })
+    .await;
+    assert!(landed, "the current fills were written");
+    let mut stored = Vec::new();
+    for (name, ..) in &fills {
+        let value: Option<Vec<u8>> = redis::cmd("GET")
+            .arg(key(name))
+            .query_async(&mut admin)
+            .await
+            .unwrap();
+        stored.push((*name, value.map(|v| String::from_utf8(v).unwrap())));
+    }
+    assert_eq!(
+        stored,
+        vec![
+            ("overtaken", None),
+            ("current-a", Some("1{\"v\":\"a\"}".to_string())),
+            ("old-epoch", None),
+            ("absent", Some("0".to_string())),
+            ("current-b", Some("1{\"v\":\"b\"}".to_string())),
+        ],
+        "each fill judged on its own generation and epoch"
+    );
+    let ttl: i64 = redis::cmd("PTTL")
+        .arg(key("current-a"))
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    assert!(ttl > 0, "a fill carries the L2 TTL, got {ttl}");
 }

@@ -160,19 +160,25 @@ pub struct CacheBus {
     pub metrics: Arc<Metrics>,
 }
 
-/// Fills an L2 key only if the projection's epoch and generation are still
-/// those the read began with (no invalidation raced it, and Redis did not
-/// lose and restart the projection's state meanwhile).
-/// KEYS: generation key, the key to fill, epoch key. ARGV: generation,
-/// value, TTL in ms, epoch.
+/// Fills L2 keys of one projection, each only if the projection's epoch
+/// and generation are still those its read began with (no invalidation
+/// raced it, and Redis did not lose and restart the projection's state
+/// meanwhile). One call carries a whole batch: the script's own cost in
+/// Redis is paid once, not per key.
+/// KEYS: generation key, epoch key, then the keys to fill. ARGV: TTL in ms,
+/// then for each key to fill: generation, epoch, value.
 const FILL_IF_CURRENT: &str = r#"
 local generation = redis.call('GET', KEYS[1]) or '0'
-local epoch = redis.call('GET', KEYS[3]) or '0'
-if generation == ARGV[1] and epoch == ARGV[4] then
-  redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
-  return 1
+local epoch = redis.call('GET', KEYS[2]) or '0'
+local filled = 0
+for i = 3, #KEYS do
+  local at = 2 + (i - 3) * 3
+  if ARGV[at] == generation and ARGV[at + 1] == epoch then
+    redis.call('SET', KEYS[i], ARGV[at + 2], 'PX', ARGV[1])
+    filled = filled + 1
+  end
 end
-return 0
+return filled
 "#;
 
 /// The fill script, hashed once: the hash is what EVALSHA sends.
@@ -181,10 +187,10 @@ static FILL_SCRIPT: std::sync::LazyLock<redis::Script> =
 
 /// Fills queued for Redis at most; beyond, a fill is dropped.
 const FILL_QUEUE: usize = 4096;
-/// Most fills one pipeline carries.
+/// Most fills one script call carries.
 const FILL_BATCH: usize = 256;
 
-/// An L2 fill waiting for its pipeline.
+/// An L2 fill waiting for its script call.
 struct Fill {
     cache: Arc<ProjectionCache>,
     key: String,
@@ -346,7 +352,7 @@ impl CacheBus {
 
     /// Stores `value` under `key` unless the projection's generation moved
     /// past `generation` (an invalidation raced the read). The fill is
-    /// queued and written with others in one pipeline, off the response
+    /// queued and written with others in one script call, off the response
     /// path; when the queue is full it is dropped (the next miss fills).
     pub fn l2_fill(
         &self,
@@ -367,7 +373,7 @@ impl CacheBus {
         }
     }
 
-    /// Writes one batch of queued fills: a pipeline per projection (its
+    /// Writes one batch of queued fills: a script call per projection (its
     /// keys share one hash slot, so a cluster takes it on one node).
     async fn write_fills(&self, batch: &mut [Fill]) {
         batch.sort_by(|a, b| a.cache.name.cmp(&b.cache.name));
@@ -375,14 +381,14 @@ impl CacheBus {
             let Some(mut redis) = self.redis() else {
                 return;
             };
-            let pipe = self.fill_pipeline(fills);
-            let mut written = pipe.query_async::<()>(&mut redis).await;
+            let call = self.fill_call(fills);
+            let mut written = call.query_async::<u64>(&mut redis).await;
             if matches!(&written, Err(err) if err.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript))
             {
                 // Redis restarted (or flushed its scripts) since the script
                 // was last loaded.
                 written = match FILL_SCRIPT.prepare_invoke().load_async(&mut redis).await {
-                    Ok(_) => pipe.query_async::<()>(&mut redis).await,
+                    Ok(_) => call.query_async::<u64>(&mut redis).await,
                     Err(err) => Err(err),
                 };
             }
@@ -392,28 +398,24 @@ impl CacheBus {
         }
     }
 
-    fn fill_pipeline(&self, fills: &[Fill]) -> redis::Pipeline {
+    /// The script call that writes `fills`, all of one projection.
+    fn fill_call(&self, fills: &[Fill]) -> redis::Cmd {
         let cache = &fills[0].cache;
-        let (generation_key, epoch_key) = (
-            self.scope.generation_key(&cache.name),
-            self.scope.epoch_key(&cache.name),
-        );
-        let ttl_ms = cache.l2_ttl.as_millis() as u64;
-        let mut pipe = redis::pipe();
+        let mut call = redis::cmd("EVALSHA");
+        call.arg(FILL_SCRIPT.get_hash())
+            .arg(2 + fills.len())
+            .arg(self.scope.generation_key(&cache.name))
+            .arg(self.scope.epoch_key(&cache.name));
         for fill in fills {
-            pipe.cmd("EVALSHA")
-                .arg(FILL_SCRIPT.get_hash())
-                .arg(3)
-                .arg(&generation_key)
-                .arg(&fill.key)
-                .arg(&epoch_key)
-                .arg(fill.generation)
-                .arg(&fill.value[..])
-                .arg(ttl_ms)
-                .arg(fill.epoch)
-                .ignore();
+            call.arg(&fill.key);
         }
-        pipe
+        call.arg(cache.l2_ttl.as_millis() as u64);
+        for fill in fills {
+            call.arg(fill.generation)
+                .arg(fill.epoch)
+                .arg(&fill.value[..]);
+        }
+        call
     }
 
     /// Keeps the invalidation subscription up; runs until the process ends.
