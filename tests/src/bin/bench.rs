@@ -1,6 +1,11 @@
 use clap::Parser;
 use eventplane_tests::bench::{self, Args, openloop};
 
+/// The allocator the eventplane binary runs with: the stack under test runs
+/// in this process (beside the bare references, which get it too).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> anyhow::Result<()> {
     // The bench starts itself again as its open-loop load generator.
     if std::env::var_os(openloop::SPEC_ENV).is_some() {
