@@ -103,6 +103,11 @@ async fn pay(http: &reqwest::Client, stack: &Stack, order: &str) -> String {
     body["token"].as_str().unwrap().to_string()
 }
 
+/// The text Redis holds under `key`, if any.
+async fn redis_get(conn: &mut redis::aio::MultiplexedConnection, key: &str) -> Option<String> {
+    redis::cmd("GET").arg(key).query_async(conn).await.unwrap()
+}
+
 async fn live(stack: &Stack) {
     // The invalidation subscription comes up asynchronously.
     let http = client();
@@ -511,16 +516,8 @@ async fn concurrent_misses_on_one_key_load_once() {
     );
     let generation_key = scope.generation_key("orders");
     let published = eventually(Duration::from_secs(5), || {
-        let mut conn = conn.clone();
-        let generation_key = generation_key.clone();
-        async move {
-            let generation: Option<u64> = redis::cmd("GET")
-                .arg(generation_key)
-                .query_async(&mut conn)
-                .await
-                .unwrap();
-            generation.is_some()
-        }
+        let (mut conn, generation_key) = (conn.clone(), generation_key.clone());
+        async move { redis_get(&mut conn, &generation_key).await.is_some() }
     })
     .await;
     assert!(published);
@@ -747,25 +744,13 @@ async fn a_batch_of_l2_fills_stores_only_the_fills_no_invalidation_overtook() {
     let last = key("current-b");
     let landed = eventually(Duration::from_secs(5), || {
         let (mut admin, last) = (admin.clone(), last.clone());
-        async move {
-            let value: Option<Vec<u8>> = redis::cmd("GET")
-                .arg(last)
-                .query_async(&mut admin)
-                .await
-                .unwrap();
-            value.is_some()
-        }
+        async move { redis_get(&mut admin, &last).await.is_some() }
     })
     .await;
     assert!(landed, "the current fills were written");
     let mut stored = Vec::new();
     for (name, ..) in &fills {
-        let value: Option<Vec<u8>> = redis::cmd("GET")
-            .arg(key(name))
-            .query_async(&mut admin)
-            .await
-            .unwrap();
-        stored.push((*name, value.map(|v| String::from_utf8(v).unwrap())));
+        stored.push((*name, redis_get(&mut admin, &key(name)).await));
     }
     assert_eq!(
         stored,
