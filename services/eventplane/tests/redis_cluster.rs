@@ -189,11 +189,12 @@ impl OwnCluster {
         let dir =
             std::env::temp_dir().join(format!("ep-cluster-{}", uuid::Uuid::new_v4().simple()));
         std::fs::create_dir_all(&dir).unwrap();
-        // Cluster bus ports are the data port + 10000: keep both free.
+        // Cluster bus ports are the data port + 10000: keep both free, and
+        // both below the ephemeral range.
         let ports: Vec<u16> = (0..3)
             .map(|_| {
                 loop {
-                    let port = free_port();
+                    let port = free_port_in(10_000..EPHEMERAL_START - 10_000);
                     if std::net::TcpListener::bind(("127.0.0.1", port + 10000)).is_ok() {
                         break port;
                     }

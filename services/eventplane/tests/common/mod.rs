@@ -47,8 +47,17 @@ pub async fn stack_with(config: StackConfig) -> Stack {
 /// up on Linux): a port from there could be taken meanwhile by any
 /// connection a test opens, and the child would fail to listen.
 pub fn free_port() -> u16 {
+    free_port_in(20_000..EPHEMERAL_START)
+}
+
+/// Where Linux starts handing out ports for outgoing connections.
+pub const EPHEMERAL_START: u16 = 32_768;
+
+/// A loopback port in `range` free at the time of asking.
+pub fn free_port_in(range: std::ops::Range<u16>) -> u16 {
+    let span = u128::from(range.end - range.start);
     loop {
-        let port = 20_000 + (uuid::Uuid::new_v4().as_u128() % 12_768) as u16;
+        let port = range.start + (uuid::Uuid::new_v4().as_u128() % span) as u16;
         if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
             return port;
         }
