@@ -88,7 +88,7 @@ pub struct Args {
     pub replica_url: Option<String>,
     /// Orders appended (through the store, in bulk) for the cache-miss
     /// phases, so that none of their reads meets a key read before.
-    #[arg(long, default_value_t = 200_000)]
+    #[arg(long, default_value_t = 400_000)]
     pub cold_orders: usize,
     /// Where the latency plots (SVG) go.
     #[arg(long, default_value = "bench-plots")]

@@ -40,8 +40,16 @@ function done(summary, latency, requests)
       add(all_statuses, t:get("statuses"))
       add(all_layers, t:get("layers"))
    end
+   -- A fine grid, finest in the tail: runs of one load are merged from
+   -- these points, so they must describe the whole distribution.
+   local grid = {}
+   for p = 0, 90, 2 do grid[#grid + 1] = p end
+   for p = 91, 99 do grid[#grid + 1] = p end
+   for k = 1, 9 do grid[#grid + 1] = 99 + k / 10 end
+   for k = 1, 9 do grid[#grid + 1] = 99.9 + k / 100 end
+   grid[#grid + 1] = 100
    local points = {}
-   for _, p in ipairs({0, 10, 25, 50, 75, 90, 95, 99, 99.5, 99.9, 99.95, 99.99, 100}) do
+   for _, p in ipairs(grid) do
       local v = (p == 100) and latency.max or latency:percentile(p)
       points[#points + 1] = string.format("[%.4f,%d]", p, v)
    end

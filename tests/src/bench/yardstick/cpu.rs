@@ -39,6 +39,20 @@ pub struct CpuUse {
 }
 
 impl CpuUse {
+    /// The cores used over several phases, each weighted by its length.
+    pub fn time_weighted(phases: &[(&CpuUse, f64)]) -> CpuUse {
+        let time: f64 = phases.iter().map(|(_, t)| t).sum::<f64>().max(1e-9);
+        let mean = |of: fn(&CpuUse) -> f64| -> f64 {
+            phases.iter().map(|(c, t)| of(c) * t).sum::<f64>() / time
+        };
+        CpuUse {
+            client: mean(|c| c.client),
+            server: mean(|c| c.server),
+            postgres: mean(|c| c.postgres),
+            redis: mean(|c| c.redis),
+        }
+    }
+
     pub fn render(&self) -> String {
         format!(
             "client {:.2}, server {:.2}, postgres {:.2}, redis {:.2} cores",

@@ -247,29 +247,18 @@ pub async fn reads(
     };
     let hot_paths = dir.join("hot-paths");
     std::fs::write(&hot_paths, rows(reads.hot))?;
-    let paths_env = |p: &Path| [("EVENTPLANE_WRK_PATHS", p.display().to_string())];
 
-    let hits = wrk::run(
+    let bare = bare::fixed(reads.hot_row.clone()).await?;
+    let half = (duration / 2).max(Duration::from_secs(1));
+    let (hits, bare_hits) = interleaved(
         dir,
-        wrk::PATHS,
-        reads.base,
         clients,
-        duration,
-        &paths_env(&hot_paths),
+        half,
+        [(reads.base, &hot_paths), (&bare.base, &hot_paths)],
+        [(&bare.base, &hot_paths), (reads.base, &hot_paths)],
     )
     .await
     .context("wrk cache hits")?;
-    let bare = bare::fixed(reads.hot_row.clone()).await?;
-    let bare_hits = wrk::run(
-        dir,
-        wrk::PATHS,
-        &bare.base,
-        clients,
-        duration,
-        &paths_env(&hot_paths),
-    )
-    .await
-    .context("wrk bare hits")?;
     let hot_list: Vec<String> = reads
         .hot
         .iter()
@@ -317,37 +306,31 @@ pub async fn reads(
     .bind(format!("{}-%", appends.run_id))
     .fetch_all(&pool)
     .await?;
-    // Disjoint sets: two for the misses above, one per backend compared.
-    let sets = 2 + read_paths::cold_sets(backends);
+    // Disjoint sets: one per miss run below, one per backend compared.
+    let sets = MISS_RUNS + read_paths::cold_sets(backends);
     let chunk = (cold.len() / sets).max(1);
     let mut sets: Vec<&[String]> = cold.chunks(chunk).collect();
-    sets.resize(2 + read_paths::cold_sets(backends), &[]);
-    let (first, second) = (sets[0], sets[1]);
-    let (cold_a, cold_b) = (dir.join("cold-a"), dir.join("cold-b"));
-    std::fs::write(&cold_a, rows(first))?;
-    std::fs::write(&cold_b, rows(second))?;
-    let half = (duration / 2).max(Duration::from_secs(1));
-    let misses = wrk::run(
+    sets.resize(MISS_RUNS + read_paths::cold_sets(backends), &[]);
+    let cold_paths: Vec<PathBuf> = (0..MISS_RUNS)
+        .map(|i| {
+            let path = dir.join(format!("cold-{i}"));
+            std::fs::write(&path, rows(sets[i]))?;
+            Ok(path)
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let bare = bare::select(pool.clone(), reads.table, reads.key_column).await?;
+    // Each run reads keys of its own; a quarter of the time each, rounded
+    // up to whole seconds (wrk's unit).
+    let quarter = Duration::from_secs(duration.as_secs().div_ceil(4).max(1));
+    let (misses, bare_misses) = interleaved(
         dir,
-        wrk::PATHS,
-        reads.base,
         clients,
-        half,
-        &paths_env(&cold_a),
+        quarter,
+        [(reads.base, &cold_paths[0]), (&bare.base, &cold_paths[1])],
+        [(&bare.base, &cold_paths[2]), (reads.base, &cold_paths[3])],
     )
     .await
     .context("wrk cache misses")?;
-    let bare = bare::select(pool.clone(), reads.table, reads.key_column).await?;
-    let bare_misses = wrk::run(
-        dir,
-        wrk::PATHS,
-        &bare.base,
-        clients,
-        half,
-        &paths_env(&cold_b),
-    )
-    .await
-    .context("wrk bare SELECT")?;
     drop(bare);
     pool.close().await;
     let read_paths = if read_paths::cold_sets(backends) > 1 {
@@ -358,7 +341,7 @@ pub async fn reads(
                 database_url: reads.database_url,
                 projection: reads.projection,
                 hot: reads.hot,
-                cold: sets[2..].to_vec(),
+                cold: sets[MISS_RUNS..].to_vec(),
                 clients,
                 duration,
             },
@@ -390,6 +373,31 @@ pub async fn reads(
     };
     yardstick.plots = yardstick.plot(plots)?;
     Ok(yardstick)
+}
+
+/// Runs of each side in the miss comparison: A B B A.
+const MISS_RUNS: usize = 4;
+
+/// Eventplane (A) and its reference (B) under the same load in the order
+/// A B B A, `each` long per run, and each side's two runs read as one:
+/// whatever drifts over the sitting (a checkpoint, the machine's other
+/// tenants, a cache warming) weighs on both sides alike instead of on
+/// whichever ran first. `first` holds A's and then B's (URL, paths) for the
+/// first pair; `second` B's and then A's for the second.
+async fn interleaved(
+    dir: &Path,
+    clients: usize,
+    each: Duration,
+    first: [(&str, &Path); 2],
+    second: [(&str, &Path); 2],
+) -> anyhow::Result<(WrkRun, WrkRun)> {
+    let mut runs = Vec::with_capacity(4);
+    for (url, paths) in first.into_iter().chain(second) {
+        let env = [("EVENTPLANE_WRK_PATHS", paths.display().to_string())];
+        runs.push(wrk::run(dir, wrk::PATHS, url, clients, each, &env).await?);
+    }
+    let [a1, b1, b2, a2]: [WrkRun; 4] = runs.try_into().expect("four runs");
+    Ok((WrkRun::merge(&[a1, a2]), WrkRun::merge(&[b1, b2])))
 }
 
 /// One row of the comparison.
@@ -499,7 +507,7 @@ impl Yardstick {
         let mut out = String::new();
         let _ = writeln!(
             out,
-            "\nyardstick (wrk {} threads; the reference runs right after, same clients)",
+            "\nyardstick (wrk {} threads; reads alternate A B B A with the reference, same clients)",
             wrk::THREADS
         );
         let _ = writeln!(

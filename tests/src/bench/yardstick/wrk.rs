@@ -61,6 +61,41 @@ impl WrkRun {
             .map_or(f64::NAN, |(_, us)| *us as f64 / 1000.0)
     }
 
+    /// Several runs of the same load, read as one: counts and time add up,
+    /// CPU is averaged over the time, and the latency distribution is the
+    /// mixture of the runs' (each weighted by its requests), read off their
+    /// percentile grids.
+    pub fn merge(runs: &[WrkRun]) -> WrkRun {
+        fn add(into: &mut BTreeMap<String, u64>, from: &BTreeMap<String, u64>) {
+            for (k, n) in from {
+                *into.entry(k.clone()).or_default() += n;
+            }
+        }
+        let mut merged = WrkRun {
+            requests: 0,
+            duration_us: 0,
+            errors: BTreeMap::new(),
+            statuses: BTreeMap::new(),
+            layers: BTreeMap::new(),
+            latency_us: Vec::new(),
+            cpu: CpuUse::time_weighted(
+                runs.iter()
+                    .map(|r| (&r.cpu, r.duration_us as f64))
+                    .collect::<Vec<_>>()
+                    .as_slice(),
+            ),
+        };
+        for run in runs {
+            merged.requests += run.requests;
+            merged.duration_us += run.duration_us;
+            add(&mut merged.errors, &run.errors);
+            add(&mut merged.statuses, &run.statuses);
+            add(&mut merged.layers, &run.layers);
+        }
+        merged.latency_us = mixture(runs);
+        merged
+    }
+
     /// Share of answers a cache layer named `layer` gave.
     pub fn layer_share(&self, layers: &[&str]) -> f64 {
         let all: u64 = self.layers.values().sum();
@@ -122,6 +157,51 @@ pub async fn run(
     Ok(run)
 }
 
+/// The percentiles of the mixture of `runs`' latency distributions, at the
+/// percentiles the runs report. A run's share of requests at or below `x`
+/// is taken as the highest percentile it reports at or below `x`, so the
+/// mixture is never read as faster than its parts.
+fn mixture(runs: &[WrkRun]) -> Vec<(f64, u64)> {
+    let total = runs.iter().map(|r| r.requests).sum::<u64>().max(1) as f64;
+    let below = |x: u64| -> f64 {
+        runs.iter()
+            .map(|run| {
+                let share = run
+                    .latency_us
+                    .iter()
+                    .filter(|(p, v)| *v <= x && *p < 100.0)
+                    .map(|(p, _)| *p)
+                    .fold(0.0_f64, f64::max);
+                let max = run.latency_us.last().map_or(0, |(_, v)| *v);
+                let share = if x >= max { 100.0 } else { share };
+                share * run.requests as f64
+            })
+            .sum::<f64>()
+            / total
+    };
+    let mut values: Vec<u64> = runs
+        .iter()
+        .flat_map(|r| r.latency_us.iter().map(|(_, v)| *v))
+        .collect();
+    values.sort_unstable();
+    values.dedup();
+    let Some(grid) = runs.first() else {
+        return Vec::new();
+    };
+    grid.latency_us
+        .iter()
+        .map(|(p, _)| {
+            let at = values
+                .iter()
+                .copied()
+                .find(|x| below(*x) >= *p)
+                .or(values.last().copied())
+                .unwrap_or(0);
+            (*p, at)
+        })
+        .collect()
+}
+
 fn parse(stdout: &str) -> anyhow::Result<WrkRun> {
     let line = stdout
         .lines()
@@ -132,7 +212,42 @@ fn parse(stdout: &str) -> anyhow::Result<WrkRun> {
 
 #[cfg(test)]
 mod tests {
-    use super::parse;
+    use super::{WrkRun, parse};
+
+    /// `requests` answers in `secs`, all 200, all taking `us`.
+    fn uniform(requests: u64, secs: u64, us: u64) -> WrkRun {
+        let report = format!(
+            "EVENTPLANE_WRK {{\"requests\":{requests},\"duration_us\":{},\"errors\":{{\"connect\":0,\"read\":0,\"write\":0,\"timeout\":0}},\"statuses\":{{\"200\":{requests}}},\"layers\":{{\"l3\":{requests}}},\"latency_us\":[[0,{us}],[50,{us}],[90,{us}],[99,{us}],[100,{us}]]}}",
+            secs * 1_000_000
+        );
+        parse(&report).unwrap()
+    }
+
+    #[test]
+    fn merged_runs_add_their_counts_and_mix_their_latencies_by_weight() {
+        let fast = uniform(300, 2, 1_000);
+        let slow = uniform(100, 2, 5_000);
+        let merged = WrkRun::merge(&[fast, slow]);
+        assert_eq!(merged.requests, 400);
+        assert_eq!(merged.rate_of("200"), 100.0);
+        assert_eq!(merged.layer_share(&["l3"]), 1.0);
+        // Three quarters of the answers took 1 ms, the rest 5 ms.
+        assert_eq!(merged.percentile_ms(50.0), 1.0);
+        assert_eq!(merged.percentile_ms(90.0), 5.0);
+        assert_eq!(merged.percentile_ms(99.0), 5.0);
+        let max = merged.latency_us.last().unwrap();
+        assert_eq!(*max, (100.0, 5_000));
+    }
+
+    #[test]
+    fn runs_of_one_distribution_merge_into_that_distribution() {
+        let a = uniform(100, 1, 2_000);
+        let b = uniform(100, 1, 2_000);
+        let merged = WrkRun::merge(&[a, b]);
+        for (p, us) in &merged.latency_us {
+            assert_eq!(*us, 2_000, "P{p}");
+        }
+    }
 
     #[test]
     fn the_scripts_report_line_is_read() {
