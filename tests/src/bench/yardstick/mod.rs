@@ -306,15 +306,19 @@ pub async fn reads(
     .bind(format!("{}-%", appends.run_id))
     .fetch_all(&pool)
     .await?;
-    // Disjoint sets: one per miss run below, one per backend compared.
-    let sets = MISS_RUNS + read_paths::cold_sets(backends);
-    let chunk = (cold.len() / sets).max(1);
-    let mut sets: Vec<&[String]> = cold.chunks(chunk).collect();
-    sets.resize(MISS_RUNS + read_paths::cold_sets(backends), &[]);
+    // Disjoint sets, one per miss run below and one per backend compared,
+    // dealt in turn: each set holds the same mix of keys (appended by wrk,
+    // on a schedule, in bulk) spread alike over the table, so no run reads
+    // rows laid out more kindly than another's.
+    let mut sets: Vec<Vec<String>> = vec![Vec::new(); MISS_RUNS + read_paths::cold_sets(backends)];
+    let n = sets.len();
+    for (i, key) in cold.into_iter().enumerate() {
+        sets[i % n].push(key);
+    }
     let cold_paths: Vec<PathBuf> = (0..MISS_RUNS)
         .map(|i| {
             let path = dir.join(format!("cold-{i}"));
-            std::fs::write(&path, rows(sets[i]))?;
+            std::fs::write(&path, rows(&sets[i]))?;
             Ok(path)
         })
         .collect::<anyhow::Result<_>>()?;
@@ -341,7 +345,7 @@ pub async fn reads(
                 database_url: reads.database_url,
                 projection: reads.projection,
                 hot: reads.hot,
-                cold: sets[MISS_RUNS..].to_vec(),
+                cold: sets[MISS_RUNS..].iter().map(Vec::as_slice).collect(),
                 clients,
                 duration,
             },
