@@ -40,14 +40,12 @@ function done(summary, latency, requests)
       add(all_statuses, t:get("statuses"))
       add(all_layers, t:get("layers"))
    end
-   -- A fine grid, finest in the tail: runs of one load are merged from
-   -- these points, so they must describe the whole distribution.
+   -- The bench's percentile grid (fine enough to merge runs from, finest
+   -- in the tail), comma-separated.
    local grid = {}
-   for p = 0, 90, 2 do grid[#grid + 1] = p end
-   for p = 91, 99 do grid[#grid + 1] = p end
-   for k = 1, 9 do grid[#grid + 1] = 99 + k / 10 end
-   for k = 1, 9 do grid[#grid + 1] = 99.9 + k / 100 end
-   grid[#grid + 1] = 100
+   for p in string.gmatch(os.getenv("EVENTPLANE_WRK_PERCENTILES"), "[^,]+") do
+      grid[#grid + 1] = tonumber(p)
+   end
    local points = {}
    for _, p in ipairs(grid) do
       local v = (p == 100) and latency.max or latency:percentile(p)

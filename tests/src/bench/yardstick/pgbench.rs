@@ -147,12 +147,10 @@ pub fn percentiles(h: &Histogram<u64>) -> Vec<(f64, u64)> {
     if h.is_empty() {
         return Vec::new();
     }
-    [
-        0.0, 10.0, 25.0, 50.0, 75.0, 90.0, 95.0, 99.0, 99.5, 99.9, 99.95, 99.99, 100.0,
-    ]
-    .into_iter()
-    .map(|p| (p, h.value_at_quantile(p / 100.0)))
-    .collect()
+    super::wrk::percentile_grid()
+        .into_iter()
+        .map(|p| (p, h.value_at_quantile(p / 100.0)))
+        .collect()
 }
 
 #[cfg(test)]

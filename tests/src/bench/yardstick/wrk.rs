@@ -19,6 +19,20 @@ pub const PATHS: &str = include_str!("paths.lua");
 /// over them.
 pub const THREADS: usize = 2;
 
+/// The percentiles every latency curve is reported at, by the wrk scripts
+/// and from pgbench's histogram alike, so both sides of a row plot on the
+/// same points. Fine enough that runs of one load can be merged from them,
+/// finest in the tail.
+pub fn percentile_grid() -> Vec<f64> {
+    // In hundredths of a percent, so each point is exact in its text form.
+    let hundredths = (0..=9000)
+        .step_by(200)
+        .chain((9100..=9900).step_by(100))
+        .chain((9910..=9990).step_by(10))
+        .chain(9991..=10000);
+    hundredths.map(|h| f64::from(h) / 100.0).collect()
+}
+
 /// What one `wrk` run reported.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct WrkRun {
@@ -138,6 +152,14 @@ pub async fn run(
         .arg(&path)
         .arg(url)
         .env("EVENTPLANE_WRK_THREADS", THREADS.to_string())
+        .env(
+            "EVENTPLANE_WRK_PERCENTILES",
+            percentile_grid()
+                .iter()
+                .map(f64::to_string)
+                .collect::<Vec<_>>()
+                .join(","),
+        )
         .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
         .kill_on_drop(true)
         .output()
@@ -212,7 +234,7 @@ fn parse(stdout: &str) -> anyhow::Result<WrkRun> {
 
 #[cfg(test)]
 mod tests {
-    use super::{WrkRun, parse};
+    use super::{WrkRun, parse, percentile_grid};
 
     /// `requests` answers in `secs`, all 200, all taking `us`.
     fn uniform(requests: u64, secs: u64, us: u64) -> WrkRun {
@@ -221,6 +243,23 @@ mod tests {
             secs * 1_000_000
         );
         parse(&report).unwrap()
+    }
+
+    #[test]
+    fn the_percentile_grid_rises_to_the_maximum_and_is_finest_in_the_tail() {
+        let grid = percentile_grid();
+        assert_eq!(grid.first(), Some(&0.0));
+        assert_eq!(grid.last(), Some(&100.0));
+        assert!(grid.windows(2).all(|w| w[0] < w[1]), "{grid:?}");
+        for p in [50.0, 90.0, 99.0, 99.9, 99.99] {
+            assert!(grid.contains(&p), "P{p} is on the grid");
+        }
+        // The scripts get the points as text: each must be written exactly.
+        for p in &grid {
+            let text = p.to_string();
+            let decimals = text.split_once('.').map_or(0, |(_, d)| d.len());
+            assert!(decimals <= 2, "P{text}");
+        }
     }
 
     #[test]
