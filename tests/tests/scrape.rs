@@ -1,16 +1,16 @@
 //! The operator's scaling reads the query pods' `/metrics`: it must
 //! understand what the services really export.
 
-use eventplane::metrics::Metrics;
+use eventplane::metrics::{Metrics, QueryType};
 use eventplane_operator::projection::scaling::scrape::parse_metrics;
 
 #[test]
 fn the_operator_reads_the_query_latency_the_services_export() {
     let metrics = Metrics::new();
     for _ in 0..3 {
-        metrics.observe_query("row", 0.0015);
+        metrics.observe_query(QueryType::Row, 0.0015);
     }
-    metrics.observe_query("list", 0.02);
+    metrics.observe_query(QueryType::List, 0.02);
     let text = metrics.encode();
     // What the query pods serve as `application/openmetrics-text`.
     assert!(text.contains("# TYPE query_latency histogram"), "{text}");

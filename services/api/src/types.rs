@@ -662,8 +662,6 @@ impl ProjectionSpec {
             .position(|h| h.types().any(|t| t == event_type))
     }
 
-    /// The names of the primary-key columns, in key order: `key`, or the
-    /// entries of `keys`.
     /// The Kafka topic the projection is fed from, when it is.
     pub fn kafka_topic(&self) -> Option<&str> {
         self.transport
@@ -672,17 +670,20 @@ impl ProjectionSpec {
             .map(|t| t.topic.as_str())
     }
 
-    pub fn key_names(&self) -> Vec<&str> {
+    /// The names of the primary-key columns, in key order: `key`, or the
+    /// entries of `keys`. Borrowed, not collected: a row read looks its
+    /// key's columns up by them.
+    pub fn key_names(&self) -> &[String] {
         if self.keys.is_empty() {
-            vec![self.key.as_str()]
+            std::slice::from_ref(&self.key)
         } else {
-            self.keys.iter().map(String::as_str).collect()
+            &self.keys
         }
     }
 
     /// Whether `column` is part of the primary key.
     pub fn is_key(&self, column: &str) -> bool {
-        self.key_names().contains(&column)
+        self.key_names().iter().any(|k| k == column)
     }
 
     /// The primary-key columns, in key order.
@@ -691,7 +692,7 @@ impl ProjectionSpec {
     /// If a key is not a declared column, which `validate` rules out.
     pub fn key_columns(&self) -> Vec<&ColumnSpec> {
         self.key_names()
-            .into_iter()
+            .iter()
             .map(|k| {
                 self.column(k)
                     .expect("validated spec declares its key columns")

@@ -284,7 +284,7 @@ impl ProjectionSpec {
                 let mut seen = BTreeSet::new();
                 for (j, k) in h.keys.iter().enumerate() {
                     let at = format!("{at}.keys[{j}]");
-                    if !names.contains(&k.column.as_str()) {
+                    if !names.contains(&k.column) {
                         return Err(SpecError::invalid(
                             format!("{at}.column"),
                             format!(
@@ -315,7 +315,7 @@ impl ProjectionSpec {
                         }
                     }
                 }
-                if let Some(missing) = names.iter().find(|n| !seen.contains(*n)) {
+                if let Some(missing) = names.iter().find(|n| !seen.contains(n.as_str())) {
                     return Err(SpecError::invalid(
                         format!("{at}.keys"),
                         format!("key column {missing:?} has no entry"),

@@ -12,19 +12,27 @@ use axum::http::{Method, Uri};
 use axum::response::{IntoResponse, Response};
 
 use crate::api_error::ApiError;
-use crate::gate::Gate;
+use tower::Layer as _;
+
+use crate::gate::{Gate, Gated};
 
 /// Longest request target (path and query) accepted.
 pub const MAX_URI_BYTES: usize = 8 * 1024;
 /// Most bytes of header names and values accepted in one request.
 pub const MAX_HEADER_BYTES: usize = 32 * 1024;
 
-/// `router` with the edge around it.
-pub fn around(router: Router) -> Router {
-    router
+/// A router with the edge around it, ready to serve
+/// (`axum::ServiceExt::into_make_service`).
+pub type Edge = Gated<Router, fn(&mut Request) -> Option<Response>>;
+
+/// `router` with the edge around it. The gate wraps the router from the
+/// outside rather than as a router layer, which would box the service and
+/// its future for every request.
+pub fn around(router: Router) -> Edge {
+    let router = router
         .fallback(not_found)
-        .method_not_allowed_fallback(method_not_allowed)
-        .layer(Gate::new(limits))
+        .method_not_allowed_fallback(method_not_allowed);
+    Gate::new(limits as fn(&mut Request) -> Option<Response>).layer(router)
 }
 
 /// The answer for a request over the limits, if it is.

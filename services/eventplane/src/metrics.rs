@@ -4,8 +4,8 @@
 //! lag, batch sizes and pool usage. Label values come from fixed sets or from
 //! validated names (projections, event types), never from error text.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use axum::extract::State;
 use axum::http::header::CONTENT_TYPE;
@@ -26,6 +26,40 @@ pub struct CommandLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct QueryLabels {
     pub query_type: &'static str,
+}
+
+/// The values of `command_type`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CommandType {
+    Append,
+    AppendAsync,
+    ReadStream,
+}
+
+impl CommandType {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            CommandType::Append => "append",
+            CommandType::AppendAsync => "append_async",
+            CommandType::ReadStream => "read_stream",
+        }
+    }
+}
+
+/// The values of `query_type`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum QueryType {
+    Row,
+    List,
+}
+
+impl QueryType {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            QueryType::Row => "row",
+            QueryType::List => "list",
+        }
+    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -75,6 +109,12 @@ pub struct Metrics {
     pub commands_total: Family<CommandLabels, Counter>,
     pub command_batch_size: Histogram,
     pub query_latency: Family<QueryLabels, Histogram>,
+    /// `query_latency`'s series by [`QueryType`], and `command_latency`'s
+    /// and `commands_total`'s by [`CommandType`], each looked up in its
+    /// family's map once and kept: every request observes one, and the
+    /// map's lock would otherwise be taken by all of them, on every core.
+    query_series: [OnceLock<Histogram>; 2],
+    command_series: [OnceLock<(Histogram, Counter)>; 3],
     pub slow_queries: Family<QueryLabels, Counter>,
     pub cache_hit_rate: Family<CacheLabels, Gauge<f64, AtomicU64>>,
     /// l1, l2, l3 in that order.
@@ -142,6 +182,8 @@ impl Metrics {
             commands_total: Family::default(),
             command_batch_size: size_buckets(),
             query_latency: Family::new_with_constructor(latency_buckets),
+            query_series: Default::default(),
+            command_series: Default::default(),
             slow_queries: Family::default(),
             cache_hit_rate: Family::default(),
             cache_counts: Default::default(),
@@ -355,16 +397,29 @@ impl Metrics {
         })
     }
 
-    /// Label values are static so the hot path allocates nothing for them.
-    pub fn observe_command(&self, command_type: &'static str, seconds: f64) {
-        let labels = CommandLabels { command_type };
-        self.command_latency.get_or_create(&labels).observe(seconds);
-        self.commands_total.get_or_create(&labels).inc();
+    pub fn observe_command(&self, command_type: CommandType, seconds: f64) {
+        let (latency, total) = self.command_series[command_type as usize].get_or_init(|| {
+            let labels = CommandLabels {
+                command_type: command_type.as_str(),
+            };
+            (
+                self.command_latency.get_or_create(&labels).clone(),
+                self.commands_total.get_or_create(&labels).clone(),
+            )
+        });
+        latency.observe(seconds);
+        total.inc();
     }
 
-    pub fn observe_query(&self, query_type: &'static str, seconds: f64) {
-        let labels = QueryLabels { query_type };
-        self.query_latency.get_or_create(&labels).observe(seconds);
+    pub fn observe_query(&self, query_type: QueryType, seconds: f64) {
+        self.query_series[query_type as usize]
+            .get_or_init(|| {
+                let labels = QueryLabels {
+                    query_type: query_type.as_str(),
+                };
+                self.query_latency.get_or_create(&labels).clone()
+            })
+            .observe(seconds);
     }
 
     /// Reports `pool`'s idle and busy connections under `name` at every

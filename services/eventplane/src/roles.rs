@@ -1,6 +1,7 @@
 //! Entry points of the single-role subcommands: each builds a `Stack` with
 //! one role enabled and serves until it is stopped.
 
+use axum::ServiceExt as _;
 use eventplane_store::{Projection, catalog};
 
 use crate::projections::CLI_SOURCE;
@@ -108,7 +109,9 @@ pub async fn relay(role: RelayRole) -> anyhow::Result<()> {
     .merge(crate::relay::status_router(relay.status.clone()));
     let listener = tokio::net::TcpListener::bind(role.admin_listen).await?;
     let server = tokio::spawn(async move {
-        if let Err(err) = axum::serve(listener, crate::edge::around(admin)).await {
+        if let Err(err) =
+            axum::serve(listener, crate::edge::around(admin).into_make_service()).await
+        {
             tracing::error!(error = %err, "admin server stopped");
         }
     });

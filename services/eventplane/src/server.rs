@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::Router;
+use axum::{Router, ServiceExt as _};
 use sqlx::PgPool;
 use tokio::task::JoinHandle;
 
@@ -305,7 +305,7 @@ impl Stack {
         let admin_listener = tokio::net::TcpListener::bind(config.admin_listen).await?;
         let admin_addr = admin_listener.local_addr()?;
         tasks.push(tokio::spawn(async move {
-            if let Err(err) = axum::serve(admin_listener, admin).await {
+            if let Err(err) = axum::serve(admin_listener, admin.into_make_service()).await {
                 tracing::error!(error = %err, "admin server stopped");
             }
         }));

@@ -33,21 +33,25 @@ pub fn parts(spec: &ProjectionSpec, key: &str) -> Vec<String> {
 /// The key string of the row a client names by one text per key column
 /// (the row route's path segments), each parsed as its column's type.
 /// The error names the column.
-pub fn from_params(spec: &ProjectionSpec, params: &[&str]) -> Result<String, String> {
-    let columns = spec.key_columns();
-    if params.len() != columns.len() {
-        let names: Vec<&str> = columns.iter().map(|c| c.name.as_str()).collect();
+pub fn from_params<S: AsRef<str>>(spec: &ProjectionSpec, params: &[S]) -> Result<String, String> {
+    let names = spec.key_names();
+    if params.len() != names.len() {
         return Err(format!(
             "the key has {} column(s) ({}); the path gives {}",
-            columns.len(),
+            names.len(),
             names.join(", "),
             params.len()
         ));
     }
-    let parts = columns
+    let parts = names
         .iter()
         .zip(params)
-        .map(|(col, text)| parse_param(col.ty, text).map_err(|e| format!("{}: {e}", col.name)))
+        .map(|(name, text)| {
+            let column = spec
+                .column(name)
+                .expect("validated spec declares its key columns");
+            parse_param(column.ty, text.as_ref()).map_err(|e| format!("{name}: {e}"))
+        })
         .collect::<Result<Vec<_>, _>>()?;
     Ok(encode(parts))
 }

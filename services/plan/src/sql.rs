@@ -84,7 +84,7 @@ pub fn create_table_sql(spec: &ProjectionSpec, table: &str) -> Vec<String> {
             format!("{} {}{not_null}", quote_ident(&c.name), c.ty.sql())
         })
         .collect();
-    defs.push(format!("PRIMARY KEY ({})", quoted_list(&spec.key_names())));
+    defs.push(format!("PRIMARY KEY ({})", quoted_list(spec.key_names())));
     let mut out = vec![format!(
         "CREATE TABLE IF NOT EXISTS {} ({})",
         quote_ident(table),
@@ -151,7 +151,7 @@ pub fn index_sql(spec: &ProjectionSpec, table: &str) -> Vec<String> {
 
 /// The key columns' names, the first parameters of every bulk statement.
 fn key_params(spec: &ProjectionSpec) -> Vec<String> {
-    spec.key_names().into_iter().map(str::to_string).collect()
+    spec.key_names().to_vec()
 }
 
 /// `t` is the row whose key the parameters `v` carry.
@@ -392,7 +392,7 @@ pub fn upsert_guarded_sql(
         quoted_list(&names[..inserted]),
         unnest(names.len()),
         quoted_list(&names),
-        quoted_list(&spec.key_names())
+        quoted_list(spec.key_names())
     );
     BulkStatement {
         sql,

@@ -75,10 +75,9 @@ pub async fn load(pool: &PgPool, projection: &Projection) -> sqlx::Result<Replay
     let columns: Vec<String> = projection
         .spec
         .key_names()
-        .into_iter()
-        .map(str::to_string)
-        .chain(compiled.columns.iter().cloned())
-        .map(|c| quote_ident(&c))
+        .iter()
+        .chain(&compiled.columns)
+        .map(|c| quote_ident(c))
         .collect();
     let copy = format!(
         "COPY {} ({}) FROM STDIN",

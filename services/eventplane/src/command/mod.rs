@@ -27,7 +27,7 @@ use utoipa_axum::routes;
 
 use crate::api_error::{ApiError, ApiResult};
 use crate::auth::{Access, Grants};
-use crate::metrics::Metrics;
+use crate::metrics::{CommandType, Metrics};
 use crate::traces::{Incoming, child};
 
 /// How the command role runs.
@@ -193,7 +193,7 @@ async fn handle(
         let id = jobs::enqueue(&state.pool, &request, priority).await?;
         state
             .metrics
-            .observe_command("append_async", started.elapsed().as_secs_f64());
+            .observe_command(CommandType::AppendAsync, started.elapsed().as_secs_f64());
         let location = HeaderValue::from_str(&format!("/v1/jobs/{id}"))
             .expect("a uuid path is a valid header");
         return Ok((
@@ -219,7 +219,7 @@ async fn handle(
         .await?;
     state
         .metrics
-        .observe_command("append", started.elapsed().as_secs_f64());
+        .observe_command(CommandType::Append, started.elapsed().as_secs_f64());
     let result = outcome?;
     Ok((StatusCode::CREATED, Json(result)).into_response())
 }
@@ -294,7 +294,7 @@ async fn read(
         })?;
     state
         .metrics
-        .observe_command("read_stream", started.elapsed().as_secs_f64());
+        .observe_command(CommandType::ReadStream, started.elapsed().as_secs_f64());
     Ok(Json(page).into_response())
 }
 

@@ -121,8 +121,17 @@ impl ProjectionCache {
     }
 }
 
+/// `r:{version}:{key}`, put together without the formatting machinery:
+/// every cache hit makes one.
 pub fn row_l1_key(version: u32, key: &str) -> String {
-    format!("r:{version}:{key}")
+    let mut digits = itoa::Buffer::new();
+    let version = digits.format(version);
+    let mut l1_key = String::with_capacity("r::".len() + version.len() + key.len());
+    l1_key.push_str("r:");
+    l1_key.push_str(version);
+    l1_key.push(':');
+    l1_key.push_str(key);
+    l1_key
 }
 
 /// Which layer answered.

@@ -51,7 +51,7 @@ use crate::api_error::{ApiError, ApiResult};
 use crate::auth::{Access, Grants};
 use crate::catalog::Follower;
 use crate::invalidation::Scope;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, QueryType};
 use crate::traces::Incoming;
 use cache::{CacheBus, Cached, Layer, ProjectionCache, row_l1_key};
 use replica::{Reads, ReplicaConfig};
@@ -434,7 +434,6 @@ async fn get_row(
             parse_token(&params)?
         }
     };
-    let key: Vec<&str> = key.iter().map(|segment| segment.as_ref()).collect();
     let (span, _) = incoming.span(|| query_span("row", &name));
     let (body, layer) = service
         .read(&name, |served| row(&service, served, &key, token))
@@ -443,7 +442,7 @@ async fn get_row(
     span.record("cache.layer", layer.as_str());
     service
         .metrics
-        .observe_query("row", started.elapsed().as_secs_f64());
+        .observe_query(QueryType::Row, started.elapsed().as_secs_f64());
     Ok(json_response(&body, layer))
 }
 
@@ -454,6 +453,11 @@ async fn get_row(
 /// encoded.
 fn row_target(raw_path: &str) -> ApiResult<(Cow<'_, str>, Vec<Cow<'_, str>>)> {
     fn decoded<'a>(segment: &'a str, code: &'static str, what: &str) -> ApiResult<Cow<'a, str>> {
+        if !segment.contains('%') {
+            // Nothing encoded: the segment is the text (and a `&str` is
+            // valid UTF-8 already).
+            return Ok(Cow::Borrowed(segment));
+        }
         percent_decode_str(segment)
             .decode_utf8()
             .map_err(|_| ApiError::bad_request(code, format!("{what} {segment:?} is not UTF-8")))
@@ -474,7 +478,7 @@ fn row_target(raw_path: &str) -> ApiResult<(Cow<'_, str>, Vec<Cow<'_, str>>)> {
 async fn row(
     service: &QueryService,
     served: Arc<Served>,
-    segments: &[&str],
+    segments: &[Cow<'_, str>],
     token: Option<Token>,
 ) -> ApiResult<(Cached, Layer)> {
     let spec = &served.projection.spec;
@@ -497,7 +501,14 @@ async fn row(
                 query.fetch_optional(&pool)
             })
             .await?;
-            slow::check(&service, &pool, "row", &sql, parts, started.elapsed());
+            slow::check(
+                &service,
+                &pool,
+                QueryType::Row,
+                &sql,
+                parts,
+                started.elapsed(),
+            );
             Ok::<Cached, sqlx::Error>(Arc::new(row.map(Bytes::from)))
         }
     };
@@ -716,7 +727,7 @@ async fn run_query(
     span.record("cache.layer", layer.as_str());
     service
         .metrics
-        .observe_query("list", started.elapsed().as_secs_f64());
+        .observe_query(QueryType::List, started.elapsed().as_secs_f64());
     Ok(json_response(&body, layer))
 }
 
@@ -764,7 +775,14 @@ async fn list(
                 .cloned()
                 .collect();
             params.push((i64::from(limit) + 1).to_string());
-            slow::check(&service, &pool, "list", &sql, params, started.elapsed());
+            slow::check(
+                &service,
+                &pool,
+                QueryType::List,
+                &sql,
+                params,
+                started.elapsed(),
+            );
             let next = if rows.len() > limit as usize {
                 rows.truncate(limit as usize);
                 rows.last().map(|(_, sort)| encode_cursor(sort))

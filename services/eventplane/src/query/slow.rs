@@ -7,7 +7,7 @@ use sqlx::AssertSqlSafe;
 use tracing::Instrument as _;
 
 use super::QueryService;
-use crate::metrics::QueryLabels;
+use crate::metrics::{QueryLabels, QueryType};
 
 /// Counts and, in the background, logs the plan of a read that took at
 /// least the configured threshold. `params` are the read's parameters as
@@ -15,7 +15,7 @@ use crate::metrics::QueryLabels;
 pub fn check(
     service: &QueryService,
     pool: &sqlx::PgPool,
-    query_type: &'static str,
+    query_type: QueryType,
     sql: &str,
     params: Vec<String>,
     elapsed: Duration,
@@ -23,7 +23,9 @@ pub fn check(
     if elapsed < service.slow_query {
         return;
     }
-    let labels = QueryLabels { query_type };
+    let labels = QueryLabels {
+        query_type: query_type.as_str(),
+    };
     service.metrics.slow_queries.get_or_create(&labels).inc();
     let pool = pool.clone();
     let sql = sql.to_string();
