@@ -10,10 +10,9 @@ use axum::Router;
 use axum::extract::Request;
 use axum::http::{Method, Uri};
 use axum::response::{IntoResponse, Response};
-
-use crate::api_error::ApiError;
 use tower::Layer as _;
 
+use crate::api_error::ApiError;
 use crate::gate::{Gate, Gated};
 
 /// Longest request target (path and query) accepted.
