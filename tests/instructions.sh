@@ -47,8 +47,12 @@ $pg -d postgres -c "drop database if exists $db" -c "create database $db"
 url="postgres://postgres@127.0.0.1:5432/$db"
 port=18480
 admin=18490
-REDIS_URL=redis://127.0.0.1:6379 "$bin" dev --database-url "$url" --projections "$manifest" \
-    --listen 127.0.0.1:$port --admin-listen 127.0.0.1:$admin --exit-after-demo >"$work/seed.log" 2>&1
+if ! REDIS_URL=redis://127.0.0.1:6379 "$bin" dev --database-url "$url" --projections "$manifest" \
+    --listen 127.0.0.1:$port --admin-listen 127.0.0.1:$admin --exit-after-demo >"$work/seed.log" 2>&1; then
+    echo "instructions: placing the orders failed:" >&2
+    sed '/^Stack backtrace:/q' "$work/seed.log" | tail -n 20 >&2
+    exit 1
+fi
 scope=$($pg -d $db -c "select id from eventplane_instance")
 
 # curl config files: one keep-alive connection reads each listed row in turn.
@@ -80,6 +84,11 @@ count() {
     local pid=$!
     for _ in $(seq 1 300); do
         curl -sf "http://127.0.0.1:$admin/readyz" >/dev/null && break
+        if ! kill -0 $pid 2>/dev/null; then
+            echo "instructions: eventplane stopped before it was ready:" >&2
+            sed '/^Stack backtrace:/q' "$work/$3.log" | tail -n 20 >&2
+            exit 1
+        fi
         sleep 1
     done
     # The invalidation subscription goes live just after readiness; until
