@@ -690,14 +690,11 @@ impl ProjectionSpec {
     ///
     /// # Panics
     /// If a key is not a declared column, which `validate` rules out.
-    pub fn key_columns(&self) -> Vec<&ColumnSpec> {
-        self.key_names()
-            .iter()
-            .map(|k| {
-                self.column(k)
-                    .expect("validated spec declares its key columns")
-            })
-            .collect()
+    pub fn key_columns(&self) -> impl ExactSizeIterator<Item = &ColumnSpec> {
+        self.key_names().iter().map(|k| {
+            self.column(k)
+                .expect("validated spec declares its key columns")
+        })
     }
 
     pub fn column(&self, name: &str) -> Option<&ColumnSpec> {

@@ -368,19 +368,21 @@ mod tests {
         to_sql_text(ty, &v).unwrap_err()
     }
 
+    const EVERY_TYPE: [ColumnType; 9] = [
+        ColumnType::Text,
+        ColumnType::Bigint,
+        ColumnType::Integer,
+        ColumnType::Numeric,
+        ColumnType::Double,
+        ColumnType::Boolean,
+        ColumnType::Timestamptz,
+        ColumnType::Uuid,
+        ColumnType::Jsonb,
+    ];
+
     #[test]
     fn null_is_none_for_every_type() {
-        for ty in [
-            ColumnType::Text,
-            ColumnType::Bigint,
-            ColumnType::Integer,
-            ColumnType::Numeric,
-            ColumnType::Double,
-            ColumnType::Boolean,
-            ColumnType::Timestamptz,
-            ColumnType::Uuid,
-            ColumnType::Jsonb,
-        ] {
+        for ty in EVERY_TYPE {
             assert_eq!(to_sql_text(ty, &Value::Null), Ok(None));
         }
     }
@@ -515,16 +517,6 @@ mod tests {
 
     #[test]
     fn a_param_reads_as_the_same_text_in_json_would() {
-        let types = [
-            ColumnType::Text,
-            ColumnType::Bigint,
-            ColumnType::Integer,
-            ColumnType::Numeric,
-            ColumnType::Double,
-            ColumnType::Boolean,
-            ColumnType::Timestamptz,
-            ColumnType::Uuid,
-        ];
         let texts = [
             "",
             "o-1",
@@ -538,7 +530,8 @@ mod tests {
             "67E5504410B1426F9247BB680E5FE0C8",
             "a\0b",
         ];
-        for ty in types {
+        // Jsonb takes no parameters (its strings are JSON values of their own).
+        for ty in EVERY_TYPE.into_iter().filter(|ty| *ty != ColumnType::Jsonb) {
             for text in texts {
                 let as_json = to_sql_text(ty, &json!(text)).map(|t| t.expect("not null"));
                 assert_eq!(parse_param(ty, text), as_json, "{ty:?} {text:?}");

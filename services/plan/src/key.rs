@@ -34,23 +34,19 @@ pub fn parts(spec: &ProjectionSpec, key: &str) -> Vec<String> {
 /// (the row route's path segments), each parsed as its column's type.
 /// The error names the column.
 pub fn from_params<S: AsRef<str>>(spec: &ProjectionSpec, params: &[S]) -> Result<String, String> {
-    let names = spec.key_names();
-    if params.len() != names.len() {
+    let columns = spec.key_columns();
+    if params.len() != columns.len() {
         return Err(format!(
             "the key has {} column(s) ({}); the path gives {}",
-            names.len(),
-            names.join(", "),
+            columns.len(),
+            spec.key_names().join(", "),
             params.len()
         ));
     }
-    let parts = names
-        .iter()
+    let parts = columns
         .zip(params)
-        .map(|(name, text)| {
-            let column = spec
-                .column(name)
-                .expect("validated spec declares its key columns");
-            parse_param(column.ty, text.as_ref()).map_err(|e| format!("{name}: {e}"))
+        .map(|(col, text)| {
+            parse_param(col.ty, text.as_ref()).map_err(|e| format!("{}: {e}", col.name))
         })
         .collect::<Result<Vec<_>, _>>()?;
     Ok(encode(parts))

@@ -136,7 +136,6 @@ fn row_key(
 ) -> Result<String, MapError> {
     let parts = spec
         .key_columns()
-        .into_iter()
         .map(|col| {
             let pointers = handler.key_pointers(&col.name);
             key_part(col, &pointers, envelope)

@@ -108,7 +108,7 @@ impl Compiler<'_> {
 
     fn compile(&mut self, table: &str) -> Result<ReplaySql, NotSetBased> {
         let spec = self.spec;
-        let keys = spec.key_columns();
+        let keys: Vec<_> = spec.key_columns().collect();
         for h in &spec.handlers {
             if h.when.is_some() || h.guard.is_some() {
                 return Err(not("a handler has a when or if condition"));

@@ -157,7 +157,6 @@ fn key_params(spec: &ProjectionSpec) -> Vec<String> {
 /// `t` is the row whose key the parameters `v` carry.
 fn key_match(spec: &ProjectionSpec) -> String {
     spec.key_columns()
-        .iter()
         .map(|c| {
             let q = quote_ident(&c.name);
             format!("t.{q} = v.{q}::{}", c.ty.sql())
@@ -540,7 +539,6 @@ pub fn group_ops(
 pub fn row_sql(spec: &ProjectionSpec, table: &str) -> String {
     let key = spec
         .key_columns()
-        .iter()
         .enumerate()
         .map(|(i, c)| format!("{} = ${}::{}", quote_ident(&c.name), i + 1, c.ty.sql()))
         .collect::<Vec<_>>()

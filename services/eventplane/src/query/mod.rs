@@ -368,12 +368,12 @@ fn json_response(body: &Cached, layer: Layer) -> Response {
 }
 
 /// A query's span; `cache.layer` says which layer answered.
-fn query_span(query_type: &'static str, projection: &str) -> Span {
+fn query_span(query_type: QueryType, projection: &str) -> Span {
     tracing::info_span!(
         "query.handle",
         otel.kind = "server",
         trace_id = field::Empty,
-        "query.type" = query_type,
+        "query.type" = query_type.as_str(),
         "eventplane.projection" = projection,
         "cache.layer" = field::Empty,
     )
@@ -434,7 +434,7 @@ async fn get_row(
             parse_token(&params)?
         }
     };
-    let (span, _) = incoming.span(|| query_span("row", &name));
+    let (span, _) = incoming.span(|| query_span(QueryType::Row, &name));
     let (body, layer) = service
         .read(&name, |served| row(&service, served, &key, token))
         .instrument(span.clone())
@@ -719,7 +719,7 @@ async fn run_query(
     let Path((name, query_name)) = path?;
     grants.require(Access::Read(&name))?;
     let Query(params) = params?;
-    let (span, _) = incoming.span(|| query_span("list", &name));
+    let (span, _) = incoming.span(|| query_span(QueryType::List, &name));
     let (body, layer) = service
         .read(&name, |served| list(&service, served, &query_name, &params))
         .instrument(span.clone())
