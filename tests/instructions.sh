@@ -3,7 +3,8 @@
 # callgrind: an L1 hit, and a miss answered by Postgres (L1 and L2 empty,
 # so it also pays the L2 lookup and fill). Unlike time, the count does not
 # drift with the machine's other tenants, so two builds compare at a glance
-# where the bench's throughput ratios move by several percent between runs.
+# where the bench's throughput ratios move by ten points and more between
+# runs of one build.
 #
 # Usage: tests/instructions.sh [HITS] [MISSES]   (default 10000 and 1000)
 # Env:   EVENTPLANE_BIN   the binary to measure (default: release build of
@@ -82,14 +83,16 @@ count() {
         "$bin" dev --database-url "$url" --projections "$manifest" --demo-orders 0 \
         --listen 127.0.0.1:$port --admin-listen 127.0.0.1:$admin >"$work/$3.log" 2>&1 &
     local pid=$!
-    for _ in $(seq 1 300); do
-        curl -sf "http://127.0.0.1:$admin/readyz" >/dev/null && break
-        if ! kill -0 $pid 2>/dev/null; then
-            echo "instructions: eventplane stopped before it was ready:" >&2
+    local waited=0
+    until curl -sf "http://127.0.0.1:$admin/readyz" >/dev/null; do
+        if ! kill -0 $pid 2>/dev/null || [ $waited = 300 ]; then
+            echo "instructions: eventplane stopped, or was not ready after ${waited}s:" >&2
             sed '/^Stack backtrace:/q' "$work/$3.log" | tail -n 20 >&2
+            kill $pid 2>/dev/null || true
             exit 1
         fi
         sleep 1
+        waited=$((waited + 1))
     done
     # The invalidation subscription goes live just after readiness; until
     # then reads bypass L1.
